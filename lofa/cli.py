@@ -1,0 +1,76 @@
+"""The `lofa` command. Each subcommand parses its arguments here and calls one library function; heavy modules are
+imported only when their subcommand runs, so `lofa --help` is instant."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lofa.errors import LofaError
+
+
+def _call(target: str):
+    module, func = target.split(":")
+    return lambda args: getattr(importlib.import_module(module), func)(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lofa", description="LoFA reproduction: pipeline, response maps, LoRA "
+                                "prediction and benchmarks.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("reproduce", help="run the pipeline notebooks through papermill at a scale")
+    r.add_argument("--scale", default="mini", choices=["smoke", "mini", "full", "wan", "paper"])
+    r.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks (name or number)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--force", action="store_true", help="rerun notebooks even when their cache is valid")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--run-root", default="runs", help="results go to RUN_ROOT/<scale>/ (default: runs)")
+    r.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the console")
+    r.add_argument("--publish", action="store_true", help="copy the figures and manifest to figures/<scale>/")
+    r.set_defaults(func=_call("lofa.reproduce:cli_reproduce"))
+
+    m = sub.add_parser("response-map", help="response map |ΔW/W| > τ of a LoRA file against its base model")
+    m.add_argument("--base", required=True, help="diffusers model folder or one .safetensors file")
+    m.add_argument("--lora", required=True, help="LoRA .safetensors (diffusers/peft, Wan/DiffSynth or kohya)")
+    m.add_argument("--tau", type=float, default=0.02)
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+    m.add_argument("--plot", metavar="FILE", help="save a figure of the response map")
+    m.set_defaults(func=_call("lofa.analysis:cli_response_map"))
+
+    pr = sub.add_parser("predict", help="predict a LoRA from a condition with a trained LoFA checkpoint")
+    pr.add_argument("--checkpoint", required=True, metavar="DIR")
+    cond = pr.add_mutually_exclusive_group(required=True)
+    cond.add_argument("--prompt", metavar="TEXT")
+    cond.add_argument("--image", metavar="FILE")
+    cond.add_argument("--pose", metavar="FILE")
+    pr.add_argument("--out", required=True, metavar="FILE.safetensors")
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pr.set_defaults(func=_call("lofa.hypernet.predictor:cli_predict"))
+
+    b = sub.add_parser("bench", help="benchmarks that print their figures")
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    lat = bsub.add_parser("latency", help="Stage I + Stage II + merge latency at a preset's shapes")
+    lat.add_argument("--preset", default="paper")
+    lat.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    lat.add_argument("--runs", type=int, default=20)
+    lat.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode (no torch.compile)")
+    lat.add_argument("--json-out", metavar="FILE")
+    lat.set_defaults(func=_call("lofa.hypernet.bench:cli_bench_latency"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LofaError as e:
+        print(f"lofa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lofa {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Scale presets for config dataclasses, with YAML / dict overrides.
+
+Every config dataclass in lofa sits beside the module it configures (peft style) and carries a class attribute
+`PRESETS: dict[str, dict]` mapping a scale name to the fields that differ from the dataclass defaults.
+`preset(Cls, scale, overrides)` builds an instance. Nothing is hard-coded to the miniature: the `wan` / `paper`
+presets carry real-scale values and users can override any field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+SCALES = ("smoke", "mini", "full", "wan", "paper")
+
+T = TypeVar("T")
+
+
+def preset(cls: type[T], scale: str = "mini", overrides: dict | str | Path | None = None) -> T:
+    """Instance of `cls` at `scale`, then `overrides` (a dict or a YAML file path) on top.
+
+    Unknown field names are refused, so a typo in a YAML override fails loudly instead of being ignored.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    presets = getattr(cls, "PRESETS", {})
+    fields = dict(presets.get(scale, {}))
+    if overrides is not None:
+        if isinstance(overrides, (str, Path)):
+            import yaml
+
+            overrides = yaml.safe_load(Path(overrides).read_text()) or {}
+        fields.update(overrides)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; valid fields: {sorted(names)}")
+    return cls(**fields)
+
+
+def as_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,317 @@
+"""Run the pipeline notebooks in order through papermill, with scale presets, caching and a figure manifest.
+
+Each notebook in `notebooks/` is one pipeline step. Its metadata may declare, under the key "lofa":
+    outputs: files (relative to the run folder) the step must produce; the step is skipped when they all exist
+             and its cache key is unchanged. Files under `figures/` get a manifest entry.
+    depends: names of earlier notebooks whose results it reads (default: every earlier notebook).
+The orchestrator injects the parameters `scale`, `device`, `seed` and `run_dir` into the cell tagged
+`parameters`, writes the executed copy to `runs/<scale>/notebooks/`, and records a cache key over the notebook's
+cells, the `lofa` sources it imports (transitively) and its parameters, chained with its upstream keys.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+from lofa.errors import LofaError
+from lofa.io import read_json, write_json
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+REPORTED_PACKAGES = ("torch", "diffusers", "peft", "transformers", "safetensors", "papermill", "numpy")
+
+
+@dataclass
+class NotebookSpec:
+    path: Path
+    outputs: list[str] = field(default_factory=list)
+    depends: list[str] | None = None  # None = every earlier notebook
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+class NotebookFailed(LofaError):
+    """A notebook raised or its kernel died; the message names the notebook, the cell and the error."""
+
+
+def discover(nb_dir: Path) -> list[NotebookSpec]:
+    """The pipeline notebooks of `nb_dir`, in name order (they are numbered in pipeline order)."""
+    specs = []
+    for path in sorted(Path(nb_dir).glob("*.ipynb")):
+        meta = json.loads(path.read_text()).get("metadata", {}).get("lofa", {})
+        specs.append(NotebookSpec(path, list(meta.get("outputs", [])), meta.get("depends")))
+    return specs
+
+
+# ---------------------------------------------------------------- cache keys
+def _module_file(module: str) -> Path | None:
+    parts = module.split(".")[1:]
+    if not parts:
+        return PACKAGE_DIR / "__init__.py"
+    rel = Path(*parts)
+    for cand in (PACKAGE_DIR / rel / "__init__.py", PACKAGE_DIR / rel.with_suffix(".py")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _lofa_imports(source: str, package: str = "") -> set[str]:
+    """Names of `lofa` modules imported by `source` (absolute and relative imports, including `from x import y`
+    where y is itself a module)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # notebook cells may hold IPython magics; skip what does not parse
+        return set()
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "lofa"}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            if base.split(".")[0] != "lofa":
+                continue
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return found
+
+
+def lofa_sources(source: str) -> list[Path]:
+    """Every lofa source file that `source` imports, transitively, including the packages' __init__ files."""
+    todo, seen, files = list(_lofa_imports(source)), set(), set()
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        parts = mod.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run on import
+        path = _module_file(mod)
+        if path is None:
+            continue
+        files.add(path)
+        pkg = mod if path.name == "__init__.py" else ".".join(parts[:-1])
+        todo += list(_lofa_imports(path.read_text(), pkg))
+    return sorted(files)
+
+
+def _code_cells(path: Path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def cache_key(spec: NotebookSpec, params: dict, upstream: list[str]) -> str:
+    nb = json.loads(spec.path.read_text())
+    h = hashlib.sha256()
+    h.update(json.dumps([(c["cell_type"], "".join(c["source"])) for c in nb["cells"]]).encode())
+    h.update(json.dumps(nb.get("metadata", {}).get("lofa", {}), sort_keys=True).encode())
+    for f in lofa_sources(_code_cells(spec.path)):
+        h.update(str(f.relative_to(PACKAGE_DIR)).encode() + f.read_bytes())
+    h.update(json.dumps(params, sort_keys=True).encode())
+    for k in upstream:
+        h.update(k.encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- provenance
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_DIR), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in REPORTED_PACKAGES:
+        try:
+            out[p] = importlib_metadata.version(p)
+        except importlib_metadata.PackageNotFoundError:
+            out[p] = "missing"
+    return out
+
+
+def device_description(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise LofaError(f"unknown device {device!r}; use auto, cpu or cuda")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LofaError("--device cuda asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    return device
+
+
+# ---------------------------------------------------------------- execution
+def execute(spec: NotebookSpec, params: dict, out_path: Path, log_output: bool = False) -> None:
+    """Execute one notebook with papermill in this process; turn failures into one-paragraph NotebookFailed."""
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        papermill.execute_notebook(str(spec.path), str(out_path), parameters=params, kernel_name="python3",
+                                   progress_bar=False, log_output=log_output, cwd=str(REPO_DIR))
+    except papermill.PapermillExecutionError as e:
+        cell, first_line = _source_cell(spec.path, e.cell_index)
+        raise NotebookFailed(f"notebook {spec.name} failed in cell {cell} (`{first_line}`): {e.ename}: "
+                             f"{e.evalue}  — executed copy: {out_path}") from None
+    except DeadKernelError as e:
+        raise NotebookFailed(f"notebook {spec.name}: the kernel died ({e}); most often out of memory — try a "
+                             f"smaller scale or free memory. Executed copy: {out_path}") from None
+
+
+def _source_cell(notebook: Path, index: int) -> tuple[int, str]:
+    """1-based number and first line of the failing cell in the source notebook, from papermill's index into the
+    parameterised notebook (which has one injected cell right after the `parameters` cell)."""
+    cells = json.loads(notebook.read_text())["cells"]
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if tagged and index > tagged[0] + 1:
+        index -= 1
+    lines = [ln for ln in "".join(cells[index]["source"]).splitlines() if ln.strip()] if index < len(cells) else []
+    return index + 1, (lines[0][:80] if lines else "")
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str  # "ran" | "cached"
+    seconds: float
+    outputs: list[str]
+
+
+def run(scale: str = "mini", only: list[str] | None = None, device: str = "auto", force: bool = False,
+        seed: int = 0, run_root: str | Path = "runs", nb_dir: str | Path | None = None, progress: bool = True,
+        log_output: bool = False, extra_params: dict | None = None) -> list[StepResult]:
+    """Run the pipeline at `scale`. Returns one StepResult per selected notebook.
+
+    Raises NotebookFailed (a LofaError) naming the failing notebook and cell; the run stops there.
+    """
+    from lofa.config import SCALES
+
+    if scale not in SCALES:
+        raise LofaError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    nb_dir = Path(nb_dir) if nb_dir else REPO_DIR / "notebooks"
+    specs = discover(nb_dir)
+    if not specs:
+        raise LofaError(f"no notebooks found in {nb_dir}")
+    names = [s.name for s in specs]
+    selected = names if not only else [_match(o, names) for o in only]
+    device = resolve_device(device)
+    run_dir = (Path(run_root) if Path(run_root).is_absolute() else REPO_DIR / run_root) / scale
+    cache_dir = run_dir / ".cache"
+    params = {"scale": scale, "device": device, "seed": seed, "run_dir": str(run_dir), **(extra_params or {})}
+
+    keys: dict[str, str] = {}
+    for s in specs:  # every key, selected or not, so a changed upstream step invalidates what reads it
+        ups = [keys[d] for d in (s.depends if s.depends is not None else list(keys)) if d in keys]
+        keys[s.name] = cache_key(s, params, ups)
+
+    from tqdm.auto import tqdm
+
+    results = []
+    bar = tqdm(total=len(selected), desc=f"lofa reproduce [{scale}]", unit="notebook", disable=not progress)
+    for spec in (s for s in specs if s.name in selected):
+        bar.set_postfix_str(spec.name)
+        state = read_json(cache_dir / f"{spec.name}.json", {})
+        done = state.get("key") == keys[spec.name] and all((run_dir / o).exists() for o in spec.outputs)
+        if done and not force:
+            results.append(StepResult(spec.name, "cached", 0.0, spec.outputs))
+            bar.update()
+            continue
+        _check_upstream(spec, specs, keys, cache_dir, selected)
+        t0 = time.time()
+        execute(spec, params, run_dir / "notebooks" / spec.path.name, log_output)
+        seconds = time.time() - t0
+        missing = [o for o in spec.outputs if not (run_dir / o).exists()]
+        if missing:
+            raise NotebookFailed(f"notebook {spec.name} finished but did not write its declared outputs: "
+                                 f"{', '.join(missing)}")
+        _record_manifest(run_dir, spec, params, seconds)
+        write_json(cache_dir / f"{spec.name}.json", {"key": keys[spec.name], "seconds": seconds})
+        results.append(StepResult(spec.name, "ran", seconds, spec.outputs))
+        bar.update()
+    bar.close()
+    return results
+
+
+def _match(pattern: str, names: list[str]) -> str:
+    hits = [n for n in names if n == pattern or n.split("_", 1)[-1] == pattern or n.startswith(pattern)]
+    if len(hits) != 1:
+        raise LofaError(f"--only {pattern!r} matches {hits or 'no notebook'}; notebooks: {', '.join(names)}")
+    return hits[0]
+
+
+def _check_upstream(spec, specs, keys, cache_dir, selected) -> None:
+    earlier = [s.name for s in specs[: [s.name for s in specs].index(spec.name)]]
+    for dep in spec.depends if spec.depends is not None else earlier:
+        if dep in selected:
+            continue
+        if read_json(cache_dir / f"{dep}.json", {}).get("key") != keys.get(dep):
+            raise LofaError(f"{spec.name} needs the results of {dep}, which are missing or stale at this scale; "
+                            f"run `lofa reproduce` without --only, or add `--only {dep}`")
+
+
+def _record_manifest(run_dir: Path, spec: NotebookSpec, params: dict, seconds: float) -> None:
+    path = run_dir / "figures" / "manifest.json"
+    manifest = read_json(path, {})
+    common = {"notebook": spec.name, "scale": params["scale"], "seeds": {k: v for k, v in params.items()
+              if "seed" in k}, "git_commit": git_commit(), "device": device_description(params["device"]),
+              "wall_time_s": round(seconds, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "versions": package_versions()}
+    for o in spec.outputs:
+        if o.startswith("figures/"):
+            manifest[o[len("figures/"):]] = common
+    write_json(path, manifest)
+
+
+def publish(scale: str, run_root: str | Path = "runs", dest: str | Path | None = None) -> Path:
+    """Copy `runs/<scale>/figures/` (figures, tables, manifest) to `figures/<scale>/` for committing."""
+    src = (Path(run_root) if Path(run_root).is_absolute() else REPO_DIR / run_root) / scale / "figures"
+    if not (src / "manifest.json").exists():
+        raise LofaError(f"nothing to publish: {src} has no manifest; run `lofa reproduce --scale {scale}` first")
+    dest = Path(dest) if dest else REPO_DIR / "figures" / scale
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def cli_reproduce(args) -> int:
+    results = run(scale=args.scale, only=args.only, device=args.device, force=args.force, seed=args.seed,
+                  run_root=args.run_root, log_output=args.log_output)
+    run_dir = (Path(args.run_root) if Path(args.run_root).is_absolute() else REPO_DIR / args.run_root) / args.scale
+    for r in results:
+        print(f"  {r.name:<28} {r.status:<7} {r.seconds:8.1f} s")
+    print(f"results: {run_dir}  (figures and tables in {run_dir / 'figures'}, manifest "
+          f"{run_dir / 'figures' / 'manifest.json'}, executed notebooks in {run_dir / 'notebooks'})")
+    if args.publish:
+        print(f"published to {publish(args.scale, args.run_root)}")
+    return 0

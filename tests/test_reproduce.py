@@ -1,0 +1,122 @@
+"""The orchestrator: parameter injection, caching, upstream invalidation, failure and kernel-death reporting."""
+import json
+from pathlib import Path
+
+import pytest
+
+from lofa import reproduce
+from lofa.errors import LofaError
+
+WRITE = """
+from pathlib import Path
+import json
+out = Path(run_dir) / "figures"
+out.mkdir(parents=True, exist_ok=True)
+(out / "{name}.json").write_text(json.dumps({{"scale": scale, "device": device, "seed": seed, "run_dir": run_dir}}))
+"""
+
+
+def _two_step(make_notebook):
+    make_notebook("01_first", [WRITE.format(name="first")], outputs=["figures/first.json"])
+    make_notebook("02_second", [WRITE.format(name="second")], outputs=["figures/second.json"])
+
+
+def test_parameters_are_injected_and_outputs_recorded(tmp_path, make_notebook):
+    _two_step(make_notebook)
+    res = reproduce.run("smoke", device="cpu", seed=7, run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs",
+                        progress=False)
+    assert [r.status for r in res] == ["ran", "ran"]
+    run_dir = tmp_path / "runs" / "smoke"
+    got = json.loads((run_dir / "figures" / "first.json").read_text())
+    assert got == {"scale": "smoke", "device": "cpu", "seed": 7, "run_dir": str(run_dir)}
+    assert (run_dir / "notebooks" / "01_first.ipynb").exists()
+    manifest = json.loads((run_dir / "figures" / "manifest.json").read_text())
+    assert set(manifest) == {"first.json", "second.json"}
+    entry = manifest["first.json"]
+    assert entry["notebook"] == "01_first" and entry["scale"] == "smoke" and entry["seeds"] == {"seed": 7}
+    assert entry["device"].startswith("cpu") and entry["wall_time_s"] > 0 and "torch" in entry["versions"]
+    assert entry["git_commit"]
+
+
+def test_cache_skips_unchanged_and_reruns_on_change(tmp_path, make_notebook):
+    _two_step(make_notebook)
+    kw = dict(device="cpu", run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs", progress=False)
+    reproduce.run("smoke", **kw)
+    assert [r.status for r in reproduce.run("smoke", **kw)] == ["cached", "cached"]
+    # a changed parameter invalidates everything
+    assert [r.status for r in reproduce.run("smoke", seed=1, **kw)] == ["ran", "ran"]
+    # a missing output reruns that step only
+    (tmp_path / "runs" / "smoke" / "figures" / "second.json").unlink()
+    assert [r.status for r in reproduce.run("smoke", seed=1, **kw)] == ["cached", "ran"]
+    # an edited upstream notebook reruns it and everything downstream of it
+    make_notebook("01_first", [WRITE.format(name="first"), "x = 1"], outputs=["figures/first.json"])
+    assert [r.status for r in reproduce.run("smoke", seed=1, **kw)] == ["ran", "ran"]
+    # --force reruns
+    assert [r.status for r in reproduce.run("smoke", seed=1, force=True, **kw)] == ["ran", "ran"]
+
+
+def test_only_selects_and_checks_upstream(tmp_path, make_notebook):
+    _two_step(make_notebook)
+    kw = dict(device="cpu", run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs", progress=False)
+    with pytest.raises(LofaError, match="needs the results of 01_first"):
+        reproduce.run("smoke", only=["second"], **kw)
+    assert [r.name for r in reproduce.run("smoke", only=["01"], **kw)] == ["01_first"]
+    assert [r.status for r in reproduce.run("smoke", only=["02_second"], **kw)] == ["ran"]
+    with pytest.raises(LofaError, match="matches no notebook"):
+        reproduce.run("smoke", only=["nope"], **kw)
+
+
+def test_failing_notebook_names_notebook_cell_and_error(tmp_path, make_notebook):
+    make_notebook("01_ok", [WRITE.format(name="ok")], outputs=["figures/ok.json"])
+    make_notebook("02_broken", ["a = 1", "raise ValueError('the fixture fails on purpose')"], outputs=["x"])
+    make_notebook("03_never", [WRITE.format(name="never")], outputs=["figures/never.json"])
+    with pytest.raises(reproduce.NotebookFailed) as info:
+        reproduce.run("smoke", device="cpu", run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs", progress=False)
+    msg = str(info.value)
+    assert "02_broken" in msg and "ValueError: the fixture fails on purpose" in msg and "cell 3" in msg
+    assert "\n" not in msg  # one line, not a page of kernel trace
+    assert not (tmp_path / "runs" / "smoke" / "figures" / "never.json").exists()
+
+
+def test_missing_declared_output_is_an_error(tmp_path, make_notebook):
+    make_notebook("01_lazy", ["x = 1"], outputs=["figures/promised.png"])
+    with pytest.raises(reproduce.NotebookFailed, match="did not write its declared outputs: figures/promised.png"):
+        reproduce.run("smoke", device="cpu", run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs", progress=False)
+
+
+def test_dead_kernel_is_reported_not_hung(tmp_path, make_notebook):
+    make_notebook("01_dies", ["import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"], outputs=[])
+    with pytest.raises(reproduce.NotebookFailed, match="kernel died"):
+        reproduce.run("smoke", device="cpu", run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs", progress=False)
+
+
+def test_cli_reports_failure_in_one_line_with_exit_2(capsys):
+    from lofa.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--scale", "nonsense"])
+    capsys.readouterr()
+    assert main(["reproduce", "--scale", "smoke", "--only", "does-not-exist", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lofa reproduce: error:") and "\n" not in err
+
+
+def test_lofa_sources_follow_imports_transitively():
+    files = {p.relative_to(reproduce.PACKAGE_DIR).as_posix() for p in
+             reproduce.lofa_sources("from lofa.reproduce import run\nimport numpy")}
+    assert {"__init__.py", "reproduce.py", "errors.py", "io.py"} <= files  # io and errors via reproduce's imports
+    assert "cli.py" not in files
+
+
+def test_every_pipeline_notebook_has_a_parameters_cell_and_declares_outputs():
+    specs = reproduce.discover(reproduce.REPO_DIR / "notebooks")
+    assert specs, "no notebooks"
+    for spec in specs:
+        cells = json.loads(spec.path.read_text())["cells"]
+        tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert tagged, f"{spec.name} has no cell tagged 'parameters'"
+        src = "".join(tagged[0]["source"])
+        for p in ("scale", "device", "seed", "run_dir"):
+            assert f"{p} =" in src, f"{spec.name}: parameters cell lacks {p}"
+        assert spec.outputs, f"{spec.name} declares no outputs in metadata.lofa.outputs"
+        assert not any(c.get("outputs") for c in cells if c["cell_type"] == "code"), f"{spec.name} has outputs"
