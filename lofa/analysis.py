@@ -1,0 +1,628 @@
+"""Response maps: where a LoRA changes its base model, relative to the base weights (the paper's observation).
+
+relative_change m = |ΔW| / (|W| + eps) with ΔW = (alpha / r) · B A; the response map R = m > τ (paper: τ = 2 %).
+Whole-LoRA statistics are computed over row chunks of ΔW (chunk = B[rows] @ A in float32), one base matrix at a
+time, so a full Wan2.1-1.3B LoRA (240 × 1536×1536, rank 32) needs tens of MB, not the 2 GB of all ΔW at once.
+
+Borderline ties: entries whose relative change lies within float32 rounding (about 1e-6 relative) of τ can land
+on either side compared with a float64 computation; everything else matches it exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from lofa.errors import LofaError
+from lofa.io import atomic_path
+from lofa.lora.formats import (BaseWeights, LoraFactor, LoraWeights, check_compatible, detect_format, load_lora,
+                               natural_key)
+
+TAU = 0.02
+EPS = 1e-8
+CHUNK_ELEMENTS = 1 << 22  # ΔW entries per chunk: 16 MB in float32
+PLOT_POOL = 32  # cells per side of a module's pooled map in plots
+_SHORT_TYPE = {"self_q": "sq", "self_k": "sk", "self_v": "sv", "self_o": "so", "cross_q": "cq", "cross_k": "ck",
+               "cross_v": "cv", "cross_o": "co", "cross_k_img": "ki", "cross_v_img": "vi", "ffn_in": "f1",
+               "ffn_out": "f2", "other": "x"}  # x-axis labels of plot_response_rows
+
+
+def relative_change(delta_w: torch.Tensor, w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """|ΔW| / (|W| + eps), elementwise, in float32 (or float64 if either input is). Any matching shapes."""
+    dtype = torch.promote_types(torch.promote_types(delta_w.dtype, w.dtype), torch.float32)
+    return delta_w.to(dtype).abs().div_(w.abs().to(dtype).add_(eps))  # abs() copies: the in-place ops are safe
+
+
+def response_map(delta_w: torch.Tensor, w: torch.Tensor, tau: float = TAU, eps: float = EPS) -> torch.Tensor:
+    """Binary response map R = relative_change > τ, bool, same shape as W."""
+    return relative_change(delta_w, w, eps) > tau
+
+
+@dataclass
+class ModuleResponse:
+    """One module's response: counts over its [out, in] entries and optionally a pooled map.
+
+    pooled: [ph, pw] fraction of active entries per cell (ph = min(out, pool), pw = min(in, pool)).
+    """
+
+    shape: tuple[int, int]
+    active: int
+    sum_relative_change: float
+    pooled: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def active_fraction(self) -> float:
+        return self.active / self.numel
+
+    @property
+    def mean_relative_change(self) -> float:
+        return self.sum_relative_change / self.numel
+
+
+def module_response(factor: LoraFactor, w: torch.Tensor, tau: float = TAU, eps: float = EPS,
+                    pool: int | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> ModuleResponse:
+    """Response of one LoRA module against its base weight W [out, in], computed over row chunks of ΔW.
+
+    pool: side of the pooled map (fraction of active entries per cell), None for no map.
+    """
+    out, inp = w.shape
+    if tuple(factor.shape) != (out, inp):
+        raise LofaError(f"LoRA ΔW is {list(factor.shape)} but the base weight is {[out, inp]}")
+    rows = max(1, chunk_elements // inp)
+    active, total = 0, 0.0
+    if pool:
+        ph, pw = min(out, pool), min(inp, pool)
+        row_cell = torch.arange(out) * ph // out
+        col_cell = torch.arange(inp) * pw // inp
+        col_onehot = torch.nn.functional.one_hot(col_cell, pw).float()  # [in, pw]
+        counts = torch.zeros(ph, pw)
+    for start in range(0, out, rows):
+        stop = min(out, start + rows)
+        m = relative_change(factor.delta_rows(start, stop).to(w.device), w[start:stop], eps)
+        r = m > tau
+        active += int(torch.count_nonzero(r))
+        total += float(m.sum(dim=1).double().sum())
+        if pool:
+            counts.index_add_(0, row_cell[start:stop], r.float().cpu() @ col_onehot)
+    pooled = None
+    if pool:
+        cell_size = torch.bincount(row_cell, minlength=ph)[:, None] * torch.bincount(col_cell, minlength=pw)[None]
+        pooled = counts / cell_size
+    return ModuleResponse(shape=(out, inp), active=active, sum_relative_change=total, pooled=pooled)
+
+
+def _shapes(base_weights: Mapping[str, torch.Tensor]) -> Mapping:
+    return base_weights.shapes if isinstance(base_weights, BaseWeights) else base_weights
+
+
+def lora_response(base_weights: Mapping[str, torch.Tensor], lora: LoraWeights, tau: float = TAU, eps: float = EPS,
+                  pool: int | None = None, progress: bool = True) -> dict[str, ModuleResponse]:
+    """{module_name: ModuleResponse} for every LoRA module, in natural order, one base matrix in memory at a time.
+
+    base_weights: {module_name: W [out, in]} (a dict or a lazy BaseWeights). Raises LofaError when the LoRA does
+    not fit the base or a base weight is not finite.
+    """
+    check_compatible(lora, _shapes(base_weights))
+    responses = {}
+    for name in tqdm(sorted(lora, key=natural_key), desc="response map", disable=not progress, leave=False):
+        w = base_weights[name]
+        if not torch.isfinite(w).all():
+            raise LofaError(f"base weight {name!r} contains NaN or inf; the base model file is damaged")
+        responses[name] = module_response(lora[name], w, tau, eps, pool)
+    return responses
+
+
+def response_summary(responses: Mapping[str, ModuleResponse], tau: float) -> dict:
+    """The `lofa response-map --json` object: overall (element-weighted) and per-module active fraction."""
+    numel = sum(r.numel for r in responses.values())
+    return {
+        "tau": tau,
+        "active_fraction": sum(r.active for r in responses.values()) / numel,
+        "modules": {
+            name: {"shape": list(r.shape), "active_fraction": r.active_fraction,
+                   "mean_relative_change": r.mean_relative_change}
+            for name, r in responses.items()
+        },
+    }
+
+
+def analyze_lora(base_weights: Mapping[str, torch.Tensor], lora_weights: LoraWeights, tau: float = TAU,
+                 eps: float = EPS) -> dict:
+    """{"tau", "active_fraction", "modules": {NAME: {"shape", "active_fraction", "mean_relative_change"}}}."""
+    return response_summary(lora_response(base_weights, lora_weights, tau, eps, progress=False), tau)
+
+
+# --- structure by depth and module type ---------------------------------------------------------------------------
+MODULE_TYPES = ("self_q", "self_k", "self_v", "self_o", "cross_q", "cross_k", "cross_v", "cross_o", "cross_k_img",
+                "cross_v_img", "ffn_in", "ffn_out")
+_TYPE_RULES = (
+    (re.compile(r"\.attn1\.to_([qkv])$"), r"self_\1"),
+    (re.compile(r"\.attn1\.to_out\.0$"), "self_o"),
+    (re.compile(r"\.attn2\.to_([qkv])$"), r"cross_\1"),
+    (re.compile(r"\.attn2\.to_out\.0$"), "cross_o"),
+    (re.compile(r"\.attn2\.add_([kv])_proj$"), r"cross_\1_img"),
+    (re.compile(r"\.ff(n)?\.net\.0\.proj$"), "ffn_in"),
+    (re.compile(r"\.ff(n)?\.net\.2$"), "ffn_out"),
+)
+_BLOCK = re.compile(r"^(.*blocks\.\d+)\.")  # greedy: the innermost "...blocks.N" of a name
+_FLAT_STACK = re.compile(r"^(transformer_)?blocks\.(\d+)$")
+
+
+def module_type(name: str) -> str:
+    """The paper's module type: self/cross attention × q/k/v/o (plus I2V image k/v), ffn_in/ffn_out, or 'other'."""
+    for regex, label in _TYPE_RULES:
+        m = regex.search(name)
+        if m:
+            return m.expand(label)
+    return "other"
+
+
+def block_depths(names: Sequence[str]) -> dict[str, int | None]:
+    """Depth of each module's transformer block: N of 'blocks.N' for one flat stack (Wan, PixArt), else the
+    block's rank in natural order among the blocks present (UNet: down, mid, up). None outside any block."""
+    blocks = {n: (m.group(1) if (m := _BLOCK.match(n)) else None) for n in names}
+    present = sorted({b for b in blocks.values() if b}, key=natural_key)
+    if all(_FLAT_STACK.match(b) for b in present):
+        return {n: int(_FLAT_STACK.match(b).group(2)) if b else None for n, b in blocks.items()}
+    rank = {b: i for i, b in enumerate(present)}
+    return {n: rank[b] if b else None for n, b in blocks.items()}
+
+
+def response_table(responses: Mapping[str, ModuleResponse]) -> pd.DataFrame:
+    """One row per module: module, depth, module_type, out, in, numel, active, active_fraction,
+    mean_relative_change, sum_relative_change."""
+    depths = block_depths(list(responses))
+    rows = [{"module": n, "depth": depths[n], "module_type": module_type(n), "out": r.shape[0], "in": r.shape[1],
+             "numel": r.numel, "active": r.active, "active_fraction": r.active_fraction,
+             "mean_relative_change": r.mean_relative_change, "sum_relative_change": r.sum_relative_change}
+            for n, r in responses.items()]
+    table = pd.DataFrame(rows)
+    table["depth"] = table["depth"].astype("Int64")
+    return table
+
+
+def group_response(table: pd.DataFrame, by: str | Sequence[str]) -> pd.DataFrame:
+    """Element-weighted active fraction and mean relative change per group (e.g. by "depth", "module_type")."""
+    grouped = table.groupby(by, dropna=False, sort=True)[["numel", "active", "sum_relative_change"]].sum()
+    grouped["active_fraction"] = grouped["active"] / grouped["numel"]
+    grouped["mean_relative_change"] = grouped["sum_relative_change"] / grouped["numel"]
+    return grouped.reset_index()
+
+
+# --- similarity between maps -------------------------------------------------------------------------------------
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Intersection over union of two binary maps (any equal shapes); nan when both are empty."""
+    a, b = a.bool(), b.bool()
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else math.nan
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two maps (binary or relative change) flattened; nan when either is all zero."""
+    a, b = a.double().flatten(), b.double().flatten()
+    norm = float(a.norm() * b.norm())
+    return float(a @ b) / norm if norm else math.nan
+
+
+def pairwise_similarity(base_weights: Mapping[str, torch.Tensor], loras: Sequence[LoraWeights], tau: float = TAU,
+                        eps: float = EPS, samples_per_module: int | None = 4096, seed: int = 0,
+                        progress: bool = True) -> dict[str, np.ndarray]:
+    """Pairwise similarity of the response maps of n LoRAs on one base -> {"iou", "cosine", "cosine_relative"},
+    each [n, n] float64 (cosine on the binary maps, cosine_relative on the relative change).
+
+    Maps cover the union of the LoRAs' modules (a module a LoRA lacks has ΔW = 0 there). With
+    `samples_per_module` the same `samples_per_module` entries per module (drawn with replacement from `seed`)
+    stand for each map; None (or a module smaller than that) uses every entry, in row chunks.
+    """
+    shapes = _shapes(base_weights)
+    for lora in loras:
+        check_compatible(lora, shapes)
+    n = len(loras)
+    gram_map = torch.zeros(n, n, dtype=torch.float64)
+    gram_rel = torch.zeros(n, n, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    names = sorted(set().union(*loras), key=natural_key)
+    for name in tqdm(names, desc="similarity", disable=not progress, leave=False):
+        w = base_weights[name]
+        out, inp = w.shape
+        if samples_per_module is None or samples_per_module >= out * inp:
+            rows = max(1, CHUNK_ELEMENTS // (inp * n))
+            chunks = [(slice(start, start + rows), None) for start in range(0, out, rows)]
+        else:
+            index = torch.randint(out * inp, (samples_per_module,), generator=generator)
+            chunks = [(index // inp, index % inp)]
+        for rows_, cols in chunks:
+            w_part = w[rows_] if cols is None else w[rows_, cols]
+            m = torch.stack([_sampled_relative_change(lora.get(name), w_part, rows_, cols, eps) for lora in loras])
+            m = m.reshape(n, -1).double()
+            r = (m > tau).double()
+            gram_map += r @ r.T
+            gram_rel += m @ m.T
+    count = gram_map.diag()
+    union = count[:, None] + count[None, :] - gram_map
+    norms = (count[:, None] * count[None, :]).sqrt()
+    rel_norms = (gram_rel.diag()[:, None] * gram_rel.diag()[None, :]).sqrt()
+    return {
+        "iou": np.where(union.numpy() > 0, (gram_map / union).numpy(), np.nan),
+        "cosine": np.where(norms.numpy() > 0, (gram_map / norms).numpy(), np.nan),
+        "cosine_relative": np.where(rel_norms.numpy() > 0, (gram_rel / rel_norms).numpy(), np.nan),
+    }
+
+
+def _sampled_relative_change(factor: LoraFactor | None, w_part: torch.Tensor, rows, cols, eps: float) -> torch.Tensor:
+    """Relative change at W[rows] (cols None) or at the entries W[rows[k], cols[k]]."""
+    if factor is None:
+        return torch.zeros(w_part.shape)
+    if cols is None:
+        delta = factor.delta_rows(rows.start, rows.stop)
+    else:
+        delta = factor.scale * (factor.B[rows].float() * factor.A[:, cols].T.float()).sum(1)
+    return relative_change(delta, w_part, eps)
+
+
+# --- the zoo's structure: τ sweep, depth × type profiles, within- vs across-group tests ---------------------------
+def module_exceedance(factor: LoraFactor, w: torch.Tensor, taus: Sequence[float], eps: float = EPS,
+                      chunk_elements: int = CHUNK_ELEMENTS) -> tuple[np.ndarray, float]:
+    """(counts, sum_relative_change) of one module against W [out, in], in one chunked pass over ΔW.
+
+    counts: int64 [len(taus)], counts[j] = number of entries with relative change > taus[j] (any order of taus;
+    the same comparison as `module_response`, so counts at τ equal its `active`).
+    """
+    out, inp = w.shape
+    if tuple(factor.shape) != (out, inp):
+        raise LofaError(f"LoRA ΔW is {list(factor.shape)} but the base weight is {[out, inp]}")
+    taus = np.asarray(taus, dtype=np.float64)
+    order = np.argsort(taus)
+    rows = max(1, chunk_elements // inp)
+    hist = torch.zeros(len(taus) + 1, dtype=torch.int64)
+    total = 0.0
+    for start in range(0, out, rows):
+        m = relative_change(factor.delta_rows(start, start + rows).to(w.device), w[start:start + rows], eps)
+        # bucket i holds the entries above exactly the i smallest τ (boundaries[i-1] < m <= boundaries[i])
+        boundaries = torch.from_numpy(taus[order]).to(m.dtype).to(m.device)
+        hist += torch.bincount(torch.bucketize(m.flatten(), boundaries), minlength=len(taus) + 1).cpu()
+        total += float(m.sum(dim=1).double().sum())
+    above_sorted = hist.flip(0).cumsum(0).flip(0)[1:].numpy()  # entries above the j-th smallest τ
+    counts = np.empty(len(taus), dtype=np.int64)
+    counts[order] = above_sorted
+    return counts, total
+
+
+def sweep_table(base_weights: Mapping[str, torch.Tensor], loras: Iterable[tuple[Hashable, LoraWeights]],
+                taus: Sequence[float], eps: float = EPS, progress: bool = True) -> pd.DataFrame:
+    """Active entries of every module of every LoRA at every τ, one chunked pass per module.
+
+    loras: (key, LoraWeights) pairs, e.g. (case id, weights), all on `base_weights`. Returns a long table, one row
+    per (LoRA, module, τ): lora, module, depth, module_type, numel, tau, active, active_fraction,
+    sum_relative_change (the module's, repeated over τ), so `group_response(table[table.tau == τ], by)` works.
+    """
+    shapes = _shapes(base_weights)
+    finite: set[str] = set()
+    rows = []
+    for key, lora in tqdm(loras, desc="τ sweep", unit="LoRA", disable=not progress, leave=False):
+        check_compatible(lora, shapes)
+        names = sorted(lora, key=natural_key)
+        depths = block_depths(names)
+        for name in names:
+            w = base_weights[name]
+            if name not in finite:
+                if not torch.isfinite(w).all():
+                    raise LofaError(f"base weight {name!r} contains NaN or inf; the base model file is damaged")
+                finite.add(name)
+            counts, total = module_exceedance(lora[name], w, taus, eps)
+            numel = w.shape[0] * w.shape[1]
+            rows += [(key, name, depths[name], module_type(name), numel, float(t), int(c), c / numel, total)
+                     for t, c in zip(taus, counts)]
+    table = pd.DataFrame(rows, columns=["lora", "module", "depth", "module_type", "numel", "tau", "active",
+                                        "active_fraction", "sum_relative_change"])
+    table["depth"] = table["depth"].astype("Int64")
+    return table
+
+
+def depth_bins(depth: pd.Series, n_bins: int) -> pd.Series:
+    """Relative-depth bin of each block depth: depth · n_bins // (max depth + 1), in 0..n_bins-1 (NA stays NA).
+
+    Puts networks of different depth (a 30-block DiT, a 7-block UNet) on the same axis: bin 0 = first blocks.
+    """
+    if n_bins < 1:
+        raise LofaError(f"n_bins = {n_bins}: need at least one depth bin")
+    return depth * n_bins // (int(depth.max()) + 1)
+
+
+def depth_type_profile(table: pd.DataFrame, n_bins: int, key: str = "lora") -> pd.DataFrame:
+    """Active fraction per LoRA (rows, by `key`) and (relative-depth bin, module type) (columns), element-weighted.
+
+    table: one row per (LoRA, module) at one τ, with columns key, depth, module_type, numel, active (e.g. a
+    `sweep_table` at one τ). Modules outside any block are left out. Columns are a MultiIndex (depth_bin,
+    module_type) in depth, then paper type order; a (bin, type) no module of a LoRA falls in is NaN.
+    """
+    if "tau" in table and table["tau"].nunique() > 1:
+        raise LofaError("depth_type_profile needs a table at one τ; select it first, e.g. table[table.tau == 0.02]")
+    t = table[table["depth"].notna()].assign(depth_bin=lambda d: depth_bins(d["depth"], n_bins).astype(int))
+    grouped = t.groupby([key, "depth_bin", "module_type"])[["numel", "active"]].sum()
+    profile = (grouped["active"] / grouped["numel"]).unstack(["depth_bin", "module_type"])
+    types = [*MODULE_TYPES, "other"]
+    columns = sorted(profile.columns, key=lambda c: (c[0], types.index(c[1])))
+    return profile[columns]
+
+
+def variance_explained(values: Sequence[float], groups: Sequence[Hashable]) -> float:
+    """η² = 1 − Σ (value − its group's mean)² / Σ (value − overall mean)²: the share of the variance of
+    `values` [n] that membership in `groups` [n] accounts for (0: none, 1: all); nan when the values do not vary."""
+    values = np.asarray(values, dtype=np.float64)
+    codes = pd.factorize(pd.Series(list(groups)))[0]
+    if len(values) != len(codes):
+        raise LofaError(f"{len(values)} values but {len(codes)} group labels; give one label per value")
+    total = ((values - values.mean()) ** 2).sum()
+    means = np.bincount(codes, weights=values) / np.bincount(codes)
+    within = ((values - means[codes]) ** 2).sum()
+    return float(1 - within / total) if total > 0 else math.nan
+
+
+def permutation_test(sim: np.ndarray, labels: Sequence[Hashable], n_perm: int = 1000, seed: int = 0) -> dict:
+    """Are items with the same label more alike than items with different labels? A label-permutation test.
+
+    sim: [n, n] similarity, symmetric (only pairs i < j are read; NaN = undefined pair, left out). labels: [n].
+    Statistic: mean similarity of same-label pairs minus mean of different-label pairs. One-sided p-value:
+    (1 + number of the `n_perm` seeded label shuffles whose statistic is at least the observed) / (1 + n_perm).
+    Returns {"within", "across", "difference", "p_value", "n_perm", "n", "n_groups", "n_within_pairs",
+    "n_across_pairs"}.
+    """
+    sim = np.asarray(sim, dtype=np.float64)
+    codes = pd.factorize(pd.Series(list(labels)))[0]
+    n = len(codes)
+    if sim.shape != (n, n):
+        raise LofaError(f"similarity matrix is {list(sim.shape)} but there are {n} labels; give [n, n] and n labels")
+    i, j = np.triu_indices(n, 1)
+    s = sim[i, j]
+    keep = ~np.isnan(s)
+    i, j, s = i[keep], j[keep], s[keep]
+
+    def statistic(shuffled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[p, n] label codes -> (within mean, across mean), each [p]."""
+        same = shuffled[:, i] == shuffled[:, j]
+        n_same = same.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (same @ s) / n_same, (~same @ s) / (len(s) - n_same)
+
+    within, across = (float(v[0]) for v in statistic(codes[None]))
+    if math.isnan(within) or math.isnan(across):
+        raise LofaError(f"no {'same' if math.isnan(within) else 'different'}-label pair with a defined similarity "
+                        f"among {n} items in {codes.max() + 1 if n else 0} groups; the test needs both")
+    observed = within - across
+    rng = np.random.default_rng(seed)
+    exceed = 0
+    batch = max(1, (1 << 22) // max(1, len(s)))  # shuffles at a time: about 4 M pairs in memory
+    for start in range(0, n_perm, batch):
+        shuffled = rng.permuted(np.tile(codes.astype(np.int32), (min(batch, n_perm - start), 1)), axis=1)
+        w, a = statistic(shuffled)
+        exceed += int(np.sum(w - a >= observed - 1e-12))
+    n_within = int((codes[i] == codes[j]).sum())
+    return {"within": within, "across": across, "difference": observed, "p_value": (1 + exceed) / (1 + n_perm),
+            "n_perm": n_perm, "n": n, "n_groups": int(codes.max()) + 1, "n_within_pairs": n_within,
+            "n_across_pairs": len(s) - n_within}
+
+
+# --- plot --------------------------------------------------------------------------------------------------------
+def _plot_format(path: str | Path) -> str:
+    from matplotlib.figure import Figure
+
+    fmt = Path(path).suffix.lstrip(".").lower()
+    supported = Figure().canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise LofaError(f"--plot {path}: unsupported figure type {fmt!r}; use one of {', '.join(sorted(supported))}")
+    return fmt
+
+
+def _percent_active_grid(table: pd.DataFrame) -> pd.DataFrame:
+    """% active by block (rows, in depth order; "-" = outside any block) and module type (columns, paper order).
+
+    Adds the string column "block" to `table`.
+    """
+    table["block"] = table["depth"].map(lambda d: "-" if pd.isna(d) else str(d))
+    blocks = sorted(set(table["block"]), key=lambda b: (b == "-", int(b) if b != "-" else 0))
+    types = [t for t in (*MODULE_TYPES, "other") if t in set(table["module_type"])]
+    return (group_response(table, ["block", "module_type"])
+            .pivot(index="block", columns="module_type", values="active_fraction")
+            .reindex(index=blocks, columns=types) * 100)
+
+
+def plot_response_map(responses: Mapping[str, ModuleResponse], path: str | Path, tau: float = TAU,
+                      title: str | None = None) -> None:
+    """Write a figure (type from the suffix) atomically: left, % active by block depth × module type; right, every
+    module's pooled response map (fraction of active entries per cell, from `module_response(..., pool=...)`)
+    placed at its depth (rows) and type (columns) — the paper's Figure 2 for one LoRA."""
+    from matplotlib.figure import Figure
+    import seaborn as sns
+
+    fmt = _plot_format(path)
+    table = response_table(responses)
+    heat = _percent_active_grid(table)
+    blocks, types = list(heat.index), list(heat.columns)
+
+    mosaic_cells = table[(table["block"] != "-") & (table["module_type"] != "other")]
+    mosaic_cells = mosaic_cells.drop_duplicates(["block", "module_type"], keep=False)
+    mosaic_types = [t for t in types if t in set(mosaic_cells["module_type"])]
+    mosaic_blocks = [b for b in blocks if b in set(mosaic_cells["block"])]
+    show_mosaic = bool(len(mosaic_cells)) and all(responses[m].pooled is not None for m in mosaic_cells["module"])
+
+    height = max(3.0, 0.22 * len(blocks) + 1.6)
+    fig = Figure(figsize=(0.6 * len(types) + (0.45 * len(mosaic_types) + 1.5 if show_mosaic else 0) + 2.5, height))
+    axes = fig.subplots(1, 2 if show_mosaic else 1, squeeze=False)[0]
+    sns.heatmap(heat, ax=axes[0], vmin=0, vmax=100, cmap="viridis", annot=heat.size <= 120, fmt=".0f",
+                cbar_kws={"label": f"% entries with |ΔW|/|W| > {tau:g}"})
+    axes[0].set_xlabel("module type")
+    axes[0].set_ylabel("block")
+    if show_mosaic:
+        p, gap = PLOT_POOL, 2
+        mosaic = np.full((len(mosaic_blocks) * (p + gap) - gap, len(mosaic_types) * (p + gap) - gap), np.nan)
+        for row in mosaic_cells.itertuples():
+            pooled = responses[row.module].pooled.numpy()
+            up = pooled[np.arange(p) * pooled.shape[0] // p][:, np.arange(p) * pooled.shape[1] // p]
+            i, j = mosaic_blocks.index(row.block), mosaic_types.index(row.module_type)
+            mosaic[i * (p + gap): i * (p + gap) + p, j * (p + gap): j * (p + gap) + p] = up
+        image = axes[1].imshow(mosaic, cmap="magma", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        axes[1].set_xticks([j * (p + gap) + p / 2 for j in range(len(mosaic_types))], mosaic_types, rotation=90)
+        axes[1].set_yticks([i * (p + gap) + p / 2 for i in range(len(mosaic_blocks))], mosaic_blocks)
+        axes[1].set_title("response map per module (pooled)")
+        fig.colorbar(image, ax=axes[1], label="fraction active in cell")
+    overall = table["active"].sum() / table["numel"].sum()
+    fig.suptitle(f"{title + ': ' if title else ''}{overall:.1%} of entries respond (τ = {tau:g})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=120)
+
+
+def module_order(names: Iterable[str]) -> list[str]:
+    """Module names by block depth, then the paper's type order (q, k, v, o of self-, then cross-attention, then
+    FFN), then name; modules outside any block last."""
+    names = list(names)
+    depths = block_depths(names)
+    types = [*MODULE_TYPES, "other"]
+    return sorted(names, key=lambda n: (depths[n] is None, depths[n] or 0, types.index(module_type(n)),
+                                        natural_key(n)))
+
+
+def map_strip(responses: Mapping[str, ModuleResponse], modules: Sequence[str], cell: int = 12,
+              gap: int = 1) -> np.ndarray:
+    """One LoRA's pooled response maps side by side: [cell, len(modules) · (cell + gap) − gap] float.
+
+    Module k's pooled map (fraction of active entries per cell, from `lora_response(..., pool=...)`), resized to
+    cell × cell by nearest neighbour, fills columns k · (cell + gap) onwards; gaps and modules the LoRA lacks are NaN.
+    """
+    strip = np.full((cell, len(modules) * (cell + gap) - gap), np.nan)
+    for k, name in enumerate(modules):
+        response = responses.get(name)
+        if response is None:
+            continue
+        if response.pooled is None:
+            raise LofaError(f"module {name!r} has no pooled map; compute the responses with lora_response(..., pool=N)")
+        p = response.pooled.numpy()
+        cells = p[np.arange(cell) * p.shape[0] // cell][:, np.arange(cell) * p.shape[1] // cell]
+        strip[:, k * (cell + gap): k * (cell + gap) + cell] = cells
+    return strip
+
+
+def plot_response_rows(panels: Mapping[str, Sequence[tuple[str, Mapping[str, ModuleResponse]]]],
+                       path: str | Path, tau: float = TAU, cell: int = 12) -> None:
+    """The paper's Figure 2 for many LoRAs, written atomically: one panel row per group (e.g. task), one image row
+    per LoRA; columns = blocks in depth order and, inside a block, the module types in paper order.
+
+    panels: {group: [(row label, responses with pooled maps), ...]}; LoRAs of one group share a base model.
+    Left: every module's pooled binary map R = |ΔW/W| > τ (fraction active per cell); right: the summary, each
+    module's active fraction.
+    """
+    from matplotlib.figure import Figure
+
+    fmt = _plot_format(path)
+    if not panels or not all(panels.values()):
+        raise LofaError("plot_response_rows needs at least one LoRA in every panel")
+    gap = 1
+    layouts = {}
+    for group, rows in panels.items():
+        modules = module_order(set().union(*(r for _, r in rows)))
+        depths = block_depths(modules)
+        mosaic = np.full((len(rows) * (cell + gap) - gap, len(modules) * (cell + gap) - gap), np.nan)
+        for i, (_, responses) in enumerate(rows):
+            mosaic[i * (cell + gap): i * (cell + gap) + cell] = map_strip(responses, modules, cell, gap)
+        summary = np.array([[r[m].active_fraction if m in r else np.nan for m in modules] for _, r in rows])
+        layouts[group] = (modules, [depths[m] for m in modules], mosaic, summary)
+
+    heights = [len(rows) + 1.2 for rows in panels.values()]
+    fig = Figure(figsize=(15, 0.42 * sum(heights) + 1.0), layout="constrained")
+    axes = fig.subplots(len(panels), 2, squeeze=False, gridspec_kw={"height_ratios": heights,
+                                                                    "width_ratios": [3.2, 1]})
+    for (group, rows), (left, right) in zip(panels.items(), axes):
+        modules, depths, mosaic, summary = layouts[group]
+        labels = [label for label, _ in rows]
+        image = left.imshow(mosaic, cmap="magma", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        right.imshow(summary, cmap="magma", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        starts = [k for k in range(len(modules)) if k == 0 or depths[k] != depths[k - 1]]
+        ends = starts[1:] + [len(modules)]
+        block_labels = [f"b{depths[s]}" if depths[s] is not None else "-" for s in starts]
+        left.set_xticks([(s + e) / 2 * (cell + gap) - gap / 2 for s, e in zip(starts, ends)], block_labels, fontsize=7)
+        left.set_yticks([i * (cell + gap) + cell / 2 for i in range(len(rows))], labels, fontsize=7)
+        right.set_xticks([(s + e - 1) / 2 for s, e in zip(starts, ends)], block_labels, fontsize=6)
+        right.set_yticks([])
+        left.grid(False)
+        right.grid(False)
+        for s in starts[1:]:
+            left.axvline(s * (cell + gap) - gap / 2 - 0.5, color="white", lw=0.8)
+            right.axvline(s - 0.5, color="white", lw=0.8)
+        left.set_title(f"{group}: pooled response map per module (blocks left to right)", fontsize=9, loc="left")
+        right.set_title("active fraction per module", fontsize=9, loc="left")
+    fig.colorbar(image, ax=axes, shrink=0.6, label=f"fraction of entries with |ΔW|/|W| > {tau:g}")
+    types = list(dict.fromkeys(module_type(m) for modules, *_ in layouts.values() for m in modules))
+    fig.suptitle(f"Response maps at τ = {tau:g}; module order in each block: "
+                 f"{' '.join(_SHORT_TYPE.get(t, t) for t in types)} (s = self-, c = cross-attention)", fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=130, bbox_inches="tight")
+
+
+# --- `lofa response-map` -----------------------------------------------------------------------------------------
+def _describe(lora: LoraWeights) -> str:
+    ranks = sorted({f.rank for f in lora.values()})
+    alphas = sorted({f.alpha for f in lora.values()})
+
+    def span(values):
+        return f"{values[0]:g}" if len(values) == 1 else f"{values[0]:g}-{values[-1]:g}"
+
+    return f"{len(lora)} modules, rank {span(ranks)}, alpha {span(alphas)}"
+
+
+def _table_text(responses: Mapping[str, ModuleResponse], tau: float) -> str:
+    table = response_table(responses)
+    numel, active = int(table["numel"].sum()), int(table["active"].sum())
+    grid = _percent_active_grid(table)
+    grid["all"] = group_response(table, "block").set_index("block")["active_fraction"] * 100
+    by_type = group_response(table, "module_type").set_index("module_type")
+    grid.loc["all"] = pd.concat([by_type["active_fraction"] * 100, pd.Series({"all": active / numel * 100})])
+    rel = by_type["mean_relative_change"].reindex(grid.columns.drop("all"))
+    return "\n".join([
+        f"τ = {tau:g}: {active / numel:.2%} of {numel:,} entries respond (|ΔW| / (|W| + eps) > τ), "
+        f"{1 - active / numel:.2%} below",
+        "",
+        "% of entries active, by block (rows) and module type (columns):",
+        grid.to_string(float_format=lambda v: f"{v:.1f}", na_rep="."),
+        "",
+        "mean relative change by module type:",
+        rel.to_string(float_format=lambda v: f"{v:.4g}"),
+    ])
+
+
+def cli_response_map(args) -> int:
+    """`lofa response-map --base PATH --lora PATH [--tau 0.02] [--json] [--plot FILE]`.
+
+    args: .base, .lora, .tau, .json (bool), .plot (path or None). Prints the JSON summary (`response_summary`)
+    or a readable table; writes the plot atomically. Every bad input raises LofaError (the CLI prints it as one
+    line and exits 2), before anything is written.
+    """
+    tau = float(args.tau)
+    if not (math.isfinite(tau) and tau >= 0):
+        raise LofaError(f"--tau {args.tau}: must be a finite number >= 0 (the paper uses 0.02)")
+    if args.plot:
+        _plot_format(args.plot)
+    base = BaseWeights(args.base)
+    lora, _ = load_lora(args.lora, module_names=list(base))
+    responses = lora_response(base, lora, tau, pool=PLOT_POOL if args.plot else None)
+    if args.json:
+        print(json.dumps(response_summary(responses, tau), indent=2))
+    else:
+        print(f"LoRA  {args.lora}  ({detect_format(args.lora)} naming, {_describe(lora)})")
+        print(f"base  {args.base}")
+        print(_table_text(responses, tau))
+    if args.plot:
+        plot_response_map(responses, args.plot, tau, title=Path(args.lora).name)
+    return 0

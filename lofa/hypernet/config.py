@@ -1,0 +1,61 @@
+"""HyperConfig: the shape of the LoFA hypernetwork (both stages share it).
+
+The defaults are the paper configuration (reference-implementation-notes): d_model 768, 12 heads, 8 blocks,
+MLP ratio 4, QK-norm, 96×96 weight patches, rank-32 LoRA with alpha 32, a 512 × 4096 umT5 text context.
+The targets (which matrices, their shapes, depths and module types) are not here: they come from a
+`lofa.hypernet.tokenizer.TargetSpec` built from the base model, so nothing is tied to Wan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class HyperConfig:
+    d_model: int = 768
+    n_heads: int = 12
+    depth: int = 8                  # blocks of (self-attn, MLP, cross-attn, MLP)
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    patch: int = 96                 # weight patch side p; a matrix [out, in] becomes ceil(out/p)·ceil(in/p) tokens + CLS
+    rank: int = 32                  # predicted LoRA rank r
+    alpha: float = 32.0             # LoRA alpha; ΔW = (alpha / r) · B @ A everywhere (loss, inference, saved file)
+    cond_dim: int = 4096            # width Dc of the condition tokens (umT5-XXL 4096, MiniLM 384, ...)
+    cond_len: int = 512             # condition tokens K the encoder pads to (benchmarks use it; any K works)
+    map_rank: int = 32              # rank of the Stage I response-map logit factors U V^T
+    tau: float = 0.02               # response-map threshold on |ΔW| / |W|
+    # Stage II cross-attends to Stage I's final features after these blocks (0-based); None = after the middle
+    # and the last block (the authors': after blocks 4 and 8 of 8); [] = a single-stage model (ablation).
+    stage2_cross_after: list[int] | None = None
+    grad_checkpoint: bool = False
+
+    PRESETS = {
+        "smoke": {"d_model": 64, "n_heads": 4, "depth": 2, "patch": 16, "rank": 4, "alpha": 4.0, "cond_dim": 384,
+                  "cond_len": 32, "map_rank": 8},
+        "mini": {"d_model": 128, "n_heads": 4, "depth": 4, "patch": 16, "rank": 8, "alpha": 8.0, "cond_dim": 384,
+                 "cond_len": 32, "map_rank": 16},
+        "full": {"d_model": 384, "n_heads": 6, "depth": 6, "patch": 32, "rank": 16, "alpha": 16.0, "cond_dim": 384,
+                 "cond_len": 32, "map_rank": 32},
+        "wan": {},
+        "paper": {},
+    }
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.stage2_cross_after is not None:
+            self.stage2_cross_after = [int(i) for i in self.stage2_cross_after]
+            bad = [i for i in self.stage2_cross_after if not 0 <= i < self.depth]
+            if bad:
+                raise ValueError(f"stage2_cross_after {bad} outside blocks 0..{self.depth - 1}")
+
+    @property
+    def feature_cross_after(self) -> list[int]:
+        """Blocks after which Stage II attends to Stage I's features."""
+        if self.stage2_cross_after is None:
+            return sorted({self.depth // 2 - 1, self.depth - 1} - {-1})
+        return list(self.stage2_cross_after)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.alpha / self.rank

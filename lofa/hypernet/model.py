@@ -1,0 +1,362 @@
+"""The LoFA hypernetwork: a transformer over weight tokens that cross-attends to a condition.
+
+Read top to bottom: attention and MLP; the block (self-attention, MLP, cross-attention, MLP, as the authors'
+code); Stage II's feature cross-attention; the backbone shared by both stages; the Stage I response-map head and
+the Stage II LoRA head; the two stages.
+
+Shapes: N conditions (one LoRA each), m target matrices, S tokens per matrix (CLS + patches, padded to the
+longest target), d = d_model, K condition tokens of width Dc. Activations are [N, m, S, d] throughout: the
+self-attention runs over each matrix's S tokens ([N·m, S, d]) and the cross-attention over all m·S tokens of one
+condition ([N, m·S, d]), so the condition's keys and values are computed once per condition and block and shared
+by every matrix, never once per matrix (defect 4 of the authors' code).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lofa.errors import LofaError
+from lofa.hypernet.config import HyperConfig
+from lofa.hypernet.tokenizer import BaseWeights, RMSNorm, TargetSpec, WeightTokenizer
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, L, d] -> [B, H, L, d/H]"""
+    B, L, d = x.shape
+    return x.view(B, L, n_heads, d // n_heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, Dh] -> [B, L, H·Dh]"""
+    B, H, L, Dh = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * Dh)
+
+
+def _key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Key-padding mask [B, L] (True = attend) -> SDPA's broadcastable [B, 1, 1, L]; None keeps the flash kernel."""
+    return None if mask is None else mask[:, None, None, :]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int, qk_norm: bool):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.q_norm = RMSNorm(d // n_heads) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d // n_heads) if qk_norm else nn.Identity()
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, d], mask [B, L] or None -> [B, L, d]"""
+        q, k, v = (_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=_key_mask(mask))
+        return self.out(_merge_heads(o))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int, qk_norm: bool):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.q_norm = RMSNorm(d // n_heads) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d // n_heads) if qk_norm else nn.Identity()
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, Lq, d] attends to context [B, Lk, d] (mask [B, Lk] or None) -> [B, Lq, d]"""
+        q = _heads(self.q(x), self.n_heads)
+        k, v = (_heads(t, self.n_heads) for t in self.kv(context).chunk(2, dim=-1))
+        o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=_key_mask(mask))
+        return self.out(_merge_heads(o))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, ratio: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d, int(d * ratio))
+        self.fc2 = nn.Linear(int(d * ratio), d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: self-attention over one matrix's tokens, MLP, cross-attention to the condition, MLP.
+
+    The two halves are separate methods because the first never sees the condition: block 0's self half is a
+    function of the base weights alone, so the predictor computes it once per base model.
+    """
+
+    def __init__(self, cfg: HyperConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
+        self.norm3, self.norm4 = RMSNorm(d), RMSNorm(d)
+        self.attn = SelfAttention(d, cfg.n_heads, cfg.qk_norm)
+        self.mlp1 = MLP(d, cfg.mlp_ratio)
+        self.cross = CrossAttention(d, cfg.n_heads, cfg.qk_norm)
+        self.mlp2 = MLP(d, cfg.mlp_ratio)
+
+    def self_half(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [N, m, S, d], mask [N·m, S] or None -> [N, m, S, d]"""
+        N, m, S, d = x.shape
+        h = x.reshape(N * m, S, d)
+        h = h + self.attn(self.norm1(h), mask)
+        h = h + self.mlp1(self.norm2(h))
+        return h.view(N, m, S, d)
+
+    def cross_half(self, x: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None) -> torch.Tensor:
+        """x [N, m, S, d] attends to cond [N, K, d] (cond_mask [N, K] or None) -> [N, m, S, d]"""
+        N, m, S, d = x.shape
+        h = x.reshape(N, m * S, d)
+        h = h + self.cross(self.norm3(h), cond, cond_mask)
+        h = h + self.mlp2(self.norm4(h))
+        return h.view(N, m, S, d)
+
+
+class FeatureCross(nn.Module):
+    """Stage II's extra residual cross-attention: each matrix's tokens attend to Stage I's final features of the
+    same matrix. The output projection starts at zero, so a Stage II copied from Stage I computes exactly Stage I's
+    backbone at initialisation."""
+
+    def __init__(self, cfg: HyperConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.norm = RMSNorm(d)
+        self.norm_features = RMSNorm(d)
+        self.cross = CrossAttention(d, cfg.n_heads, cfg.qk_norm)
+        nn.init.zeros_(self.cross.out.weight)
+        nn.init.zeros_(self.cross.out.bias)
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x, features [N, m, S, d]; mask [N·m, S] or None -> [N, m, S, d]"""
+        N, m, S, d = x.shape
+        h = x.reshape(N * m, S, d)
+        f = self.norm_features(features.reshape(N * m, S, d))
+        return (h + self.cross(self.norm(h), f, mask)).view(N, m, S, d)
+
+
+def trim_condition(cond: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop trailing condition positions masked in every sample, and the mask itself once nothing is masked.
+
+    cond [N, K, Dc], mask [N, K] bool -> cond [N, K', Dc], mask [N, K'] or None. Exact: masked keys get zero
+    attention. A 512-token umT5 context with a 40-token prompt attends over 40 keys, through the flash kernel.
+    """
+    if mask is None:
+        return cond, None
+    mask = mask.to(torch.bool)
+    if not mask.any(dim=1).all():
+        raise LofaError("a condition has no valid token (its mask is all False); give every sample at least one")
+    keep = int(mask.any(dim=0).nonzero().max()) + 1
+    cond, mask = cond[:, :keep], mask[:, :keep]
+    return (cond, None) if bool(mask.all()) else (cond, mask.to(cond.device))
+
+
+class HyperNet(nn.Module):
+    """The backbone both stages share: weight tokenizer, condition projection, blocks, final norm.
+
+    `prefix` is the condition-independent start (tokens through block 0's self half); `forward` continues from it
+    with the condition. Gradient checkpointing wraps each half-block; the function is passed directly (a bound
+    method of that block), never through a closure over the loop variable, so the recomputation in backward runs
+    the same block as the forward did (defect 1 of the authors' code).
+    """
+
+    def __init__(self, cfg: HyperConfig, spec: TargetSpec, feature_cross_after: list[int] = ()):
+        super().__init__()
+        d = cfg.d_model
+        self.grad_checkpoint = cfg.grad_checkpoint
+        self.tokenizer = WeightTokenizer(spec, d, cfg.patch)
+        self.cond_proj = nn.Linear(cfg.cond_dim, d)
+        self.cond_norm = RMSNorm(d)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.feature_cross = nn.ModuleDict({str(i): FeatureCross(cfg) for i in feature_cross_after})
+        self.norm_out = RMSNorm(d)
+
+    def _run(self, fn, *args):
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def prefix(self, base: BaseWeights, targets: torch.Tensor) -> torch.Tensor:
+        """targets [m] -> tokens after block 0's self half [m, S, d]; depends on the base weights only."""
+        x = self.tokenizer(base, targets)[None]
+        return self._run(self.blocks[0].self_half, x, self.tokenizer.token_mask(targets))[0]
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, m, S, d] from `prefix` (broadcast over N), targets [m], cond [N, K, Dc] (already trimmed),
+        cond_mask [N, K] or None, features [N, m, S, d] (Stage I's, for Stage II) or None -> features [N, m, S, d]
+        """
+        N, m = cond.shape[0], len(targets)
+        tmask = self.tokenizer.token_mask(targets)
+        if tmask is not None:
+            tmask = tmask.repeat(N, 1)
+        c = self.cond_norm(self.cond_proj(cond))
+        x = x.expand(N, m, *x.shape[-2:])
+        for i, block in enumerate(self.blocks):
+            if i > 0:
+                x = self._run(block.self_half, x, tmask)
+            x = self._run(block.cross_half, x, c, cond_mask)
+            if features is not None and str(i) in self.feature_cross:
+                x = self._run(self.feature_cross[str(i)], x, features, tmask)
+        return self.norm_out(x)
+
+
+class ResponseMapHead(nn.Module):
+    """Stage I: response-map logits [N, m, GR·p, GC·p] for each matrix (crop to [out, in]).
+
+    logit[o, i] = <U_o, V_i> / sqrt(k) + b[o//p, i//p] + c + β · log(|W[o, i]| / rms(W) + 1e-6)
+    U (rows) and V (columns) are rank-k factors decoded from the patch-row and patch-column means of the token
+    features, b a per-patch bias from each token, c and β per matrix from the CLS token. Every term is unbounded,
+    so the map can go to "no response" anywhere (the authors' softplus floor kept p ≥ 0.45: defect 3). The last term
+    carries the input weight itself: the target is |ΔW| > τ·|W|, so small |W| entries respond more easily.
+    """
+
+    def __init__(self, cfg: HyperConfig):
+        super().__init__()
+        d, p, k = cfg.d_model, cfg.patch, cfg.map_rank
+        self.patch, self.rank = p, k
+        self.norm = RMSNorm(d)
+        self.rows = nn.Linear(d, p * k)
+        self.cols = nn.Linear(d, p * k)
+        self.patch_bias = nn.Linear(d, 1)
+        self.global_terms = nn.Linear(d, 2)  # (c, β)
+        nn.init.zeros_(self.global_terms.weight)
+        with torch.no_grad():
+            self.global_terms.bias.copy_(torch.tensor([0.0, -1.0]))
+
+    def forward(self, feats: torch.Tensor, targets: torch.Tensor, tokenizer: WeightTokenizer,
+                base: BaseWeights) -> torch.Tensor:
+        N, m = feats.shape[:2]
+        p, k = self.patch, self.rank
+        h = self.norm(feats)
+        rows, cols = tokenizer.pool(h, targets)                                   # [N, m, GR, d], [N, m, GC, d]
+        u = self.rows(rows).reshape(N, m, -1, k)                                  # [N, m, GR·p, k]
+        v = self.cols(cols).reshape(N, m, -1, k)                                  # [N, m, GC·p, k]
+        logits = u @ v.transpose(-1, -2) / math.sqrt(k)
+        bias = tokenizer.to_grid(self.patch_bias(h[:, :, 1:])[..., 0], targets)   # [N, m, GR, GC]
+        logits = logits + bias.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+        c, beta = self.global_terms(h[:, :, 0]).unbind(-1)                        # [N, m] each
+        log_w = _log_abs_normalised(base, targets, logits.shape[-2:], logits.dtype)
+        return logits + c[..., None, None] + beta[..., None, None] * log_w
+
+
+def _log_abs_normalised(base: BaseWeights, targets: torch.Tensor, size, dtype) -> torch.Tensor:
+    """log(|W| / rms(W) + 1e-6) per target, zero-padded to `size` -> [m, *size]"""
+    out = torch.zeros(len(targets), *size, device=base.device, dtype=torch.float32)
+    for j, t in enumerate(targets.tolist()):
+        w = base[t].float()
+        out[j, : w.shape[0], : w.shape[1]] = torch.log(w.abs() / base.rms[t] + 1e-6)
+    return out.to(dtype)
+
+
+class LoraHead(nn.Module):
+    """Stage II: LoRA factors A [N, m, r, GC·p] and B [N, m, GR·p, r] (crop to [r, in] and [out, r]).
+
+    A's columns come from the patch-column features and B's rows from the patch-row features. Two fixed units, no
+    learned gain: A is divided by sqrt(in) (the scale of a trained LoRA's A, as peft initialises it) and B is
+    multiplied by rms(W), because the tokens saw W / rms(W) and ΔW must come back in W's units. The factors
+    returned are the LoRA: the loss, the diffusion term, the merge and the saved file all use (alpha / r) · B @ A.
+    B starts at zero (ΔW = 0), as a LoRA does.
+    """
+
+    def __init__(self, cfg: HyperConfig):
+        super().__init__()
+        d, p, r = cfg.d_model, cfg.patch, cfg.rank
+        self.patch, self.rank = p, r
+        self.norm = RMSNorm(d)
+        self.a = nn.Linear(d, p * r)
+        self.b = nn.Linear(d, p * r)
+        nn.init.zeros_(self.b.weight)
+        nn.init.zeros_(self.b.bias)
+
+    def forward(self, feats: torch.Tensor, targets: torch.Tensor, tokenizer: WeightTokenizer,
+                w_rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        N, m = feats.shape[:2]
+        p, r = self.patch, self.rank
+        rows, cols = tokenizer.pool(self.norm(feats), targets)
+        a = self.a(cols).view(N, m, -1, p, r).permute(0, 1, 4, 2, 3).reshape(N, m, r, -1)
+        b = self.b(rows).view(N, m, -1, r)
+        a = a * tokenizer.in_features[targets].to(a.dtype).rsqrt()[:, None, None]
+        b = b * w_rms[targets].to(b.dtype)[:, None, None]
+        return a, b
+
+
+@dataclass
+class Stage1Output:
+    features: torch.Tensor              # [N, m, S, d] final token features (what Stage II attends to)
+    logits: torch.Tensor | None         # [N, m, GR·p, GC·p] response-map logits, or None when not decoded
+
+
+@dataclass
+class Stage2Output:
+    A: torch.Tensor                     # [N, m, r, GC·p]
+    B: torch.Tensor                     # [N, m, GR·p, r]
+
+
+class Stage1(nn.Module):
+    """f_θ(W + E_pos + E_type, C) -> response map R̂. The condition enters only through cross-attention."""
+
+    def __init__(self, cfg: HyperConfig, spec: TargetSpec):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        self.backbone = HyperNet(cfg, spec)
+        self.map_head = ResponseMapHead(cfg)
+
+    def forward(self, base: BaseWeights, targets: torch.Tensor, cond: torch.Tensor,
+                cond_mask: torch.Tensor | None = None, *, prefix: torch.Tensor | None = None,
+                decode_map: bool = True) -> Stage1Output:
+        """targets [m] spec indices; cond [N, K, Dc], cond_mask [N, K]; prefix [m, S, d] from
+        `backbone.prefix` when cached. decode_map=False skips the map (inference needs only the features)."""
+        cond, cond_mask = trim_condition(cond, cond_mask)
+        x = self.backbone.prefix(base, targets) if prefix is None else prefix
+        feats = self.backbone(x[None], targets, cond, cond_mask)
+        logits = self.map_head(feats, targets, self.backbone.tokenizer, base) if decode_map else None
+        return Stage1Output(feats, logits)
+
+
+class Stage2(nn.Module):
+    """Stage I's architecture plus feature cross-attention to Stage I, with A and B heads at rank r.
+
+    Build it with `Stage2.from_stage1(stage1)` (the paper initialises Stage II from Stage I) or `Stage2(cfg, spec)`
+    from scratch; with cfg.stage2_cross_after = [] or stage1_features=None it is the single-stage ablation.
+    """
+
+    def __init__(self, cfg: HyperConfig, spec: TargetSpec):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        self.backbone = HyperNet(cfg, spec, cfg.feature_cross_after)
+        self.lora_head = LoraHead(cfg)
+
+    @classmethod
+    def from_stage1(cls, stage1: Stage1) -> "Stage2":
+        """A Stage II whose tokenizer, condition projection and blocks are copies of Stage I's."""
+        ref = next(stage1.parameters())
+        stage2 = cls(stage1.cfg, stage1.spec).to(device=ref.device, dtype=ref.dtype)
+        missing, unexpected = stage2.backbone.load_state_dict(stage1.backbone.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("feature_cross.") for k in missing), (missing, unexpected)
+        return stage2
+
+    def forward(self, base: BaseWeights, targets: torch.Tensor, cond: torch.Tensor,
+                cond_mask: torch.Tensor | None = None, stage1_features: torch.Tensor | None = None, *,
+                prefix: torch.Tensor | None = None) -> Stage2Output:
+        """targets [m]; cond [N, K, Dc]; stage1_features [N, m, S, d] (Stage1Output.features) or None."""
+        cond, cond_mask = trim_condition(cond, cond_mask)
+        x = self.backbone.prefix(base, targets) if prefix is None else prefix
+        feats = self.backbone(x[None], targets, cond, cond_mask, stage1_features)
+        return Stage2Output(*self.lora_head(feats, targets, self.backbone.tokenizer, base.rms))
+
+    def lora(self, out: Stage2Output, targets: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """{name: (A [N, r, in], B [N, out, r], alpha)} cropped from the padded head outputs (views)."""
+        lora = {}
+        for j, t in enumerate(targets.tolist()):
+            target = self.spec.targets[t]
+            out_f, in_f = target.shape
+            lora[target.name] = (out.A[:, j, :, :in_f], out.B[:, j, :out_f], self.cfg.alpha)
+        return lora

@@ -1,0 +1,323 @@
+"""Prediction: a trained LoFA checkpoint -> a standard LoRA file, in one process.
+
+A checkpoint folder holds config.json (HyperConfig, the TargetSpec, the condition-encoder reference, the base
+model reference), stage1.safetensors (absent for the single-stage ablation) and stage2.safetensors.
+`LoFA.predict` runs Stage I -> Stage II in memory (Stage I's features never leave the GPU), and `lofa predict`
+writes the LoRA through `lofa.lora.formats.save_lora` (diffusers-loadable, alpha honoured).
+
+Everything that depends on the base weights alone (patch tokens and block 0's self half, for each stage) is
+computed once in `set_base` and reused for every condition; the map decoder of Stage I is skipped, since Stage II
+needs only Stage I's features.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from lofa.errors import LofaError
+from lofa.hypernet.config import HyperConfig
+from lofa.hypernet.model import Stage1, Stage2, Stage2Output, trim_condition
+from lofa.hypernet.tokenizer import BaseWeights, TargetSpec
+from lofa.io import read_json, save_safetensors, write_json
+
+CONFIG_FILE = "config.json"
+
+
+def save_pretrained(directory: str | Path, stage2: Stage2, stage1: Stage1 | None = None, *,
+                    condition_encoder: dict | nn.Module | None = None, base: str | None = None) -> None:
+    """Write a predictor checkpoint folder.
+
+    condition_encoder: a reference dict ({"kind": "text", "max_length": 32}) or a lofa condition encoder module
+    (saved beside, as condition_encoder.safetensors). base: path of the base model (diffusers folder or safetensors
+    file), absolute or relative to `directory`, from which `from_pretrained` loads the target weights.
+    """
+    directory = Path(directory)
+    if stage1 is not None and stage1.spec != stage2.spec:
+        raise LofaError("Stage I and Stage II were built for different target specs")
+    if isinstance(condition_encoder, nn.Module):
+        condition_encoder.save(directory / "condition_encoder.safetensors")
+        condition_encoder = {"kind": condition_encoder.config.kind, "path": "condition_encoder.safetensors"}
+    if stage1 is not None:
+        save_safetensors(stage1.state_dict(), directory / "stage1.safetensors")
+    save_safetensors(stage2.state_dict(), directory / "stage2.safetensors")
+    # config.json last: a folder with a config is complete.
+    write_json(directory / CONFIG_FILE, {
+        "hyper": {k: getattr(stage2.cfg, k) for k in stage2.cfg.__dataclass_fields__},
+        "targets": stage2.spec.to_dict(),
+        "stages": ["stage1", "stage2"] if stage1 is not None else ["stage2"],
+        "condition_encoder": condition_encoder,
+        "base": base,
+    })
+
+
+@torch.no_grad()
+def merge_lora_(weights: Mapping[str, torch.Tensor], lora: Mapping) -> None:
+    """W += (alpha / r) · B @ A in place for every module of `lora` (LoraFactor or (A, B, alpha) values)."""
+    for name, f in lora.items():
+        A, B, alpha = (f.A, f.B, f.alpha) if hasattr(f, "A") else f
+        W = weights[name]
+        W.addmm_(B.to(W.dtype), A.to(W.dtype), alpha=alpha / A.shape[0])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class LoFA:
+    """Stage I + Stage II for one base model.
+
+    predict(condition_tokens [K, Dc] or [1, K, Dc], mask [K] / [1, K]) -> LoraWeights; `timings` holds the last
+    call's per-phase milliseconds. set_base(weights) must run first (from_pretrained does it when the checkpoint
+    names its base model).
+    """
+
+    def __init__(self, stage2: Stage2, stage1: Stage1 | None = None, *, condition_encoder: dict | None = None,
+                 base: str | None = None):
+        self.stage2 = stage2.eval().requires_grad_(False)
+        self.stage1 = None if stage1 is None else stage1.eval().requires_grad_(False)
+        self.cfg: HyperConfig = stage2.cfg
+        self.spec: TargetSpec = stage2.spec
+        self.condition_encoder = condition_encoder
+        self.base_ref = base
+        self.base: BaseWeights | None = None
+        self.timings: dict[str, float] = {}
+        self._stage1_fn, self._stage2_fn = self.stage1_features, self.stage2_factors
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, base_weights: Mapping[str, torch.Tensor] | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "LoFA":
+        """Load a checkpoint folder; the base weights come from `base_weights` or the checkpoint's base path.
+
+        dtype defaults to bf16 on CUDA and float32 on the CPU.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = read_json(directory / CONFIG_FILE)
+        if meta is None:
+            raise LofaError(f"{directory} has no {CONFIG_FILE}: not a LoFA checkpoint (or an interrupted save)")
+        cfg = HyperConfig(**meta["hyper"])
+        spec = TargetSpec.from_dict(meta["targets"])
+        stage2 = Stage2(cfg, spec)
+        stage2.load_state_dict(load_file(str(directory / "stage2.safetensors")))
+        stage1 = None
+        if "stage1" in meta["stages"]:
+            stage1 = Stage1(cfg, spec)
+            stage1.load_state_dict(load_file(str(directory / "stage1.safetensors")))
+        encoder = meta.get("condition_encoder")
+        if encoder and encoder.get("path"):
+            encoder = {**encoder, "path": str(directory / encoder["path"])}
+        base = meta.get("base")
+        if base is not None and not Path(base).is_absolute():
+            base = str(directory / base)
+        lofa = cls(stage2, stage1, condition_encoder=encoder, base=base).to(device, dtype)
+        if base_weights is None and base is not None:
+            from lofa.lora.formats import load_base_weights
+
+            base_weights = load_base_weights(base, spec.names)
+        if base_weights is not None:
+            lofa.set_base(base_weights)
+        return lofa
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        save_pretrained(directory, self.stage2, self.stage1, condition_encoder=self.condition_encoder,
+                        base=self.base_ref)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.stage2.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.stage2.parameters()).dtype
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "LoFA":
+        device = torch.device(device)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        for stage in (self.stage1, self.stage2):
+            if stage is not None:
+                stage.to(device=device, dtype=dtype)
+        if self.base is not None:
+            self.set_base({n: self.base[i] for i, n in enumerate(self.spec.names)})
+        return self
+
+    @torch.no_grad()
+    def set_base(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Hold the base model's target weights and cache each stage's condition-independent prefix."""
+        t0 = time.perf_counter()
+        self.base = BaseWeights(self.spec, weights, device=self.device, dtype=self.dtype)
+        self._targets = torch.arange(len(self.spec), device=self.device)
+        self._prefix1 = None if self.stage1 is None else self.stage1.backbone.prefix(self.base, self._targets)
+        self._prefix2 = self.stage2.backbone.prefix(self.base, self._targets)
+        _sync(self.device)
+        self.timings = {"prefix_ms": 1e3 * (time.perf_counter() - t0)}
+
+    def compile(self, **kwargs) -> "LoFA":
+        """torch.compile the two condition-dependent passes (kwargs go to torch.compile)."""
+        self._stage1_fn = torch.compile(self.stage1_features, **kwargs)
+        self._stage2_fn = torch.compile(self.stage2_factors, **kwargs)
+        return self
+
+    def stage1_features(self, cond: torch.Tensor, cond_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Stage I's final token features [N, M, S, d] for a trimmed condition; None without Stage I."""
+        if self.stage1 is None:
+            return None
+        return self.stage1.backbone(self._prefix1[None], self._targets, cond, cond_mask)
+
+    def stage2_factors(self, cond: torch.Tensor, cond_mask: torch.Tensor | None,
+                       features: torch.Tensor | None) -> Stage2Output:
+        """Padded LoRA factors of every target (Stage2Output, [N, M, ...]) for a trimmed condition."""
+        backbone = self.stage2.backbone
+        feats = backbone(self._prefix2[None], self._targets, cond, cond_mask, features)
+        return Stage2Output(*self.stage2.lora_head(feats, self._targets, backbone.tokenizer, self.base.rms))
+
+    def prepare_condition(self, tokens: torch.Tensor, mask: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens [N, K, Dc] (or [K, Dc]), mask [N, K] -> trimmed, on the model's device and dtype."""
+        if self.base is None:
+            raise LofaError("no base weights: call set_base(weights) or give the checkpoint a base path")
+        if tokens.ndim == 2:
+            tokens, mask = tokens[None], None if mask is None else mask[None]
+        if tokens.shape[-1] != self.cfg.cond_dim:
+            raise LofaError(f"condition tokens have width {tokens.shape[-1]}, the model expects {self.cfg.cond_dim}; "
+                            "use the condition encoder the checkpoint was trained with")
+        tokens, mask = trim_condition(tokens, mask)
+        return tokens.to(self.device, self.dtype), None if mask is None else mask.to(self.device)
+
+    @torch.no_grad()
+    def predict_factors(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> Stage2Output:
+        """Stage I -> Stage II for N conditions; padded factors A [N, M, r, GC·p], B [N, M, GR·p, r]."""
+        cond, cond_mask = self.prepare_condition(tokens, mask)
+        t0 = time.perf_counter()
+        features = self._stage1_fn(cond, cond_mask)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        out = self._stage2_fn(cond, cond_mask, features)
+        _sync(self.device)
+        self.timings.update(stage1_ms=1e3 * (t1 - t0), stage2_ms=1e3 * (time.perf_counter() - t1))
+        return out
+
+    def predict_batch(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> list[dict]:
+        """N conditions -> N LoraWeights ({module name: LoraFactor(A [r, in], B [out, r], alpha)}, float32)."""
+        from lofa.lora.formats import LoraFactor
+
+        out = self.predict_factors(tokens, mask)
+        loras = self.stage2.lora(out, self._targets)
+        n = out.A.shape[0]
+        return [{k: LoraFactor(A=A[i].float(), B=B[i].float(), alpha=float(alpha))
+                 for k, (A, B, alpha) in loras.items()} for i in range(n)]
+
+    def predict(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        """One condition, tokens [K, Dc] or [1, K, Dc] -> LoraWeights."""
+        if tokens.ndim == 3 and tokens.shape[0] != 1:
+            raise LofaError(f"predict takes one condition, got {tokens.shape[0]}; use predict_batch")
+        return self.predict_batch(tokens, mask)[0]
+
+    @torch.no_grad()
+    def merge_(self, out: Stage2Output, weight: float = 1.0, index: int = 0) -> None:
+        """W += weight · (alpha / r) · B @ A into the held base weights, one batched product per shape group
+        (the fused merge; `merge_lora_` does the same into any {name: W})."""
+        scale = weight * self.cfg.lora_scale
+        for idx, stack in self.base.groups:
+            out_f, in_f = stack.shape[1:]
+            contiguous = idx == list(range(idx[0], idx[0] + len(idx)))
+            i = slice(idx[0], idx[0] + len(idx)) if contiguous else torch.as_tensor(idx, device=stack.device)
+            A = out.A[index, i, :, :in_f].to(stack.dtype)
+            B = out.B[index, i, :out_f].to(stack.dtype)
+            stack.baddbmm_(B, A, alpha=scale)
+
+    @torch.no_grad()
+    def encode_condition(self, prompt: str | None = None, image: str | None = None, pose: str | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [1, K, Dc], mask [1, K]) from the checkpoint's condition encoder."""
+        ref = self.condition_encoder or {}
+        given = {"text": prompt, "image": image, "pose": pose}
+        kind = ref.get("kind")
+        if kind not in given:
+            raise LofaError("the checkpoint names no condition encoder; pass condition tokens to predict() instead")
+        if given[kind] is None:
+            other = next(k for k, v in given.items() if v is not None)
+            raise LofaError(f"this checkpoint is conditioned on {kind}, not {other}: pass --"
+                            f"{'prompt' if kind == 'text' else kind}")
+        if kind == "text":
+            from lofa.models.text import TextEncoder
+
+            return TextEncoder(self.device, ref.get("max_length", 32)).encode([prompt])
+        from lofa.models.cond_encoders import load_condition_encoder
+
+        encoder = load_condition_encoder(ref["path"], device=self.device)
+        return encoder.encode(_read_condition_file(given[kind]).to(self.device)[None])
+
+
+def _read_condition_file(path: str) -> torch.Tensor:
+    """An image (PNG/JPEG -> [3, H, W] in [-1, 1]) or a tensor file (.pt / .npy / .safetensors, one tensor)."""
+    path = Path(path)
+    if not path.exists():
+        raise LofaError(f"{path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
+        import numpy as np
+        from PIL import Image
+
+        img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(img).permute(2, 0, 1)
+    if suffix == ".pt":
+        x = torch.load(path, map_location="cpu", weights_only=True)
+    elif suffix == ".npy":
+        import numpy as np
+
+        x = torch.from_numpy(np.load(path))
+    elif suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if len(tensors) != 1:
+            raise LofaError(f"{path} holds {len(tensors)} tensors; save the condition as one tensor")
+        x = next(iter(tensors.values()))
+    else:
+        raise LofaError(f"{path}: unknown condition file type; use an image or a .pt / .npy / .safetensors tensor")
+    return x.float()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LofaError("--device cuda but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def cli_predict(args) -> int:
+    """`lofa predict --checkpoint DIR (--prompt TEXT | --image FILE | --pose FILE) --out FILE.safetensors`."""
+    from lofa.lora.formats import save_lora
+
+    device = _device(getattr(args, "device", "auto"))
+    t0 = time.perf_counter()
+    lofa = LoFA.from_pretrained(args.checkpoint, device=device)
+    if lofa.base is None:
+        raise LofaError(f"{args.checkpoint} names no base model; re-save it with save_pretrained(..., base=PATH)")
+    times = {"load + base prefix": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    tokens, mask = lofa.encode_condition(args.prompt, args.image, args.pose)
+    _sync(device)
+    times["encode"] = time.perf_counter() - t0
+    lora = lofa.predict(tokens, mask)
+    times["stage I"] = lofa.timings["stage1_ms"] / 1e3
+    times["stage II"] = lofa.timings["stage2_ms"] / 1e3
+    t0 = time.perf_counter()
+    condition = args.prompt if args.prompt is not None else str(args.image or args.pose)
+    save_lora(args.out, {k: type(f)(A=f.A.cpu(), B=f.B.cpu(), alpha=f.alpha) for k, f in lora.items()},
+              metadata={"source": "lofa predict", "checkpoint": str(args.checkpoint), "condition": condition})
+    times["write"] = time.perf_counter() - t0
+    n = sum(f.A.numel() + f.B.numel() for f in lora.values())
+    print(f"wrote {args.out}: {len(lora)} modules, rank {lofa.cfg.rank}, alpha {lofa.cfg.alpha:g}, "
+          f"{n / 1e6:.2f} M numbers ({device})")
+    for phase, seconds in times.items():
+        print(f"  {phase:<20s} {1e3 * seconds:9.1f} ms")
+    print(f"  {'total':<20s} {1e3 * sum(times.values()):9.1f} ms")
+    return 0

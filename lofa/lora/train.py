@@ -1,0 +1,299 @@
+"""Per-case LoRA training with peft (the paper's per-case baseline), and using a LoRA on a base generator.
+
+One LoRA per case: rank-r adapters on the paper's targets (q, k, v, o of self- and cross-attention in every
+block; optionally the FFN) trained with the flow-matching loss on fresh renders of the case, captioned with the
+case's train-split phrasings. Identity prompts carry the "[V]" identifier (DreamBooth); `prior_weight` > 0 adds
+DreamBooth's prior preservation on coarse-prompt renders of other cases of the same coarse category.
+
+`CaseStream` holds everything one LoRA's training draws (initial factors, samples, prompts, t, noise) from a
+private generator, so a LoRA trained alone here and inside a batch by `lofa.lora.batched` sees the same numbers
+and ends at the same weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lofa.diffusion import flow_matching_loss, sample_t
+from lofa.errors import LofaError
+from lofa.lora.formats import LoraFactor, LoraWeights, check_compatible
+
+
+@dataclass
+class LoraTrainConfig:
+    """Recipe of one per-case LoRA. The batched trainer trains `group_size` of them per forward/backward."""
+
+    rank: int = 4
+    alpha: float = 4.0              # ΔW = (alpha / rank) · B A
+    include_ffn: bool = False       # the paper adapts attention only
+    steps: int = 100
+    batch_size: int = 2             # samples of the case per step
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0      # clipped per LoRA
+    n_renders: int = 16             # renders of the case drawn once per LoRA; appearance differs in each
+    prior_weight: float = 0.0       # DreamBooth prior preservation λ (0 = off)
+    t_sampling: str = "logit_normal"
+    group_size: int = 32            # LoRAs per forward/backward in lofa.lora.batched
+
+    PRESETS = {
+        "smoke": {"steps": 10, "n_renders": 4, "group_size": 8},
+        # ~200 sample-steps a LoRA: ~100 LoRAs in ~10 min of 2 CPU cores at the mini generators' ~30 ms a sample
+        "mini": {},
+        "full": {"rank": 8, "alpha": 8.0, "steps": 400, "batch_size": 8, "n_renders": 64, "lr": 1e-3,
+                 "group_size": 64},
+        # Wan2.1-1.3B at the paper's adapter shape; a LoRA there is trained alone or a few at a time.
+        "wan": {"rank": 32, "alpha": 32.0, "steps": 2000, "batch_size": 1, "n_renders": 64, "lr": 1e-4,
+                "group_size": 4},
+    }
+
+
+LoraTrainConfig.PRESETS["paper"] = LoraTrainConfig.PRESETS["wan"]
+
+
+def case_seeds(seed: int, case_id: int) -> dict[str, int]:
+    """Independent seeds of one LoRA (renders, prior renders, training stream, condition), from (seed, case)."""
+    states = np.random.SeedSequence([seed, case_id]).generate_state(4)
+    return dict(zip(("render", "prior", "stream", "condition"), (int(s) for s in states)))
+
+
+def init_factors(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """peft's default LoRA init drawn from `generator`: A [r, in] ~ U(±1/sqrt(in)) (kaiming a=√5), B [out, r] = 0."""
+    factors = {}
+    for name, (out_features, in_features) in shapes.items():
+        bound = in_features ** -0.5
+        a = (torch.rand((rank, in_features), generator=generator, device=generator.device) * 2 - 1) * bound
+        factors[name] = (a, torch.zeros(out_features, rank, device=generator.device))
+    return factors
+
+
+class CaseStream:
+    """One LoRA's training data: a pool of captioned renders of its case, and a private RNG.
+
+    Fine pool: `world.sample` renders of the case [P, 3, (T,) H, W] (appearance random per render) with a random
+    train-split phrasing each, which also names the render's per-sample extras (styles: content; identities:
+    hat / sunglasses). Prior pool (prior preservation only): renders of other train cases of the same coarse
+    category with coarse captions. Captions are kept as token states [P, L, D] and masks [P, L].
+    """
+
+    def __init__(self, world, text, case_id: int, cfg: LoraTrainConfig, seed: int, device, dtype=torch.float32):
+        self.case = world.cases[case_id]
+        self.task = world.task
+        self.cfg = cfg
+        self.seed = seed
+        self.seeds = case_seeds(seed, case_id)
+        self.rng = torch.Generator(device).manual_seed(self.seeds["stream"])
+        self.prompts = [world.prompt(case_id, v, "train") for v in range(world.n_prompts("train"))]
+        self.pools = [self._pool(world, text, [case_id] * cfg.n_renders, self.seeds["render"], "fine", device, dtype)]
+        if cfg.prior_weight > 0:
+            others = [i for i in world.ids("train") if world.cases[i].coarse == self.case.coarse and i != case_id]
+            if not others:
+                raise LofaError(f"case {case_id} has no other train case in its coarse category, so prior "
+                                f"preservation has no data; set prior_weight=0")
+            pick = np.random.default_rng(self.seeds["prior"]).choice(others, cfg.n_renders).tolist()
+            self.pools.append(self._pool(world, text, pick, self.seeds["prior"], "coarse", device, dtype))
+
+    @staticmethod
+    def _pool(world, text, ids, seed, level, device, dtype):
+        x, captions = world.sample(ids, seed, split="train", level=level)
+        context, mask = text.encode(captions)
+        return x.to(device, dtype), context.to(device, dtype), mask.to(device)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.cfg.batch_size * len(self.pools)
+
+    def init_factors(self, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        dtype = self.pools[0][0].dtype
+        return {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in init_factors(shapes, self.cfg.rank, self.rng).items()}
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next step's samples: x0 [S, ...], context [S, L, D], mask [S, L], t [S], noise [S, ...].
+
+        S = batch_size fine samples, followed by batch_size prior samples when prior preservation is on.
+        """
+        b = self.cfg.batch_size
+        parts = []
+        for x, context, mask in self.pools:
+            pick = torch.randint(len(x), (b,), generator=self.rng, device=x.device)
+            t = sample_t(b, generator=self.rng, device=x.device, mode=self.cfg.t_sampling).to(x.dtype)
+            noise = torch.randn((b, *x.shape[1:]), generator=self.rng, device=x.device, dtype=x.dtype)
+            parts.append(dict(x0=x[pick], context=context[pick], mask=mask[pick], t=t, noise=noise))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def info(self, losses: torch.Tensor, prior_losses: torch.Tensor | None, wall_time_s: float, trainer: str) -> dict:
+        """The LoRA's metadata. losses / prior_losses: per-step training losses [steps].
+
+        final_loss is the mean over the last tenth of the steps (one step's loss is noisy in t and noise).
+        """
+        window = max(1, len(losses) // 10)
+        curve = losses[:: max(1, len(losses) // 20)]
+        return {
+            "task": self.task, "case_id": self.case.id, "case_name": self.case.name, "split": self.case.split,
+            "coarse": self.case.coarse, "prompts": self.prompts, "condition_seed": self.seeds["condition"],
+            "seed": self.seed, **asdict(self.cfg), "trainer": trainer,
+            "final_loss": float(losses[-window:].mean()),
+            "final_prior_loss": None if prior_losses is None else float(prior_losses[-window:].mean()),
+            "loss_curve": [round(float(x), 6) for x in curve], "wall_time_s": wall_time_s,
+        }
+
+
+def lora_losses(gen, batches: list[dict[str, torch.Tensor]], n_fine: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward over G LoRAs' batches (concatenated in order, S samples each, the first n_fine of them fine).
+
+    Returns per-LoRA mean losses fine [G] and prior [G] (None when S == n_fine). Summing per-LoRA means (not one
+    mean over the whole batch) gives each LoRA exactly the gradient it would get alone.
+    """
+    cat = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    per_sample = flow_matching_loss(gen, cat["x0"], cat["context"], cat["mask"], t=cat["t"], noise=cat["noise"],
+                                    reduction="none").view(len(batches), -1)
+    prior = per_sample[:, n_fine:].mean(1) if per_sample.shape[1] > n_fine else None
+    return per_sample[:, :n_fine].mean(1), prior
+
+
+def make_optimizer(params: list[torch.Tensor], cfg: LoraTrainConfig) -> torch.optim.Optimizer:
+    """AdamW. Its state is per element, so stacked adapters [G, ...] keep G independent optimizer states."""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Freeze every parameter of `module` for the block, then restore each one's requires_grad."""
+    flags = {p: p.requires_grad for p in module.parameters()}
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def _dtype(gen: nn.Module) -> torch.dtype:
+    return next(gen.parameters()).dtype
+
+
+def _text_encoder(text, device):
+    if text is not None:
+        return text
+    from lofa.models.text import TextEncoder
+
+    return TextEncoder(device)
+
+
+def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, device="cpu", *, text=None,
+               progress: bool = False) -> tuple[LoraWeights, dict]:
+    """Train one LoRA for `case_id` with peft on `gen.net`; `gen` comes back unchanged.
+
+    gen: a `lofa.models.Generator` (on `device`); text: a TextEncoder (default: MiniLM on `device`).
+    Returns (weights {module_name: LoraFactor(A [r, in], B [out, r], alpha)}, metadata dict).
+    """
+    from peft import LoraConfig
+
+    if getattr(gen.net, "peft_config", None):
+        raise LofaError("the generator already carries peft adapters; unload them (gen.net.unload_lora()) first")
+    text = _text_encoder(text, device)
+    start = time.perf_counter()
+    targets = gen.lora_target_modules(cfg.include_ffn)
+    stream = CaseStream(world, text, case_id, cfg, seed, device, _dtype(gen))
+    with frozen(gen):
+        gen.net.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets,
+                                       lora_dropout=0.0), adapter_name="lofa")
+        try:
+            layers = {name: gen.net.get_submodule(name) for name in targets}
+            params = []
+            inits = stream.init_factors({n: tuple(l.base_layer.weight.shape) for n, l in layers.items()})
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    layer.lora_A["lofa"].weight.copy_(inits[name][0])
+                    layer.lora_B["lofa"].weight.copy_(inits[name][1])
+                    params += [layer.lora_A["lofa"].weight, layer.lora_B["lofa"].weight]
+            opt = make_optimizer(params, cfg)
+            losses, prior_losses = [], []
+            for _ in tqdm(range(cfg.steps), desc=f"LoRA case {case_id}", leave=False, disable=not progress):
+                fine, prior = lora_losses(gen, [stream.next_batch()], cfg.batch_size)
+                objective = fine.sum() + (cfg.prior_weight * prior.sum() if prior is not None else 0)
+                objective.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(fine.detach())
+                if prior is not None:
+                    prior_losses.append(prior.detach())
+            weights = {name: LoraFactor(layer.lora_A["lofa"].weight.detach().clone(),
+                                        layer.lora_B["lofa"].weight.detach().clone(), float(cfg.alpha))
+                       for name, layer in layers.items()}
+        finally:
+            gen.net.unload_lora()
+    wall = time.perf_counter() - start
+    info = stream.info(torch.cat(losses).cpu(), torch.cat(prior_losses).cpu() if prior_losses else None, wall, "peft")
+    return weights, info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Using a LoRA: merge ΔW into the base weights (fast generation) or a functional view (gradients to the factors).
+
+
+def check_lora(net: nn.Module, weights: LoraWeights) -> None:
+    """Refuse a LoRA whose modules or shapes do not match `net`'s linear layers, naming the first mismatch."""
+    check_compatible(weights, {n: tuple(m.weight.shape) for n, m in net.named_modules() if isinstance(m, nn.Linear)})
+
+
+def _delta(f: LoraFactor, w: torch.Tensor) -> torch.Tensor:
+    """ΔW [out, in] on w's device and in w's dtype."""
+    return f.scale * (f.B.to(w) @ f.A.to(w))
+
+
+def _net(gen) -> nn.Module:
+    return getattr(gen, "net", gen)
+
+
+def merge_lora(gen, weights: LoraWeights, scale: float = 1.0) -> None:
+    """Add scale · ΔW to the base weights in place (permanent; see `apply_lora` for a reversible merge)."""
+    net = _net(gen)
+    check_lora(net, weights)
+    with torch.no_grad():
+        for name, f in weights.items():
+            w = net.get_submodule(name).weight
+            w += scale * _delta(f, w)
+
+
+@contextlib.contextmanager
+def apply_lora(gen, weights: LoraWeights, scale: float = 1.0) -> Iterator:
+    """Generate with a LoRA: merge it into `gen` for the block, then restore the exact original weights.
+
+    Merging costs one matmul per module and makes the LoRA free at every sampling step.
+    """
+    net = _net(gen)
+    check_lora(net, weights)
+    originals = {name: net.get_submodule(name).weight.detach().clone() for name in weights}
+    try:
+        merge_lora(gen, weights, scale)
+        yield gen
+    finally:
+        with torch.no_grad():
+            for name, w in originals.items():
+                net.get_submodule(name).weight.copy_(w)
+
+
+def merged_weights(gen: nn.Module, weights: LoraWeights, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """{parameter name in gen: W + scale · ΔW} for `torch.func.functional_call(gen, merged, args)`.
+
+    Differentiable in the factors, so a loss through the generator reaches whatever produced them.
+    """
+    net = _net(gen)
+    check_lora(net, weights)
+    prefix = next(n for n, m in gen.named_modules() if m is net)
+    prefix = f"{prefix}." if prefix else ""
+    merged = {}
+    for name, f in weights.items():
+        w = net.get_submodule(name).weight
+        merged[f"{prefix}{name}.weight"] = w + scale * _delta(f, w)
+    return merged

@@ -1,0 +1,178 @@
+"""The LoRA zoo: one LoRA file per case and one index over all of them; collection resumes after any interruption.
+
+Layout of a zoo folder:
+    index.json                  {"task", "seed", "config", "base", "loras": [entry per LoRA, by case id]}
+    loras/case_00012.safetensors  diffusers-loadable LoRA (rank and alpha stored) + the LoRA's metadata
+
+Every write is atomic (temp file + rename): a LoRA file first, then the index. The files are the truth and the
+index is rebuilt from their metadata on every start, so a kill at any moment loses at most the LoRAs in training:
+an entry whose file is missing or damaged is dropped (and the LoRA retrained), a finished file the index has not
+caught up with is indexed, and a finished LoRA is never trained again.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from lofa.errors import LofaError
+from lofa.io import read_json, write_json
+from lofa.lora.batched import train_lora_batch
+from lofa.lora.formats import LoraFactor, LoraWeights, load_lora, save_lora
+from lofa.lora.train import LoraTrainConfig, _text_encoder, train_lora
+
+INDEX = "index.json"
+LORA_DIR = "loras"
+# Fields that do not change a LoRA's weights (the batched and single trainers are equivalent).
+_FREE_FIELDS = ("group_size",)
+
+
+def lora_filename(case_id: int) -> str:
+    return f"case_{case_id:05d}.safetensors"
+
+
+def base_fingerprint(gen, names: list[str]) -> str:
+    """Hash of the base weights the LoRAs adapt, so a zoo is never resumed on another base."""
+    h = hashlib.sha256()
+    for name in names:
+        w = gen.net.get_submodule(name).weight.detach().float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _recipe(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _FREE_FIELDS}
+
+
+def _check_same_zoo(found: dict, expected: dict, where: Path) -> None:
+    for key in ("task", "seed", "base"):
+        if found.get(key) != expected[key]:
+            raise LofaError(f"{where} was built with {key} {found.get(key)!r}, not {expected[key]!r}; use another "
+                            f"zoo folder or delete this one")
+    found_recipe, recipe = _recipe(found.get("config", {})), _recipe(expected["config"])
+    if found_recipe != recipe:
+        field = next(k for k in sorted(set(found_recipe) | set(recipe)) if found_recipe.get(k) != recipe.get(k))
+        raise LofaError(f"{where} was built with {field}={found_recipe.get(field)!r}, not {recipe.get(field)!r}; use "
+                        f"another zoo folder or delete this one")
+
+
+def _reconcile(zoo_dir: Path, header: dict) -> dict[int, dict]:
+    """Index entries {case_id: entry} rebuilt from the valid LoRA files; damaged files and temp leftovers go."""
+    lora_dir = zoo_dir / LORA_DIR
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in [*zoo_dir.glob(".*.tmp"), *lora_dir.glob(".*.tmp")]:  # a killed atomic write's temp file
+        leftover.unlink()
+    index = read_json(zoo_dir / INDEX)
+    if index is not None:
+        _check_same_zoo(index, header, zoo_dir / INDEX)
+    entries = {}
+    for path in sorted(lora_dir.glob("case_*.safetensors")):
+        try:
+            _, meta = load_lora(path)
+        except LofaError:
+            path.unlink()
+            continue
+        if meta.get("case_id") is None or lora_filename(meta["case_id"]) != path.name:
+            raise LofaError(f"{path} is not a LoRA of this zoo (its metadata names case {meta.get('case_id')!r}); "
+                            f"move it out of {lora_dir}")
+        _check_same_zoo({**meta, "config": {k: meta.get(k) for k in header["config"]}}, header, path)
+        entries[meta["case_id"]] = {**meta, "file": f"{LORA_DIR}/{path.name}"}
+    return entries
+
+
+def _write_index(zoo_dir: Path, header: dict, entries: dict[int, dict]) -> None:
+    write_json(zoo_dir / INDEX, {**header, "loras": [entries[c] for c in sorted(entries)]})
+
+
+def build_zoo(world, gen, cfg: LoraTrainConfig, zoo_dir: str | os.PathLike, device="cpu", seed: int = 0, *,
+              case_ids: list[int] | None = None, text=None, batched: bool = True, progress: bool = True) -> "Zoo":
+    """Train one LoRA per case (default: every case of `world`) into `zoo_dir`, resuming what is already there.
+
+    gen: the base `lofa.models.Generator` (moved to `device`); batched: `cfg.group_size` LoRAs per
+    forward/backward (`lofa.lora.batched`) instead of one peft LoRA at a time — the same weights either way.
+    Rerun after an interruption with the same arguments to finish the rest.
+    """
+    zoo_dir = Path(zoo_dir)
+    gen.to(device)
+    case_ids = [c.id for c in world.cases] if case_ids is None else list(case_ids)
+    header = {"task": world.task, "seed": seed, "config": asdict(cfg),
+              "base": base_fingerprint(gen, gen.lora_target_modules(cfg.include_ffn))}
+    entries = _reconcile(zoo_dir, header)
+    _write_index(zoo_dir, header, entries)
+    todo = [c for c in case_ids if c not in entries]
+    run_id = uuid.uuid4().hex[:12]
+    text = _text_encoder(text, device)
+    chunk = cfg.group_size if batched else 1
+    with tqdm(total=len(case_ids), initial=len(case_ids) - len(todo), desc=f"LoRA zoo ({world.task})",
+              unit="LoRA", disable=not progress) as bar:
+        for start in range(0, len(todo), chunk):
+            ids = todo[start:start + chunk]
+            if batched:
+                results = train_lora_batch(gen, world, ids, cfg, seed, device, text=text)
+            else:
+                results = [train_lora(gen, world, ids[0], cfg, seed, device, text=text)]
+            trained_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            for weights, info in results:
+                meta = {**info, "base": header["base"], "run_id": run_id, "trained_at": trained_at}
+                save_lora(zoo_dir / LORA_DIR / lora_filename(info["case_id"]), weights, meta)
+                entries[info["case_id"]] = {**meta, "file": f"{LORA_DIR}/{lora_filename(info['case_id'])}"}
+            _write_index(zoo_dir, header, entries)
+            bar.update(len(ids))
+            bar.set_postfix(final_loss=f"{sum(i['final_loss'] for _, i in results) / len(results):.4f}")
+    return Zoo(zoo_dir)
+
+
+class Zoo:
+    """A built zoo folder: its index entries (metadata of every LoRA) and LoRA loading.
+
+    Iterating gives the entries in case order; `zoo[case_id]` is one entry.
+    """
+
+    def __init__(self, zoo_dir: str | os.PathLike):
+        self.dir = Path(zoo_dir)
+        index = read_json(self.dir / INDEX)
+        if index is None:
+            raise LofaError(f"{self.dir} has no {INDEX}; build the zoo with lofa.lora.zoo.build_zoo first")
+        self.task, self.seed, self.base = index["task"], index["seed"], index["base"]
+        self.config = LoraTrainConfig(**index["config"])
+        self.entries = {e["case_id"]: e for e in index["loras"]}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries[c] for c in sorted(self.entries))
+
+    def __contains__(self, case_id: int) -> bool:
+        return case_id in self.entries
+
+    def __getitem__(self, case_id: int) -> dict:
+        return self.entries[case_id]
+
+    def case_ids(self, split: str | None = None) -> list[int]:
+        """Case ids with a LoRA, optionally only those of one split ("train" | "heldout")."""
+        return [c for c in sorted(self.entries) if split is None or self.entries[c]["split"] == split]
+
+    def path(self, case_id: int) -> Path:
+        if case_id not in self.entries:
+            raise LofaError(f"the zoo at {self.dir} has no LoRA for case {case_id}; run build_zoo to add it")
+        return self.dir / self.entries[case_id]["file"]
+
+    def load(self, case_id: int, device="cpu") -> tuple[LoraWeights, dict]:
+        """(weights {module_name: LoraFactor}, metadata) of one case's LoRA."""
+        weights, meta = load_lora(self.path(case_id))
+        if device != "cpu":
+            weights = {n: LoraFactor(f.A.to(device), f.B.to(device), f.alpha) for n, f in weights.items()}
+        return weights, meta
+
+    def frame(self):
+        """The index as a pandas DataFrame, one row per LoRA (for tables and plots)."""
+        import pandas as pd
+
+        return pd.DataFrame(list(self)).set_index("case_id")

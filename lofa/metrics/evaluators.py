@@ -1,0 +1,626 @@
+"""Evaluators trained on a world's ground-truth renders only, and the per-task `Evaluators` bundle.
+
+No evaluator ever sees a method's output: every training batch is `world.render` / `world.condition` at seeds
+in a range of their own (`EvalConfig.seed_offset` + ...), disjoint from the seeds tests and the sanity table use.
+
+Roles (paper metric -> network, trained on ground truth of ALL cases, train and held-out, since it referees):
+- referee   fine-case classifier with coarse and per-component heads: ground-truth accuracies; its pooled
+            features give the Fréchet distance (FVD for videos, FID for images).
+- clip      render tower + MiniLM text tower, contrastive on (render, train phrasing): CLIP-T, and CLIP-I
+            (image-image cosine in its render space) for identities.
+- style     ArcFace-trained style descriptor over frames and style references (different content): CSD.
+- face      ArcFace-trained identity embedding over varied renders and reference faces: face similarity.
+- generic   SimCLR features over augmented renders (no labels): DINO, and Face Div among a case's samples.
+Motion measures (dynamic degree, smoothness) need no training; the dynamic threshold is calibrated on renders.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lofa.config import as_dict
+from lofa.errors import LofaError
+from lofa.io import read_json, save_safetensors, write_json
+from lofa.metrics import scores
+from lofa.metrics.features import (ContrastiveModel, Embedder, MultiHeadClassifier, info_nce, mean_pool,
+                                   nt_xent)
+
+ROLES = {
+    "actions": ("referee", "clip"),
+    "styles": ("referee", "clip", "style"),
+    "identities": ("referee", "clip", "face", "generic"),
+}
+META_FILE = "evaluators.json"
+_ROLE_SEED_STRIDE = 10_000_000  # render seeds of one role: seed_offset + seed * 1e8 + role * 1e7 + step
+_CALIBRATION_ROLE = 9
+
+
+@dataclass
+class EvalConfig:
+    """Sizes and training lengths of the evaluators of one world."""
+
+    width: int = 16            # channels of the first conv stage (doubles per stage)
+    depth: int = 4             # conv stages
+    dim: int = 128             # feature / embedding width
+    batch: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    steps_referee: int = 500
+    steps_clip: int = 500
+    steps_embed: int = 400     # ArcFace style / face descriptors
+    steps_generic: int = 300   # SimCLR generic features
+    arc_scale: float = 16.0
+    arc_margin: float = 0.3
+    simclr_temperature: float = 0.2
+    noise_aug: float = 0.1     # max std of Gaussian noise added to training renders (robust to sampler noise)
+    motion_pool: int = 2
+    motion_top: float = 0.05
+    dd_quantile: float = 0.1   # dynamic threshold = this quantile of ground-truth motion
+    calib_samples: int = 256
+    seed_offset: int = 900_000_000
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "smoke": {"width": 8, "dim": 64, "batch": 32, "steps_referee": 60, "steps_clip": 60,
+                  "steps_embed": 60, "steps_generic": 40, "calib_samples": 64},
+        "mini": {},
+        "full": {"width": 32, "dim": 256, "batch": 128, "steps_referee": 3000, "steps_clip": 3000,
+                 "steps_embed": 2000, "steps_generic": 1500, "calib_samples": 1024},
+    }
+
+    def seed_range(self, seed: int) -> tuple[int, int]:
+        """[lo, hi) of the render seeds these evaluators train on; anything scored must use others."""
+        lo = self.seed_offset + seed * 10 * _ROLE_SEED_STRIDE
+        return lo, lo + 10 * _ROLE_SEED_STRIDE
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    """3x3 box blur over H, W of [N, 3, (T,) H, W]."""
+    shape = x.shape
+    flat = x.reshape(-1, 1, *shape[-2:])
+    return F.avg_pool2d(flat, 3, 1, 1, count_include_pad=False).reshape(shape)
+
+
+def robust_aug(x: torch.Tensor, g: torch.Generator, noise: float) -> torch.Tensor:
+    """Random blur and Gaussian noise per sample, so evaluators do not hinge on pixel-exact renders."""
+    n = len(x)
+    view = (n,) + (1,) * (x.ndim - 1)
+    mix = (torch.rand(view, generator=g) < 0.5).float() * torch.rand(view, generator=g)
+    x = (1 - mix) * x + mix * _blur(x)
+    return x + noise * torch.rand(view, generator=g) * torch.randn(x.shape, generator=g)
+
+
+def view_aug(x: torch.Tensor, g: torch.Generator, noise: float, shift: int = 3) -> torch.Tensor:
+    """SimCLR views of images [N, 3, H, W]: translation, flip, colour jitter, then robust_aug."""
+    n, _, h, w = x.shape
+    pad = F.pad(x, (shift,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=g)
+    x = torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+    gain = 1 + 0.2 * (2 * torch.rand(n, 3, 1, 1, generator=g) - 1)
+    bias = 0.2 * (2 * torch.rand(n, 1, 1, 1, generator=g) - 1)
+    return robust_aug((x * gain + bias).clamp(-1, 1), g, noise)
+
+
+def random_frames(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One random frame per video [N, 3, T, H, W] -> [N, 3, H, W]; images pass through."""
+    if x.ndim == 4:
+        return x
+    t = torch.randint(0, x.shape[2], (len(x),), generator=g)
+    return x[torch.arange(len(x)), :, t]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch.Tensor], steps: int,
+        cfg: EvalConfig, seed: int, desc: str) -> list[float]:
+    """AdamW + cosine decay over `steps`; loss_fn(step, generator) draws its own ground-truth batch.
+
+    Returns the loss curve. The generator seeds batch composition and augmentation; renders are seeded by
+    the caller from the step so that a rerun sees the same data.
+    """
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(steps, 1), pct_start=0.1)
+    module.train()
+    losses = []
+    for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
+        loss = loss_fn(step, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    module.eval()
+    return losses
+
+
+def attribute_vocab(world) -> dict[str, list[str]]:
+    """component -> sorted list of its values (as strings) over all cases; single-valued components are left
+    out (nothing to recognise)."""
+    vocab: dict[str, set] = {}
+    for c in world.cases:
+        for k, v in c.attrs.items():
+            vocab.setdefault(k, set()).add(str(v))
+    return {k: sorted(v) for k, v in sorted(vocab.items()) if len(v) > 1}
+
+
+def case_labels(world, vocab: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """Referee targets per case: {"case": [n_cases], "coarse": [n_cases], "attr:<component>": [n_cases]}."""
+    labels = {"case": torch.tensor([c.id for c in world.cases]),
+              "coarse": torch.tensor([c.coarse for c in world.cases])}
+    for k, values in vocab.items():
+        labels[f"attr:{k}"] = torch.tensor([values.index(str(c.attrs[k])) for c in world.cases])
+    return labels
+
+
+def attribute_caption(case) -> str:
+    """A caption that names every component, for worlds whose prompts do not identify the case."""
+    return "; ".join(f"{k.replace('_', ' ')}: {str(v).replace('_', ' ')}" for k, v in case.attrs.items())
+
+
+def prompts_identify_cases(world) -> bool:
+    """False when two cases share a train phrasing (e.g. DreamBooth "[V]" prompts): captions are then needed."""
+    owner: dict[str, int] = {}
+    for c in world.cases:
+        for v in range(world.n_prompts("train")):
+            p = world.prompt(c.id, v, "train")
+            if owner.setdefault(p, c.id) != c.id:
+                return False
+    return True
+
+
+def _fingerprint(world, cfg: EvalConfig, seed: int) -> str:
+    blob = json.dumps({"task": world.task, "cases": [c.name for c in world.cases], "cfg": as_dict(cfg),
+                       "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _build(role: str, world, cfg: EvalConfig, head_sizes: dict[str, int]) -> torch.nn.Module:
+    n = len(world.cases)
+    if role == "referee":
+        return MultiHeadClassifier(world.modality, head_sizes, cfg.width, cfg.depth, cfg.dim)
+    if role == "clip":
+        return ContrastiveModel(world.modality, 384, cfg.width, cfg.depth, cfg.dim)
+    if role in ("style", "face"):
+        return Embedder("image", n, cfg.width, cfg.depth, cfg.dim, cfg.arc_scale, cfg.arc_margin)
+    if role == "generic":
+        return Embedder("image", 0, cfg.width, cfg.depth, cfg.dim)
+    raise ValueError(f"unknown evaluator role {role!r}")
+
+
+def _role_loss(role: str, net, world, cfg: EvalConfig, labels: dict[str, torch.Tensor], text: "PooledText",
+               seed0: int, device: torch.device):
+    """loss_fn(step, g) for one role; `seed0 + step` seeds the ground-truth renders of that step.
+
+    Renders come from `world.sample`, which also draws the per-sample extras (styles: content, identities: hat /
+    sunglasses context), so evaluators see everything a prompt may ask for. Batches are rendered and augmented
+    on the CPU (the generator lives there), then moved to `device`.
+    """
+    n_cases = len(world.cases)
+
+    def ids_for(g, distinct=False):
+        if distinct:
+            return torch.randperm(n_cases, generator=g)[:cfg.batch]
+        return torch.randint(0, n_cases, (cfg.batch,), generator=g)
+
+    def render(ids, step):
+        return world.sample(ids.tolist(), seed=seed0 + step)[0]
+
+    if role == "referee":
+        def loss(step, g):
+            ids = ids_for(g)
+            _, logits = net(robust_aug(render(ids, step), g, cfg.noise_aug).to(device))
+            return sum(F.cross_entropy(logits[k], labels[k][ids].to(device)) for k in logits) / len(logits)
+    elif role == "clip":
+        n_plain = world.n_prompts("train")
+
+        def loss(step, g):
+            ids = ids_for(g, distinct=True)  # distinct cases: no false negatives among in-batch pairs
+            x, captions = world.sample(ids.tolist(), seed=seed0 + step, split="train")
+            # Half the captions are the plain fine prompt (no content / context words): both kinds get scored.
+            plain = torch.rand(len(ids), generator=g) < 0.5
+            variant = torch.randint(0, n_plain, (len(ids),), generator=g)
+            captions = [world.prompt(int(i), int(v), "train") if p else c
+                        for i, v, p, c in zip(ids, variant, plain, captions)]
+            t = text(captions, ids.tolist()).to(device)
+            x = robust_aug(x, g, cfg.noise_aug).to(device)
+            return info_nce(net.encode_render(x), net.encode_text(t), net.logit_scale)
+    elif role in ("style", "face"):
+        def loss(step, g):
+            ids = ids_for(g)
+            refs = world.condition(ids.tolist(), seed=seed0 + step)
+            x = robust_aug(torch.cat([random_frames(render(ids, step), g), refs]), g, cfg.noise_aug)
+            y = torch.cat([ids, ids]).to(device)
+            return F.cross_entropy(net.head(net(x.to(device)), y), y)
+    elif role == "generic":
+        def loss(step, g):
+            x = random_frames(render(ids_for(g), step), g)
+            z1, z2 = (net.projector(net(view_aug(x, g, cfg.noise_aug).to(device))) for _ in range(2))
+            return nt_xent(z1, z2, cfg.simclr_temperature)
+    else:
+        raise ValueError(f"unknown evaluator role {role!r}")
+    return loss
+
+
+class PooledText:
+    """Texts -> mean-pooled MiniLM states [N, 384], cached per string (384 floats, not the token states).
+
+    For worlds whose prompts do not name the case (DreamBooth "[V]"), the case's attribute caption is appended:
+    "[V]" stands for that identity, so the text side reads it as the identity's description.
+    """
+
+    def __init__(self, world, captions_from_attrs: bool, max_length: int = 64):
+        self.world, self.from_attrs, self.max_length = world, captions_from_attrs, max_length
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def texts(self, prompts: Sequence[str], case_ids: Sequence[int]) -> list[str]:
+        if not self.from_attrs:
+            return list(prompts)
+        return [f"{p}; {attribute_caption(self.world.cases[int(i)])}" for p, i in zip(prompts, case_ids)]
+
+    def __call__(self, prompts: Sequence[str], case_ids: Sequence[int]) -> torch.Tensor:
+        from lofa.models.text import TextEncoder
+
+        texts = self.texts(prompts, case_ids)
+        missing = sorted(set(texts) - set(self._cache))
+        if missing:
+            # A throwaway encoder: its own per-token cache would hold [L, 384] per string for the whole run.
+            pooled = mean_pool(*TextEncoder(max_length=self.max_length).encode(missing))
+            self._cache.update(zip(missing, pooled))
+        return torch.stack([self._cache[t] for t in texts])
+
+
+def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path | None = None,
+                     device: str | torch.device = "cpu", seed: int = 0) -> "Evaluators":
+    """Train (or load from `out_dir`) every evaluator of `world.task` on ground-truth renders.
+
+    Resumable: each role's weights are written atomically as `<role>.safetensors` when it finishes and are
+    reused when their fingerprint (world cases, config, seed) matches; `evaluators.json` is written last.
+    With out_dir=None nothing is saved. Training runs on CPU batches of world renders moved to `device`.
+    """
+    cfg = cfg or EvalConfig()
+    if world.task not in ROLES:
+        raise LofaError(f"no evaluators for task {world.task!r}; expected one of {sorted(ROLES)}")
+    out = Path(out_dir) if out_dir is not None else None
+    fp = _fingerprint(world, cfg, seed)
+    meta = read_json(out / META_FILE) if out is not None else None
+    if meta is not None and meta.get("fingerprint") == fp:
+        return Evaluators.load(out, world, device)
+
+    vocab = attribute_vocab(world)
+    labels = case_labels(world, vocab)
+    head_sizes = {k: int(v.max()) + 1 for k, v in labels.items()}
+    head_sizes["case"] = len(world.cases)
+    head_sizes["coarse"] = len(world.coarse_names)
+    from_attrs = not prompts_identify_cases(world)
+    lo, _ = cfg.seed_range(seed)
+    device = torch.device(device)
+
+    nets, seconds, curves = {}, {}, {}
+    for r, role in enumerate(ROLES[world.task]):
+        torch.manual_seed(seed * 1000 + r)  # parameter init
+        net = _build(role, world, cfg, head_sizes)
+        path = out / f"{role}.safetensors" if out is not None else None
+        if path is not None and path.exists() and _load_weights(net, path) == fp:
+            nets[role] = net.to(device).eval()
+            continue
+        steps = {"referee": cfg.steps_referee, "clip": cfg.steps_clip, "style": cfg.steps_embed,
+                 "face": cfg.steps_embed, "generic": cfg.steps_generic}[role]
+        net = net.to(device)
+        loss_fn = _role_loss(role, net, world, cfg, labels, PooledText(world, from_attrs),
+                             lo + r * _ROLE_SEED_STRIDE, device)
+        t0 = time.perf_counter()
+        curves[role] = fit(net, loss_fn, steps, cfg, seed * 1000 + r, f"{world.task} {role}")
+        seconds[role] = time.perf_counter() - t0
+        if path is not None:
+            save_safetensors(net.state_dict(), path, metadata={"fingerprint": fp})
+        nets[role] = net.eval()
+
+    meta = {"fingerprint": fp, "task": world.task, "modality": world.modality, "config": as_dict(cfg),
+            "seed": seed, "vocab": vocab, "head_sizes": head_sizes, "captions_from_attrs": from_attrs,
+            "train_seconds": seconds, "final_loss": {k: float(np.mean(v[-20:])) for k, v in curves.items()}}
+    if world.modality == "video":
+        meta["motion_threshold"] = _calibrate_motion(world, cfg, lo + _CALIBRATION_ROLE * _ROLE_SEED_STRIDE)
+    if out is not None:
+        write_json(out / META_FILE, meta)
+    return Evaluators(world, cfg, nets, meta, device, curves)
+
+
+def _load_weights(net: torch.nn.Module, path: Path) -> str | None:
+    """Load `path` into `net`; returns the fingerprint stored with it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        fp = (f.metadata() or {}).get("fingerprint")
+    net.load_state_dict(load_file(str(path)))
+    return fp
+
+
+def _calibrate_motion(world, cfg: EvalConfig, seed: int) -> float:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, len(world.cases), (cfg.calib_samples,), generator=g).tolist()
+    motion = torch.cat([scores.motion_magnitude(world.render(ids[i:i + 64], seed=seed + i), cfg.motion_pool,
+                                                cfg.motion_top) for i in range(0, len(ids), 64)])
+    return scores.calibrate_motion_threshold(motion, cfg.dd_quantile)
+
+
+# ----------------------------------------------------------------------------- the bundle
+
+
+class Evaluators:
+    """Every evaluator of one world, and the metrics computed with them.
+
+    Per-sample metrics: `score(...)`; set-level: `frechet(...)`, `face_diversity(...)`; the paper's table
+    columns: `paper_metrics(...)`. Samples are tensors in the world's layout ([N, 3, T, H, W] or [N, 3, H, W]).
+    """
+
+    def __init__(self, world, cfg: EvalConfig, nets: dict[str, torch.nn.Module], meta: dict,
+                 device: str | torch.device = "cpu", curves: dict[str, list[float]] | None = None):
+        self.world, self.cfg, self.nets, self.meta = world, cfg, nets, meta
+        self.device = torch.device(device)
+        self.curves = curves or {}
+        self.task, self.modality = meta["task"], meta["modality"]
+        self._text = None
+        self._labels = case_labels(world, meta["vocab"])
+
+    @classmethod
+    def load(cls, out_dir: str | Path, world, device: str | torch.device = "cpu") -> "Evaluators":
+        out = Path(out_dir)
+        meta = read_json(out / META_FILE)
+        if meta is None:
+            raise LofaError(f"no {META_FILE} in {out}; run train_evaluators(world, cfg, out_dir) first")
+        if meta["task"] != world.task or len(world.cases) != meta["head_sizes"]["case"]:
+            raise LofaError(f"evaluators in {out} were trained for task {meta['task']!r} with "
+                            f"{meta['head_sizes']['case']} cases, not this {world.task!r} world; retrain them")
+        cfg = EvalConfig(**meta["config"])
+        nets = {}
+        for role in ROLES[meta["task"]]:
+            net = _build(role, world, cfg, meta["head_sizes"])
+            if _load_weights(net, out / f"{role}.safetensors") != meta["fingerprint"]:
+                raise LofaError(f"{out / (role + '.safetensors')} does not belong to {out / META_FILE}; "
+                                f"delete the folder and retrain")
+            nets[role] = net.to(device).eval()
+        return cls(world, cfg, nets, meta, device)
+
+    # -- feature extractors (batched, no grad) --------------------------------------------------
+
+    @torch.no_grad()
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 256):
+        outs = [fn(x[i:i + chunk].to(self.device).float()) for i in range(0, len(x), chunk)]
+        if isinstance(outs[0], dict):
+            return {k: torch.cat([o[k] for o in outs]).cpu() for k in outs[0]}
+        return torch.cat(outs).cpu()
+
+    def _check(self, samples: torch.Tensor) -> None:
+        want = 5 if self.modality == "video" else 4
+        if samples.ndim != want or samples.shape[1] != 3:
+            layout = "[N, 3, T, H, W]" if want == 5 else "[N, 3, H, W]"
+            raise LofaError(f"{self.task} samples must be {layout} in [-1, 1], got shape {tuple(samples.shape)}")
+
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        """Referee features [N, dim] (the FVD / FID feature space)."""
+        self._check(samples)
+        return self._map(lambda x: self.nets["referee"](x)[0], samples)
+
+    def logits(self, samples: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Referee logits {"case": [N, n_cases], "coarse": [N, n_coarse], "attr:<component>": ...}."""
+        self._check(samples)
+        return self._map(lambda x: self.nets["referee"](x)[1], samples)
+
+    def render_embedding(self, samples: torch.Tensor) -> torch.Tensor:
+        """CLIP-style render embedding [N, dim], unit norm."""
+        return self._map(self.nets["clip"].encode_render, samples)
+
+    def text_embedding(self, prompts: Sequence[str], case_ids: Sequence[int]) -> torch.Tensor:
+        """CLIP-style text embedding [N, dim], unit norm, of each prompt meant for case_ids[i] (the case only
+        matters for "[V]" worlds, where it supplies the identity's description)."""
+        self._text = self._text or PooledText(self.world, self.meta["captions_from_attrs"])
+        return self._map(self.nets["clip"].encode_text, self._text(prompts, case_ids))
+
+    def _image_embedding(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        """Image-network embedding; videos are embedded per frame and averaged (unit-norm frame vectors)."""
+        net = self.nets[role]
+        if x.ndim == 5:
+            n, c, t, h, w = x.shape
+            frames = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
+            e = F.normalize(self._map(net, frames), dim=-1).view(n, t, -1)
+            return F.normalize(e.mean(1), dim=-1)
+        return F.normalize(self._map(net, x), dim=-1)
+
+    def style_descriptor(self, x: torch.Tensor) -> torch.Tensor:
+        """CSD-style descriptor [N, dim] of videos or images."""
+        return self._image_embedding("style", x)
+
+    def face_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """ArcFace-style identity embedding [N, dim] of face images."""
+        return self._image_embedding("face", x)
+
+    def generic_features(self, x: torch.Tensor) -> torch.Tensor:
+        """DINO-style self-supervised features [N, dim] of images."""
+        return self._image_embedding("generic", x)
+
+    def caption(self, case_id: int, variant: int = 0, split: str = "eval") -> str:
+        """The fine prompt CLIP-T is measured against by default: reserved "eval" phrasings (unseen by the
+        text tower), falling back to "train" where a world reserves none."""
+        if self.world.n_prompts(split) == 0:
+            split = "train"
+        return self.world.prompt(case_id, variant % self.world.n_prompts(split), split)
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def score(self, samples: torch.Tensor, case_ids: Sequence[int], prompts: Sequence[str] | None = None,
+              references: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """Per-sample metrics, each an array [N] (higher is better for all of them):
+
+        acc / coarse_acc / acc:<component>: the referee recognises the intended case / category / component;
+        clip_t: cosine(render emb, text emb of `prompts`) (needs prompts);
+        motion, dynamic, smoothness: video worlds (dynamic: 1 above the calibrated threshold);
+        with `references` (world.condition of the intended cases): csd (styles), face_sim, dino, clip_i
+        (identities).
+        """
+        self._check(samples)
+        ids = torch.as_tensor(list(case_ids))
+        if len(ids) != len(samples):
+            raise LofaError(f"got {len(samples)} samples but {len(ids)} case ids; pass one id per sample")
+        logits = self.logits(samples)
+        out = {"acc": scores.top1(logits["case"], self._labels["case"][ids]),
+               "coarse_acc": scores.top1(logits["coarse"], self._labels["coarse"][ids])}
+        for k in logits:
+            if k.startswith("attr:"):
+                out["acc:" + k[5:]] = scores.top1(logits[k], self._labels[k][ids])
+        if prompts is not None:
+            if len(prompts) != len(samples):
+                raise LofaError(f"got {len(samples)} samples but {len(prompts)} prompts")
+            out["clip_t"] = scores.cosine(self.render_embedding(samples),
+                                          self.text_embedding(prompts, ids.tolist()))
+        if self.modality == "video":
+            cfg = self.cfg
+            out["motion"] = scores.motion_magnitude(samples, cfg.motion_pool, cfg.motion_top)
+            out["dynamic"] = (out["motion"] > self.meta["motion_threshold"]).float()
+            out["smoothness"] = scores.motion_smoothness(samples)
+        if references is not None:
+            if len(references) != len(samples):
+                raise LofaError(f"got {len(samples)} samples but {len(references)} references")
+            if self.task == "styles":
+                out["csd"] = scores.cosine(self.style_descriptor(samples), self.style_descriptor(references))
+            elif self.task == "identities":
+                out["face_sim"] = scores.cosine(self.face_embedding(samples), self.face_embedding(references))
+                out["dino"] = scores.cosine(self.generic_features(samples), self.generic_features(references))
+                out["clip_i"] = scores.cosine(self.render_embedding(samples), self.render_embedding(references))
+            else:
+                raise LofaError(f"{self.task} has no reference-based metric; call score without references")
+        return {k: v.double().numpy() for k, v in out.items()}
+
+    def frechet(self, samples_a: torch.Tensor, samples_b: torch.Tensor) -> float:
+        """FVD / FID stand-in: Fréchet distance between referee features of two sample sets."""
+        return scores.frechet_distance(self.features(samples_a), self.features(samples_b))
+
+    def face_diversity(self, samples: torch.Tensor, case_ids: Sequence[int]) -> dict[int, float]:
+        """Face Div: {case: 100 x mean pairwise (1 - cosine) of generic features among its samples}."""
+        return scores.group_diversity(self.generic_features(samples), list(case_ids))
+
+    def paper_metrics(self, samples: torch.Tensor, case_ids: Sequence[int], prompts: Sequence[str] | None = None,
+                      references: torch.Tensor | None = None, real: torch.Tensor | None = None
+                      ) -> dict[str, float]:
+        """The paper's table columns for this task (plus ground-truth accuracies), as set means.
+
+        real: ground-truth renders to measure the Fréchet distance against (FVD for videos, FID for images).
+        """
+        s = self.score(samples, case_ids, prompts, references)
+        names = {"acc": "Acc (case)", "coarse_acc": "Acc (coarse)", "clip_t": "CLIP-T", "dynamic": "DD",
+                 "smoothness": "MS", "csd": "CSD", "face_sim": "Face Sim", "dino": "DINO", "clip_i": "CLIP-I"}
+        out = {names[k]: float(v.mean()) for k, v in s.items() if k in names}
+        if real is not None:
+            out["FVD" if self.modality == "video" else "FID"] = self.frechet(samples, real)
+        if self.task == "identities":
+            div = self.face_diversity(samples, case_ids)
+            out["Face Div"] = float(np.mean(list(div.values())))
+        return out
+
+
+# ----------------------------------------------------------------------------- sanity
+
+
+def _wrong_ids(world, ids: list[int], same_coarse: bool, g: np.random.Generator) -> list[int]:
+    """A different case for every id: any other case, or one of the same coarse category where there is one."""
+    by_coarse: dict[int, list[int]] = {}
+    for c in world.cases:
+        by_coarse.setdefault(c.coarse, []).append(c.id)
+    out = []
+    for i in ids:
+        pool = [j for j in by_coarse[world.cases[i].coarse] if j != i] if same_coarse else []
+        if not pool:
+            pool = [j for j in range(len(world.cases)) if j != i]
+        out.append(int(g.choice(pool)))
+    return out
+
+
+def evaluator_sanity_table(world, evaluators: Evaluators, seed: int, n: int = 128):
+    """Known answers on fresh ground truth: right-case vs wrong-case score for every evaluator.
+
+    Renders up to `n` cases (both splits) at seeds `seed`, `seed + 1`, ... (must lie outside the evaluators'
+    training seeds) and scores each render as its own case ("right") and as a wrong case: a random other
+    case, and another case of the same coarse category (the base model's typical failure). Motion rows
+    compare renders with static (first frame repeated) and frame-shuffled copies; FVD/FID compares two render
+    sets of the same cases with one where each coarse category collapsed onto one case.
+
+    Returns a pandas DataFrame: metric, wrong (kind), right, wrong_score, margin (> 0: right is better).
+    """
+    import pandas as pd
+
+    lo, hi = evaluators.cfg.seed_range(evaluators.meta["seed"])
+    if lo <= seed + 3 and seed < hi:
+        raise LofaError(f"seed {seed} overlaps the evaluators' training seeds [{lo}, {hi}); pick another")
+    rng = np.random.default_rng(seed)
+    n_cases = len(world.cases)
+    ids = sorted(rng.choice(n_cases, size=min(n, n_cases), replace=False).tolist())
+    x = world.render(ids, seed=seed)
+    has_refs = world.task in ("styles", "identities")
+
+    def per_sample(case_ids):
+        """Score the renders of `ids` as if they were meant to be `case_ids`."""
+        prompts = [evaluators.caption(i) for i in case_ids]
+        refs = world.condition(case_ids, seed=seed + 2) if has_refs else None
+        return evaluators.score(x, case_ids, prompts, refs)
+
+    right = per_sample(ids)
+    rows = []
+    for kind, same in (("random case", False), ("same-coarse case", True)):
+        wrong_ids = _wrong_ids(world, ids, same, rng)
+        shared = {"coarse_acc"} if same else set()  # what the wrong case shares with the right one by design
+        shared |= {f"acc:{k}" for k in evaluators.meta["vocab"]
+                   if all(world.cases[i].attrs[k] == world.cases[j].attrs[k] for i, j in zip(ids, wrong_ids))}
+        wrong = per_sample(wrong_ids)
+        for k in right:
+            if k in ("motion", "dynamic", "smoothness") or k in shared:
+                continue  # motion does not depend on the case
+            rows.append((k, kind, right[k].mean(), wrong[k].mean()))
+
+    if world.modality == "video":
+        static = x[:, :, :1].expand_as(x).contiguous()
+        perm = torch.randperm(x.shape[2], generator=torch.Generator().manual_seed(seed))
+        while x.shape[2] > 2 and (perm == torch.arange(len(perm))).all():
+            perm = torch.randperm(x.shape[2])
+        rows.append(("dynamic", "static clip", right["dynamic"].mean(),
+                     evaluators.score(static, ids)["dynamic"].mean()))
+        rows.append(("smoothness", "shuffled frames", right["smoothness"].mean(),
+                     evaluators.score(x[:, :, perm], ids)["smoothness"].mean()))
+
+    x2 = world.render(ids, seed=seed + 1)
+    collapsed = [min(j for j in range(n_cases) if world.cases[j].coarse == world.cases[i].coarse) for i in ids]
+    name = "fvd" if world.modality == "video" else "fid"
+    rows.append((name, "one case per coarse category", evaluators.frechet(x, x2),
+                 evaluators.frechet(x, world.render(collapsed, seed=seed + 1))))
+
+    if world.task == "identities":
+        k = min(16, len(ids))
+        rep_ids = [i for i in ids[:k] for _ in range(4)]
+        div_gt = evaluators.face_diversity(world.render(rep_ids, seed=seed + 3), rep_ids)
+        one = world.render(ids[:k], seed=seed + 3).repeat_interleave(4, 0)
+        div_one = evaluators.face_diversity(one, rep_ids)
+        rows.append(("face_div", "one sample repeated", np.mean(list(div_gt.values())),
+                     np.mean(list(div_one.values()))))
+
+    df = pd.DataFrame(rows, columns=["metric", "wrong", "right", "wrong_score"])
+    lower_better = df.metric.isin(["fvd", "fid"])
+    df["margin"] = np.where(lower_better, df.wrong_score - df.right, df.right - df.wrong_score)
+    return df

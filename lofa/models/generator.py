@@ -1,0 +1,164 @@
+"""`Generator`: one flow-matching interface over both base model families (Wan DiT video, UNet image).
+
+Everything downstream (base training, LoRA training, the hypernetwork's diffusion loss, evaluation) calls
+`gen(x_t, t, context, context_mask) -> velocity` and never touches the diffusers model's own conventions.
+LoRA goes on `.net` (peft / diffusers `add_adapter`), whose module names are the base model's names.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lofa.config import preset
+from lofa.errors import LofaError
+from lofa.models.image_unet import ImageUNetConfig, make_image_unet
+from lofa.models.video_dit import VideoDiTConfig, config_from_wan, make_video_dit, use_fast_rope
+
+CONFIG_FILE = "lofa_generator.json"
+TIMESTEP_SCALE = 1000.0  # both families were built for timesteps in [0, 1000] (Wan: sigma * 1000)
+
+# The paper's LoRA targets: q, k, v, o of self- (attn1) and cross-attention (attn2) in every block.
+_ATTN_TARGET = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_FFN_TARGET = {"video_dit": re.compile(r"(^|\.)ffn\.net\.(0\.proj|2)$"),
+               "image_unet": re.compile(r"(^|\.)ff\.net\.(0\.proj|2)$")}
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+class Generator(nn.Module):
+    """A velocity predictor v(x_t, t, context) around a diffusers model `.net`.
+
+    kind: "video_dit" (x [N, C, T, H, W], WanTransformer3DModel) or "image_unet" (x [N, C, H, W],
+    UNet2DConditionModel). config: the VideoDiTConfig / ImageUNetConfig it was built from.
+    """
+
+    def __init__(self, net: nn.Module, kind: str, config: VideoDiTConfig | ImageUNetConfig):
+        super().__init__()
+        if kind not in ("video_dit", "image_unet"):
+            raise LofaError(f"unknown generator kind {kind!r}; use 'video_dit' or 'image_unet'")
+        if kind == "video_dit":
+            use_fast_rope(net)
+        self.net = net
+        self.kind = kind
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: VideoDiTConfig | ImageUNetConfig) -> "Generator":
+        if isinstance(config, VideoDiTConfig):
+            return cls(make_video_dit(config), "video_dit", config)
+        if isinstance(config, ImageUNetConfig):
+            return cls(make_image_unet(config), "image_unet", config)
+        raise LofaError(f"no generator for config type {type(config).__name__}; pass a VideoDiTConfig or ImageUNetConfig")
+
+    @classmethod
+    def build(cls, kind: str, scale: str = "mini", overrides: dict | None = None) -> "Generator":
+        """A fresh generator of `kind` ("video_dit" | "image_unet") at a scale preset."""
+        config_cls = {"video_dit": VideoDiTConfig, "image_unet": ImageUNetConfig}.get(kind)
+        if config_cls is None:
+            raise LofaError(f"unknown generator kind {kind!r}; use 'video_dit' or 'image_unet'")
+        return cls.from_config(preset(config_cls, scale, overrides))
+
+    @property
+    def context_dim(self) -> int:
+        return self.config.text_dim if self.kind == "video_dit" else self.config.cross_attention_dim
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity v ≈ noise - x0 at flow time t.
+
+        x_t: [N, C, T, H, W] (video_dit) or [N, C, H, W] (image_unet); t: [N] or scalar in [0, 1], 1 = pure noise;
+        context: [N, L, D] token states; context_mask: [N, L] bool, True = real token. Returns a tensor like x_t.
+        """
+        n = x_t.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        timestep = (t.expand(n) if t.ndim == 0 else t) * TIMESTEP_SCALE
+        if self.kind == "video_dit":
+            # WanTransformer3DModel's cross-attention takes no text mask; like the Wan pipeline (umT5 states cut
+            # at the prompt length and zero-padded to 512), padded positions are zeroed so only real tokens carry
+            # content. Zero tokens still receive attention (through the text projection's bias), as in Wan.
+            if context_mask is not None:
+                context = context * context_mask.unsqueeze(-1).to(context.dtype)
+            return self.net(x_t, timestep, context, return_dict=False)[0]
+        return self.net(x_t, timestep, context, encoder_attention_mask=context_mask, return_dict=False)[0]
+
+    def lora_target_modules(self, include_ffn: bool = False) -> list[str]:
+        """Full module names (in `.net`) of the paper's LoRA targets, in network order.
+
+        Wan: blocks.{i}.attn1/attn2.to_q/to_k/to_v/to_out.0; UNet: the same four in attn1/attn2 of every
+        transformer block. include_ffn adds the feed-forward linears (ffn.net.0.proj / ffn.net.2, UNet: ff.net...).
+        """
+        ffn = _FFN_TARGET[self.kind]
+        return [name for name, _ in self.net.named_modules()
+                if _ATTN_TARGET.search(name) or (include_ffn and ffn.search(name))]
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """A diffusers model folder (config.json + safetensors) plus lofa_generator.json, written atomically."""
+        payload = {"kind": self.kind, "config": dataclasses.asdict(self.config)}
+        with atomic_dir(directory) as tmp:
+            self.net.save_pretrained(tmp, safe_serialization=True)
+            (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "Generator":
+        """Inverse of `save`. A plain diffusers Wan transformer folder (no lofa json) is accepted too."""
+        directory = Path(directory)
+        meta_path = directory / CONFIG_FILE
+        if not meta_path.exists():
+            return cls.from_pretrained_wan(directory).to(device)
+        meta = json.loads(meta_path.read_text())
+        if meta["kind"] == "video_dit":
+            from diffusers import WanTransformer3DModel as net_cls
+            config = VideoDiTConfig(**meta["config"])
+        else:
+            from diffusers import UNet2DConditionModel as net_cls
+            config = ImageUNetConfig(**meta["config"])
+        net = net_cls.from_pretrained(directory, local_files_only=True)
+        return cls(net, meta["kind"], config).to(device)
+
+    @classmethod
+    def from_pretrained_wan(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> "Generator":
+        """Wrap a local diffusers Wan transformer (a pipeline folder with transformer/, or that folder itself).
+
+        Nothing is downloaded. The context must then be the model's own text states (umT5: text_dim 4096).
+        """
+        from diffusers import WanTransformer3DModel
+
+        folder = Path(folder)
+        if (folder / "transformer" / "config.json").exists():
+            folder = folder / "transformer"
+        config_path = folder / "config.json"
+        if not config_path.exists():
+            raise LofaError(f"{folder} has no config.json; point at a diffusers Wan pipeline or transformer folder")
+        net_config = json.loads(config_path.read_text())
+        if net_config.get("_class_name") != "WanTransformer3DModel":
+            raise LofaError(f"{config_path} describes {net_config.get('_class_name')!r}, not a WanTransformer3DModel")
+        net = WanTransformer3DModel.from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype)
+        return cls(net, "video_dit", config_from_wan(dict(net.config)))

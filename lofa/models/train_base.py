@@ -1,0 +1,155 @@
+"""Base-generator training: all training-split renders, COARSE captions only (world.sample(level="coarse")).
+
+The base sees every training case, but only under its category-level caption (world.coarse_prompt), so the
+fine-grained cases are not in its prior — as Wan cannot produce a particular kung-fu kick; the LoRAs add them.
+Each step renders fresh appearance seeds on the fly. Every `checkpoint_every` steps the whole training state is
+written atomically, so an interrupted run continues where it stopped and ends bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lofa.config import as_dict
+from lofa.diffusion import condition_dropout, flow_matching_loss
+from lofa.errors import LofaError
+from lofa.io import read_json, save_torch, write_json
+from lofa.models.generator import Generator
+from lofa.models.text import TextEncoder
+
+KIND_BY_MODALITY = {"video": "video_dit", "image": "image_unet"}
+
+
+@dataclass
+class BaseTrainConfig:
+    model_scale: str = "mini"                 # preset of VideoDiTConfig / ImageUNetConfig
+    model_overrides: dict = field(default_factory=dict)
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 100                   # linear warm-up, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    cond_dropout: float = 0.1                 # empty-prompt rate, trains the unconditional branch for CFG
+    t_sampling: str = "logit_normal"
+    ema_decay: float = 0.0                    # 0 = no EMA; else the saved generator holds the EMA weights
+    text_length: int = 32
+    checkpoint_every: int = 200
+
+    PRESETS = {
+        "smoke": {"model_scale": "smoke", "steps": 20, "batch_size": 4, "warmup_steps": 5, "checkpoint_every": 10},
+        "mini": {},
+        "full": {"model_scale": "full", "steps": 20000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 500,
+                 "ema_decay": 0.999, "checkpoint_every": 1000},
+    }
+
+
+def _lr_factor(step: int, cfg: BaseTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _config_record(cfg: BaseTrainConfig) -> dict:
+    """The config as summary.json stores it (JSON turns tuples into lists), for completeness checks."""
+    return json.loads(json.dumps(as_dict(cfg)))
+
+
+def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device = "cpu", seed: int = 0,
+               progress: bool = True) -> Generator:
+    """Train (or resume, or just load) the base generator of `world`; returns it in eval mode on `device`.
+
+    out_dir/generator/ — the trained Generator (diffusers folder); out_dir/loss.json — per-step loss and lr;
+    out_dir/summary.json — config, wall time, steps/s (written last: its presence means the run is complete);
+    out_dir/checkpoint.pt — resumable training state (removed once complete).
+    """
+    out_dir = Path(out_dir)
+    device = torch.device(device)
+    summary = read_json(out_dir / "summary.json")
+    if summary is not None and summary["config"] == _config_record(cfg) and summary["seed"] == seed:
+        return Generator.load(out_dir / "generator", device=device).eval()
+
+    kind = KIND_BY_MODALITY.get(world.modality)
+    if kind is None:
+        raise LofaError(f"world modality {world.modality!r} has no base generator; expected 'video' or 'image'")
+    train_ids = torch.tensor(world.ids("train"))
+    text = TextEncoder(device=device, max_length=cfg.text_length)  # caches each distinct caption once
+    uncond, uncond_mask = text.encode([""])
+
+    torch.manual_seed(seed)
+    gen = Generator.build(kind, cfg.model_scale, cfg.model_overrides).to(device).train()
+    ema = copy.deepcopy(gen).requires_grad_(False) if cfg.ema_decay > 0 else None
+    opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    log = {"step": [], "loss": [], "lr": []}
+    start, wall = 0, 0.0
+
+    ckpt_path = out_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state["config"] != as_dict(cfg) or state["seed"] != seed:
+            raise LofaError(f"{ckpt_path} was written with another config or seed; delete it to start over")
+        gen.load_state_dict(state["gen"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        log, start, wall = state["log"], state["step"], state["wall"]
+
+    def checkpoint(step: int) -> None:
+        save_torch({"gen": gen.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "log": log, "step": step,
+                    "wall": wall, "config": as_dict(cfg), "seed": seed}, ckpt_path)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"base {world.task}",
+               disable=not progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        # every draw is a function of (seed, step), so a resumed run replays exactly
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        pick = torch.randint(len(train_ids), (cfg.batch_size,), generator=g)
+        # renders with coarse captions (world.coarse_prompt, plus the per-sample content words where the world
+        # has them), fresh appearance every step
+        x0, prompts = world.sample(train_ids[pick].tolist(), seed=seed * 1_000_003 + step, level="coarse")
+        x0 = x0.to(device)
+        context, mask = text.encode(prompts)
+        context, mask = condition_dropout(context, mask, uncond, uncond_mask, cfg.cond_dropout, generator=g)
+        with autocast:
+            loss = flow_matching_loss(gen, x0, context, mask, generator=g, t_sampling=cfg.t_sampling)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(gen.parameters()), 1 - cfg.ema_decay)
+        wall += time.perf_counter() - t0
+        log["step"].append(step)
+        log["loss"].append(loss.item())
+        log["lr"].append(sched.get_last_lr()[0])
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            checkpoint(step + 1)
+
+    final = (ema if ema is not None else gen).eval()
+    final.save(out_dir / "generator")
+    write_json(out_dir / "loss.json", log)
+    write_json(out_dir / "summary.json", {
+        "config": as_dict(cfg), "seed": seed, "task": world.task, "kind": kind, "device": str(device),
+        "parameters": sum(p.numel() for p in gen.parameters()), "train_cases": len(train_ids),
+        "wall_s": wall, "steps_per_s": cfg.steps / wall if wall else None,
+        "final_loss": sum(log["loss"][-50:]) / max(1, len(log["loss"][-50:]))})
+    ckpt_path.unlink(missing_ok=True)
+    return final

@@ -1,0 +1,391 @@
+"""The hypernetwork's model, tokenizer, losses, predictor and benchmark, at tiny CPU sizes."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from lofa.errors import LofaError
+from lofa.hypernet import BaseWeights, HyperConfig, LoFA, Stage1, Stage2, TargetSpec, merge_lora_, save_pretrained
+from lofa.hypernet.losses import (balanced_bce, delta_l1, factor_l1, map_metrics, response_map_target,
+                                  stage2_loss)
+from lofa.hypernet.model import trim_condition
+
+TINY = dict(d_model=32, n_heads=2, depth=2, patch=8, rank=4, alpha=8.0, cond_dim=12, cond_len=10, map_rank=4)
+
+# UNet-like names: attention at two widths, cross-attention k/v from a 12-wide text, one non-square FFN.
+MIXED_SHAPES = {
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (16, 16),
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (16, 12),
+    "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2": (16, 40),
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (24, 24),
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (24, 12),
+    "mid_block.attentions.0.transformer_blocks.0.attn1.to_q": (24, 24),
+}
+
+
+def tiny_cfg(**kw):
+    return HyperConfig(**{**TINY, **kw})
+
+
+def mixed_base(seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    spec = TargetSpec.from_shapes(MIXED_SHAPES)
+    weights = {n: torch.randn(s, generator=g) * 0.05 * scale for n, s in MIXED_SHAPES.items()}
+    return spec, weights, BaseWeights(spec, weights)
+
+
+def condition(n=2, k=6, valid=(4, 6), seed=1, dim=12):
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(n, k, dim, generator=g)
+    mask = torch.zeros(n, k, dtype=torch.bool)
+    for i, v in enumerate(valid):
+        mask[i, :v] = True
+    return cond, mask
+
+
+def random_stage2(cfg, spec, seed=0):
+    torch.manual_seed(seed)
+    s1 = Stage1(cfg, spec)
+    s2 = Stage2.from_stage1(s1)
+    with torch.no_grad():  # B and the feature cross-attention outputs start at zero; make the outputs non-trivial
+        for p in s2.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return s1.eval(), s2.eval()
+
+
+# --- target spec and tokenizer -----------------------------------------------------------------------------------
+
+def test_target_spec_parses_depth_and_type_for_unet_names():
+    spec = TargetSpec.from_shapes(MIXED_SHAPES)
+    assert spec.block_names == ["down_blocks.0.attentions.0.transformer_blocks.0",
+                                "down_blocks.1.attentions.0.transformer_blocks.0",
+                                "mid_block.attentions.0.transformer_blocks.0"]
+    assert spec.type_names == ["attn1.to_q", "attn2.to_k", "ff.net.2"]
+    assert [t.depth for t in spec.targets] == [0, 0, 0, 1, 1, 2]
+    assert [t.type for t in spec.targets] == [0, 1, 2, 0, 1, 0]
+    assert TargetSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(LofaError, match="block pattern"):
+        TargetSpec.from_shapes({"proj_out": (4, 4)})
+
+
+def test_target_spec_from_wan_module():
+    from lofa.models.video_dit import VideoDiTConfig, make_video_dit
+
+    net = make_video_dit(VideoDiTConfig(num_layers=2, num_heads=2, head_dim=8, ffn_dim=32, text_dim=12))
+    spec = TargetSpec.from_module(net)
+    assert len(spec) == 16 and len(spec.block_names) == 2
+    assert spec.type_names == ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                               "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+    ffn = TargetSpec.from_module(net, include=[r"ffn\.net\.(0\.proj|2)$"])
+    assert {t.shape for t in ffn.targets} == {(32, 16), (16, 32)}
+
+
+def test_tokenizer_patches_masks_and_rms_invariance():
+    spec, weights, base = mixed_base()
+    cfg = tiny_cfg()
+    s1 = Stage1(cfg, spec)
+    tok = s1.backbone.tokenizer
+    # 40 columns / patch 8 -> 5 patch columns, 24 rows -> 3; the target with most patches (2 x 5) sets S.
+    assert (tok.grid_rows, tok.grid_cols) == (3, 5) and tok.seq_len == 1 + 10
+    targets = torch.arange(len(spec))
+    mask = tok.token_mask(targets)
+    n_patches = [-(-o // 8) * -(-i // 8) for o, i in MIXED_SHAPES.values()]
+    assert n_patches == [4, 4, 10, 9, 6, 9] and mask.shape == (6, 11)
+    assert mask.sum(1).tolist() == [1 + n for n in n_patches]
+    # Patches are the RMS-normalised, zero-padded matrix, row-major over the patch grid.
+    w = weights[spec.names[2]]  # 16 x 40
+    p = tok.patches(w[None], base.rms[2:3])[0]
+    rebuilt = p.view(2, 5, 8, 8).transpose(1, 2).reshape(16, 40)
+    torch.testing.assert_close(rebuilt, w / w.square().mean().sqrt())
+    # Tokens are zero at padded positions and invariant to the scale of W.
+    x = tok(base, targets)
+    assert (x[~mask] == 0).all()
+    _, _, base10 = mixed_base(scale=10.0)
+    torch.testing.assert_close(tok(base10, targets), x, rtol=1e-5, atol=1e-6)
+
+
+def test_base_weights_checks_names_and_shapes():
+    spec, weights, _ = mixed_base()
+    with pytest.raises(LofaError, match="lack"):
+        BaseWeights(spec, {k: v for k, v in list(weights.items())[1:]})
+    bad = dict(weights)
+    bad[spec.names[0]] = torch.zeros(3, 3)
+    with pytest.raises(LofaError, match="shape"):
+        BaseWeights(spec, bad)
+
+
+# --- the condition ------------------------------------------------------------------------------------------------
+
+def test_condition_kv_computed_once_per_condition_and_block():
+    spec, _, base = mixed_base()
+    s1 = Stage1(tiny_cfg(), spec)
+    cond, mask = condition()
+    calls = []
+    for blk in s1.backbone.blocks:
+        blk.cross.kv.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    s1(base, torch.arange(len(spec)), cond, mask)
+    # One call per block, on [N, K', d]: the K / V of the condition are shared by all 6 matrices' tokens.
+    assert calls == [(2, 6, 32)] * 2
+
+
+def test_trimming_and_masks_are_exact_and_samples_independent():
+    spec, _, base = mixed_base()
+    s1 = Stage1(tiny_cfg(), spec).eval()
+    targets = torch.arange(len(spec))
+    cond, mask = condition(n=2, k=6, valid=(3, 5))
+    both = s1(base, targets, cond, mask)
+    for i, v in enumerate((3, 5)):
+        alone = s1(base, targets, cond[i:i + 1, :v])  # no padding, no mask at all
+        torch.testing.assert_close(both.features[i], alone.features[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(both.logits[i], alone.logits[0], rtol=1e-4, atol=1e-4)
+    c, m = trim_condition(cond, mask)
+    assert c.shape[1] == 5 and m is not None
+    c, m = trim_condition(cond[:1], mask[:1])
+    assert c.shape[1] == 3 and m is None
+    with pytest.raises(LofaError, match="no valid token"):
+        trim_condition(cond, torch.zeros(2, 6, dtype=torch.bool))
+
+
+# --- Stage I ------------------------------------------------------------------------------------------------------
+
+def test_stage1_logits_can_fit_no_response():
+    """The authors' softplus head kept p >= 0.45; an unconstrained head must reach p ~ 0 where nothing responds."""
+    spec, _, base = mixed_base()
+    torch.manual_seed(0)
+    s1 = Stage1(tiny_cfg(), spec)
+    cond, mask = condition()
+    targets = torch.tensor([0, 3])
+    opt = torch.optim.Adam(s1.parameters(), lr=3e-2)
+    for _ in range(15):
+        logits = s1(base, targets, cond, mask).logits
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    logits = s1(base, targets, cond, mask).logits
+    assert torch.sigmoid(logits[..., :16, :16]).max() < 0.1
+
+
+def test_response_map_target_and_metrics():
+    w = torch.tensor([[1.0, 0.01], [0.5, -2.0]])
+    dw = torch.tensor([[0.03, 0.001], [0.001, 0.05]])
+    assert response_map_target(dw, w, tau=0.02).tolist() == [[True, True], [False, True]]
+    pred = torch.tensor([True, True, False, False])
+    true = torch.tensor([True, False, True, False])
+    m = map_metrics(pred, true)
+    assert m == pytest.approx({"density": 0.5, "pred_density": 0.5, "precision": 0.5, "recall": 0.5,
+                               "iou": 1 / 3, "cosine": 0.5})
+
+
+def test_balanced_bce_weighs_classes_equally():
+    logits = torch.tensor([2.0, -1.0, -1.0, -1.0])
+    target = torch.tensor([True, False, False, False])
+    valid = torch.ones(4, dtype=torch.bool)
+    f = torch.nn.functional.binary_cross_entropy_with_logits
+    pos = f(torch.tensor(2.0), torch.tensor(1.0))
+    neg = f(torch.tensor(-1.0), torch.tensor(0.0))
+    torch.testing.assert_close(balanced_bce(logits, target, valid), (pos + neg) / 2)
+    torch.testing.assert_close(balanced_bce(logits, target, valid, "none"), (pos + 3 * neg) / 4)
+    # invalid entries are ignored
+    torch.testing.assert_close(balanced_bce(torch.cat([logits, torch.tensor([50.0])]),
+                                            torch.cat([target, torch.tensor([False])]),
+                                            torch.cat([valid, torch.tensor([False])])), (pos + neg) / 2)
+
+
+# --- Stage II -----------------------------------------------------------------------------------------------------
+
+def test_stage2_from_stage1_starts_as_stage1():
+    spec, _, base = mixed_base()
+    torch.manual_seed(0)
+    s1 = Stage1(tiny_cfg(), spec).eval()
+    s2 = Stage2.from_stage1(s1).eval()
+    for k, v in s1.backbone.state_dict().items():
+        assert torch.equal(v, s2.backbone.state_dict()[k])
+    assert set(s2.backbone.feature_cross) == {"0", "1"}  # depth 2: after the middle and the last block
+    cond, mask = condition()
+    targets = torch.arange(len(spec))
+    f1 = s1(base, targets, cond, mask, decode_map=False).features
+    f2 = s2.backbone(s2.backbone.prefix(base, targets)[None], targets, cond, mask[:, :6], f1)
+    torch.testing.assert_close(f2, f1)  # the zero-initialised feature cross-attention is the identity
+    out = s2(base, targets, cond, mask, f1)
+    assert not out.B.any()  # B = 0: ΔW = 0 at initialisation, as a LoRA
+
+
+def test_stage2_single_stage_runs_without_prior():
+    spec, _, base = mixed_base()
+    cond, mask = condition()
+    targets = torch.arange(len(spec))
+    for cross_after in (None, []):
+        s2 = Stage2(tiny_cfg(stage2_cross_after=cross_after), spec)
+        lora = s2.lora(s2(base, targets, cond, mask, None), targets)
+        assert [tuple(a.shape) for a, _, _ in lora.values()] == [(2, 4, s[1]) for s in MIXED_SHAPES.values()]
+        assert [tuple(b.shape) for _, b, _ in lora.values()] == [(2, s[0], 4) for s in MIXED_SHAPES.values()]
+
+
+def test_predicted_delta_scales_with_the_base_weights():
+    """Tokens see W / rms(W); B carries rms(W) back, so scaling W scales the predicted ΔW by the same factor."""
+    spec, _, base = mixed_base()
+    _, _, base3 = mixed_base(scale=3.0)
+    s1, s2 = random_stage2(tiny_cfg(), spec)
+    cond, mask = condition()
+    targets = torch.arange(len(spec))
+
+    def delta_of(b):
+        f = s1(b, targets, cond, mask, decode_map=False).features
+        out = s2(b, targets, cond, mask, f)
+        return out.B @ out.A
+
+    torch.testing.assert_close(delta_of(base3), 3 * delta_of(base), rtol=1e-4, atol=1e-7)
+
+
+def test_stage2_losses_and_diffusion_hook():
+    spec, weights, base = mixed_base()
+    _, s2 = random_stage2(tiny_cfg(), spec)
+    s2.train()
+    cond, mask = condition()
+    targets = torch.arange(len(spec))
+    pred = s2.lora(s2(base, targets, cond, mask), targets)
+    g = torch.Generator().manual_seed(3)
+    true = {k: (torch.randn(2, 2, A.shape[-1], generator=g), torch.randn(2, B.shape[1], 2, generator=g), 1.0)
+            for k, (A, B, _) in pred.items()}
+    w_rms = {n: base.rms[i] for i, n in enumerate(spec.names)}
+    seen = {}
+
+    def diffusion_loss_fn(lora, batch):
+        # stands in for the frozen generator: functional_call of a module holding the targets with W + ΔW
+        seen.update(lora)
+        lin = torch.nn.Linear(16, 16, bias=False)
+        name = spec.names[0]
+        A, B, alpha = lora[name]
+        w = weights[name] + alpha / A.shape[-2] * (B[0] @ A[0])
+        x = torch.ones(3, 16)
+        return torch.func.functional_call(lin, {"weight": w}, (x,)).square().mean() * batch
+
+    loss, metrics = stage2_loss(pred, true, w_rms, lambda_recon=2.0, lambda_diff=10.0,
+                                diffusion_loss_fn=diffusion_loss_fn, batch=1.0)
+    assert set(seen) == set(pred) and all(seen[k][0] is pred[k][0] for k in pred)
+    assert loss.item() == pytest.approx(2.0 * metrics["recon"] + 10.0 * metrics["diffusion"], rel=1e-5)
+    loss.backward()
+    assert s2.lora_head.b.weight.grad.abs().sum() > 0
+    assert s2.backbone.blocks[0].mlp1.fc1.weight.grad.abs().sum() > 0
+    with pytest.raises(LofaError, match="diffusion_loss_fn"):
+        stage2_loss(pred, true, w_rms, lambda_diff=1.0)
+
+
+def test_delta_l1_checkpointed_matches_plain_and_factor_l1():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 3, 5, generator=g, requires_grad=True)
+    B = torch.randn(2, 4, 3, generator=g, requires_grad=True)
+    At, Bt = torch.randn(2, 3, 5, generator=g), torch.randn(2, 4, 3, generator=g)
+    loss = delta_l1((A, B, 6.0), (At, Bt, torch.tensor([3.0, 3.0])), torch.tensor(2.0))
+    loss.backward()
+    ga, gb = A.grad.clone(), B.grad.clone()
+    A2, B2 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+    ref = (2.0 * B2 @ A2 - 1.0 * Bt @ At).abs().mean() / 2.0
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(ga, A2.grad)
+    torch.testing.assert_close(gb, B2.grad)
+    assert factor_l1((At, Bt, 3.0), (At, Bt, 3.0)) == 0
+    with pytest.raises(LofaError, match="equal ranks"):
+        factor_l1((A, B, 1.0), (At[:, :2], Bt[:, :, :2], 1.0))
+
+
+# --- predictor ----------------------------------------------------------------------------------------------------
+
+def test_predictor_round_trip_merge_and_lora_file(tmp_path):
+    from lofa.lora.formats import load_lora
+
+    spec, weights, base = mixed_base()
+    s1, s2 = random_stage2(tiny_cfg(), spec)
+    save_pretrained(tmp_path / "ckpt", s2, s1, condition_encoder={"kind": "text", "max_length": 8})
+    lofa = LoFA.from_pretrained(tmp_path / "ckpt", base_weights=weights)
+    cond, mask = condition(n=1, valid=(4,))
+    lora = lofa.predict(cond[0], mask[0])
+    assert list(lora) == spec.names
+    targets = torch.arange(len(spec))
+    f = s1(base, targets, cond, mask, decode_map=False).features
+    ref = s2.lora(s2(base, targets, cond, mask, f), targets)
+    for name, factor in lora.items():
+        A, B, alpha = ref[name]
+        torch.testing.assert_close(factor.A, A[0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(factor.B, B[0], rtol=1e-4, atol=1e-7)
+        assert factor.alpha == 8.0 and factor.shape == spec.targets[spec.index[name]].shape
+    assert {"stage1_ms", "stage2_ms", "prefix_ms"} <= set(lofa.timings)
+    # merge: per-name and the fused per-shape-group merge agree with W + (alpha / r) B A
+    merged = {k: v.clone() for k, v in weights.items()}
+    merge_lora_(merged, lora)
+    lofa.merge_(lofa.predict_factors(cond, mask))
+    for i, name in enumerate(spec.names):
+        expect = weights[name] + lora[name].delta_w
+        torch.testing.assert_close(merged[name], expect, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(lofa.base[i], expect, rtol=1e-5, atol=1e-7)
+    # the written LoRA reads back as the same ΔW
+    from lofa.lora.formats import save_lora
+
+    save_lora(tmp_path / "pred.safetensors", lora)
+    back, _ = load_lora(tmp_path / "pred.safetensors")
+    for name in spec.names:
+        torch.testing.assert_close(back[name].delta_w, lora[name].delta_w, rtol=1e-5, atol=1e-8)
+    with pytest.raises(LofaError, match="width"):
+        lofa.predict(torch.zeros(4, 7))
+
+
+def test_cli_predict_writes_a_lora_diffusers_loads(tmp_path, capsys):
+    """Text-conditioned checkpoint over a real (tiny) Wan DiT: `lofa predict` -> file -> diffusers, no key left."""
+    from lofa.hypernet.predictor import cli_predict
+    from lofa.models.video_dit import VideoDiTConfig, make_video_dit
+
+    torch.manual_seed(0)
+    net = make_video_dit(VideoDiTConfig(num_layers=2, num_heads=2, head_dim=8, ffn_dim=32, text_dim=384))
+    net.save_pretrained(tmp_path / "base", safe_serialization=True)
+    spec = TargetSpec.from_module(net)
+    _, s2 = random_stage2(tiny_cfg(cond_dim=384), spec)
+    save_pretrained(tmp_path / "ckpt", s2, None, condition_encoder={"kind": "text", "max_length": 8},
+                    base="../base")
+    out = tmp_path / "pred.safetensors"
+    args = argparse.Namespace(checkpoint=str(tmp_path / "ckpt"), prompt="a person waves the left arm",
+                              image=None, pose=None, out=str(out), device="cpu")
+    assert cli_predict(args) == 0
+    printed = capsys.readouterr().out
+    assert "stage II" in printed and "write" in printed
+    lofa = LoFA.from_pretrained(tmp_path / "ckpt")
+    tokens, mask = lofa.encode_condition(prompt="a person waves the left arm")
+    lora = lofa.predict(tokens, mask)
+    net.load_lora_adapter(str(out), adapter_name="pred", prefix="transformer")
+    for name in spec.names:
+        module = net.get_submodule(name)
+        peft_delta = module.scaling["pred"] * module.lora_B["pred"].weight @ module.lora_A["pred"].weight
+        torch.testing.assert_close(peft_delta, lora[name].delta_w, rtol=1e-4, atol=1e-7)
+    lora_modules = {n.removesuffix(".lora_A") for n, _ in net.named_modules() if n.endswith(".lora_A")}
+    assert lora_modules == set(spec.names)
+
+
+# --- benchmark ----------------------------------------------------------------------------------------------------
+
+def test_flop_count_matches_the_reference_estimate():
+    from lofa.hypernet.bench import bench_targets, stage_flops
+
+    cfg = HyperConfig()
+    spec = bench_targets("paper")
+    assert len(spec) == 240 and {t.shape for t in spec.targets} == {(1536, 1536)}
+    f = stage_flops(cfg, spec, n_cond=512, stage=1)
+    assert 12e12 < f["prefix"] + f["condition"] < 16e12  # "≈14 TFLOP per stage" (reference notes)
+
+
+def test_bench_latency_smoke_cpu(tmp_path, capsys):
+    from lofa.hypernet.bench import cli_bench_latency
+
+    out = tmp_path / "bench.json"
+    args = argparse.Namespace(preset="smoke", device="cpu", runs=20, compile=True, json_out=str(out))
+    assert cli_bench_latency(args) == 0
+    text = capsys.readouterr().out
+    assert "Stage I" in text and "merge" in text and "total" in text
+    result = json.loads(out.read_text())
+    assert result["runs"] == 20 and len(result["samples_ms"]["total"]) == 20
+    assert all(result["median_ms"][k] > 0 for k in ("stage1", "stage2", "merge", "total"))
+    assert result["compiled_vs_eager_rel_error"] == 0.0  # compile is CUDA-only; CPU runs eager
+    with pytest.raises(LofaError, match="at least 20"):
+        cli_bench_latency(argparse.Namespace(preset="smoke", device="cpu", runs=5, compile=False, json_out=None))

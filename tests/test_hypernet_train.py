@@ -1,0 +1,179 @@
+"""Training the hypernetwork: checkpointed gradients, fp32 master weights under bf16, optimizer groups, schedule,
+and resume after an interruption (tiny CPU sizes)."""
+import pytest
+import torch
+
+from lofa.errors import LofaError
+from lofa.hypernet import BaseWeights, HyperConfig, Stage1, Stage2, TargetSpec
+from lofa.hypernet.train import (LoraBatch, Stage1Objective, Stage2Objective, TrainConfig, fit, lr_factor,
+                                 param_groups, sample_targets)
+
+SHAPES = {f"blocks.{i}.attn1.to_{t}": (16, 16) for i in range(2) for t in ("q", "v")}
+SHAPES["blocks.1.ffn.net.2"] = (16, 24)
+CFG = dict(d_model=32, n_heads=2, depth=2, patch=8, rank=2, alpha=2.0, cond_dim=6, cond_len=5, map_rank=4)
+
+
+def make_base(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    spec = TargetSpec.from_shapes(SHAPES)
+    return spec, BaseWeights(spec, {n: torch.randn(s, generator=g, dtype=dtype) * 0.05 for n, s in SHAPES.items()})
+
+
+def make_batch_fn(spec, n=2, m=None, seed=0):
+    """Pure function of the step: random conditions and random true LoRAs for m sampled targets."""
+
+    def batch_fn(step, rank):
+        g = torch.Generator().manual_seed(1000 * seed + step)
+        targets = sample_targets(len(spec), m, step, seed) if m else torch.arange(len(spec))
+        loras = {}
+        for t in targets.tolist():
+            o, i = spec.targets[t].shape
+            loras[spec.targets[t].name] = (torch.randn(n, 2, i, generator=g) * 0.3,
+                                           torch.randn(n, o, 2, generator=g) * 0.01, 2.0)
+        mask = torch.ones(n, 5, dtype=torch.bool)
+        mask[0, 3:] = False
+        return LoraBatch(torch.randn(n, 5, 6, generator=g), mask, targets, loras)
+
+    return batch_fn
+
+
+def stage1_and_2(dtype=torch.float32, **overrides):
+    spec, base = make_base(dtype)
+    torch.manual_seed(0)
+    cfg = HyperConfig(**{**CFG, **overrides})
+    s1 = Stage1(cfg, spec).to(dtype)
+    s2 = Stage2.from_stage1(s1)
+    with torch.no_grad():  # non-zero B and feature cross-attention, so every parameter gets a gradient
+        for p in s2.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return spec, base, s1, s2
+
+
+def all_grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The authors' checkpointing recomputed the last block for every position (defect 1): compare all grads."""
+    spec, base, s1, s2 = stage1_and_2(torch.float64)
+    batch = make_batch_fn(spec)(0, 0)
+    cond = batch.cond.double()
+    for model in (s1, s2):
+        grads, recomputed = {}, {}
+        for ckpt in (False, True):
+            model.zero_grad()
+            for m in (s1, s2):
+                m.backbone.grad_checkpoint = ckpt
+            calls = []
+            hooks = [b.attn.register_forward_hook(lambda *a: calls.append(1)) for b in model.backbone.blocks]
+            if model is s1:
+                loss = model(base, batch.targets, cond, batch.cond_mask).logits.square().mean()
+            else:
+                feats = s1(base, batch.targets, cond, batch.cond_mask, decode_map=False).features.detach()
+                out = model(base, batch.targets, cond, batch.cond_mask, feats)
+                loss = (out.B @ out.A).square().sum() + out.A.square().mean()
+            calls_forward = len(calls)
+            loss.backward()
+            recomputed[ckpt] = len(calls) - calls_forward
+            for h in hooks:
+                h.remove()
+            grads[ckpt] = all_grads(model)
+        assert recomputed == {False: 0, True: len(model.backbone.blocks)}  # checkpointing really recomputed
+        assert grads[False].keys() == grads[True].keys()
+        n_params = sum(1 for p in model.parameters())
+        assert len(grads[False]) == n_params  # every parameter is compared
+        for k in grads[False]:
+            torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_fp32_master_weights_under_bf16_autocast(tmp_path):
+    """bf16 compute, float32 weights: an update below half a bf16 ulp at 1.0 still moves the parameter (defect 2)."""
+    spec, base, s1, _ = stage1_and_2()
+    norm_w = s1.backbone.blocks[0].norm1.weight
+    assert torch.equal(norm_w, torch.ones_like(norm_w))
+    seen = []
+    s1.backbone.blocks[0].mlp1.fc1.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    cfg = TrainConfig(steps=3, warmup_steps=1, lr=1e-4, checkpoint_every=3, mixed_precision="bf16",
+                      matrices_per_sample=2)
+    fit(s1, Stage1Objective(base, cfg), make_batch_fn(spec, m=2), cfg, tmp_path, device="cpu", progress=False)
+    assert torch.bfloat16 in seen  # the compute really ran under bf16 autocast
+    assert all(p.dtype == torch.float32 for p in s1.parameters())
+    step = (norm_w - 1).abs()
+    assert (step > 0).any() and step.max() < 2**-9  # moved, by less than bf16 can represent at 1.0
+    assert torch.equal(norm_w.bfloat16(), torch.ones_like(norm_w).bfloat16())
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    _, _, s1, _ = stage1_and_2()
+    decay, no_decay = param_groups(s1, 0.01)
+    names = {id(p): k for k, p in s1.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert "backbone.blocks.0.mlp1.fc1.weight" in decayed and "backbone.tokenizer.embed.weight" in decayed
+    for k in ("backbone.blocks.0.mlp1.fc1.bias", "backbone.blocks.0.norm1.weight", "backbone.tokenizer.cls",
+              "backbone.tokenizer.row_pos", "backbone.tokenizer.depth_emb.weight",
+              "backbone.tokenizer.type_emb.weight", "backbone.blocks.0.attn.q_norm.weight"):
+        assert k in kept, k
+    assert decayed | kept == set(names.values()) and not decayed & kept
+
+
+def test_warmup_then_constant_or_cosine():
+    cfg = TrainConfig(steps=100, warmup_steps=10)
+    assert [lr_factor(s, cfg) for s in (0, 4, 9, 10, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    cos = TrainConfig(steps=100, warmup_steps=10, decay="cosine")
+    assert lr_factor(10, cos) == pytest.approx(1.0) and lr_factor(99, cos) == pytest.approx(0.1, abs=1e-3)
+    with pytest.raises(LofaError):
+        lr_factor(50, TrainConfig(decay="linear", warmup_steps=1))
+
+
+def test_stage1_objective_true_maps_follow_the_definition():
+    spec, base, _, _ = stage1_and_2()
+    batch = make_batch_fn(spec, m=3)(5, 0)
+    obj = Stage1Objective(base, TrainConfig(), tau=0.02)
+    target, valid = obj.true_maps(batch, (16, 24))
+    for j, t in enumerate(batch.targets.tolist()):
+        o, i = spec.targets[t].shape
+        A, B, alpha = batch.loras[spec.targets[t].name]
+        dw = alpha / 2 * B @ A
+        assert torch.equal(target[:, j, :o, :i], dw.abs() > 0.02 * (base[t].abs() + 1e-8))
+        assert valid[:, j, :o, :i].all() and not valid[:, j].sum() > 2 * o * i
+        assert not target[:, j, o:].any() and not target[:, j, :, i:].any()
+
+
+def _train_stage2(tmp_path, steps, crash_at=None, stage1=True, diffusion=True):
+    """Stage II for `steps` steps; the diffusion stand-in draws from the global RNG, so resuming must restore it."""
+    spec, base, s1, s2 = stage1_and_2()
+    cfg = TrainConfig(steps=steps, warmup_steps=2, lr=1e-3, checkpoint_every=2, lambda_diff=0.5)
+    batch_fn = make_batch_fn(spec)
+
+    def interrupted(step, rank):
+        if step == crash_at:
+            raise KeyboardInterrupt
+        return batch_fn(step, rank)
+
+    def diffusion_loss_fn(lora, batch):
+        noise = torch.randn(())
+        return sum((B @ A).square().mean() for A, B, _ in lora.values()) * (1 + 0.1 * noise)
+
+    obj = Stage2Objective(base, cfg, s1 if stage1 else None, diffusion_loss_fn if diffusion else None)
+    history = fit(s2, obj, interrupted, cfg, tmp_path, device="cpu", progress=False)
+    return s2, history
+
+
+def test_resume_after_interruption_equals_uninterrupted_training(tmp_path):
+    ref, ref_history = _train_stage2(tmp_path / "straight", steps=5)
+    with pytest.raises(KeyboardInterrupt):
+        _train_stage2(tmp_path / "resumed", steps=5, crash_at=3)  # dies after the step-2 checkpoint
+    resumed, history = _train_stage2(tmp_path / "resumed", steps=5)
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [h["loss"] for h in history] == [h["loss"] for h in ref_history]
+    assert len(history) == 5 and "diffusion" in history[-1] and "recon" in history[-1]
+    assert (tmp_path / "resumed" / "history.json").exists()
+
+
+def test_single_stage_ablation_trains(tmp_path):
+    model, history = _train_stage2(tmp_path, steps=2, stage1=False, diffusion=False)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)

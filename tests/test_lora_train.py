@@ -1,0 +1,251 @@
+import dataclasses
+import zlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lofa.config import preset
+from lofa.diffusion import flow_matching_loss
+from lofa.errors import LofaError
+from lofa.lora.batched import GroupedLora, GroupedLoraLinear, grouped_lora, multi_lora, train_lora_batch
+from lofa.lora.formats import LoraFactor, load_lora, save_lora
+from lofa.lora.train import LoraTrainConfig, apply_lora, merge_lora, merged_weights, train_lora
+from lofa.models import Generator
+
+TINY_DIT = {"patch_size": (1, 2, 2), "num_layers": 2, "num_heads": 2, "head_dim": 16, "ffn_dim": 64,
+            "text_dim": 32, "freq_dim": 32, "rope_max_seq_len": 32, "zero_init_output": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds waiting, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class StubWorld:
+    """The World API at toy size: case c's clips are a fixed pattern of c plus per-render appearance noise."""
+
+    task, modality = "identities", "video"
+
+    def __init__(self, n_cases: int = 6, shape=(3, 2, 8, 8), n_coarse: int = 2):
+        self.cases = [SimpleNamespace(id=i, name=f"case-{i}", attrs={}, coarse=i % n_coarse,
+                                      split="heldout" if i == n_cases - 1 else "train") for i in range(n_cases)]
+        self.coarse_names = [f"coarse-{k}" for k in range(n_coarse)]
+        self.patterns = torch.randn(n_cases, *shape, generator=torch.Generator().manual_seed(123))
+
+    def ids(self, split):
+        return [c.id for c in self.cases if c.split == split]
+
+    def render(self, case_ids, seed):
+        noise = torch.randn(len(case_ids), *self.patterns.shape[1:], generator=torch.Generator().manual_seed(seed))
+        return torch.tanh(self.patterns[list(case_ids)] + 0.3 * noise)
+
+    def sample(self, case_ids, seed, split="train", level="fine"):
+        x = self.render(case_ids, seed)
+        g = torch.Generator().manual_seed(seed)
+        variants = torch.randint(3, (len(case_ids),), generator=g).tolist()
+        return x, [self.prompt(c, v, split) if level == "fine" else self.coarse_prompt(self.cases[c].coarse, v)
+                   for c, v in zip(case_ids, variants)]
+
+    def prompt(self, case_id, variant, split="train"):
+        return f"a photo of [V] person {case_id}, phrasing {variant} ({split})"
+
+    def n_prompts(self, split):
+        return 3
+
+    def coarse_prompt(self, coarse, variant=0):
+        return f"a photo of a {self.coarse_names[coarse]} person ({variant})"
+
+
+class StubText:
+    """prompts -> fixed pseudo-random token states [N, 6, 32] and a mask with a prompt-dependent length."""
+
+    def encode(self, prompts):
+        out = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
+            out.append((torch.randn(6, 32, generator=g), torch.arange(6) < 3 + len(p) % 3))
+        return torch.stack([s for s, _ in out]), torch.stack([m for _, m in out])
+
+
+def tiny_generator(dtype=torch.float32, seed=0) -> Generator:
+    torch.manual_seed(seed)
+    return Generator.build("video_dit", "smoke", TINY_DIT).to(dtype)
+
+
+def tiny_config(**overrides) -> LoraTrainConfig:
+    return preset(LoraTrainConfig, "smoke", {"steps": 5, "batch_size": 2, "n_renders": 4, "lr": 1e-2, **overrides})
+
+
+def _inputs(n=2, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 2, 8, 8, generator=g, dtype=dtype)
+    context = torch.randn(n, 6, 32, generator=g, dtype=dtype)
+    return x, torch.linspace(0.2, 0.8, n, dtype=dtype), context, torch.ones(n, 6, dtype=torch.bool)
+
+
+def _random_lora(gen, rank, seed, alpha=None):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in gen.lora_target_modules():
+        o, i = gen.net.get_submodule(name).weight.shape
+        out[name] = LoraFactor(0.3 * torch.randn(rank, i, generator=g), 0.3 * torch.randn(o, rank, generator=g),
+                               float(alpha or 2 * rank))
+    return out
+
+
+def test_grouped_layer_routes_each_sample_to_its_lora():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6).double()
+    a, b = torch.randn(3, 2, 8).double(), torch.randn(3, 6, 2).double()
+    layer = GroupedLoraLinear(base, a.clone(), b.clone(), scale=0.5)
+    x = torch.randn(6, 5, 8, dtype=torch.float64)
+
+    def expected(x, index):
+        return torch.stack([base(x[n]) + 0.5 * x[n] @ a[g].T @ b[g].T for n, g in enumerate(index.tolist())])
+
+    for index in (torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([2, 0, 1, 0, 2, 1])):
+        GroupedLora({"l": layer}).route(index)
+        assert layer.sorted == bool(torch.equal(index, torch.tensor([0, 0, 1, 1, 2, 2])))
+        assert torch.allclose(layer(x), expected(x, index))
+        # a batch of k stacked copies (classifier-free guidance's [cond; uncond]) reuses the routing
+        assert torch.allclose(layer(torch.cat([x, x])), expected(torch.cat([x, x]), index.repeat(2)))
+    with pytest.raises(LofaError, match="routed"):
+        layer(x[:4])
+
+    # gradients: LoRA g only receives the gradient of its own samples
+    GroupedLora({"l": layer}).route(torch.tensor([0, 0, 1, 1, 2, 2]))
+    layer(x)[2:4].sum().backward()
+    assert layer.lora_B.grad[[0, 2]].abs().sum() == 0 and layer.lora_B.grad[1].abs().sum() > 0
+
+
+def test_batched_training_equals_single_training():
+    """Same seed and data: each LoRA of a batch ends at the weights peft training reaches alone (float64)."""
+    world, text = StubWorld(), StubText()
+    cfg = tiny_config(prior_weight=0.5, max_grad_norm=0.02)  # small enough that clipping acts
+    gen = tiny_generator(torch.float64)
+    cases = [0, 1, 3]
+    batched = train_lora_batch(gen, world, cases, cfg, seed=7, text=text)
+    singles = [train_lora(gen, world, c, cfg, seed=7, text=text) for c in cases]
+    for (wb, ib), (ws, is_) in zip(batched, singles):
+        assert ib["case_id"] == is_["case_id"] and ib["trainer"] == "batched" and is_["trainer"] == "peft"
+        assert ib["final_loss"] == pytest.approx(is_["final_loss"], rel=1e-6)
+        assert ib["final_prior_loss"] == pytest.approx(is_["final_prior_loss"], rel=1e-6)
+        assert wb.keys() == ws.keys() == set(gen.lora_target_modules())
+        for name in ws:
+            assert ws[name].B.abs().max() > 1e-3  # trained, not the zero init
+            torch.testing.assert_close(wb[name].A, ws[name].A, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(wb[name].B, ws[name].B, rtol=1e-6, atol=1e-9)
+            assert wb[name].alpha == ws[name].alpha == cfg.alpha
+    # different cases get different LoRAs
+    name = gen.lora_target_modules()[0]
+    assert not torch.allclose(singles[0][0][name].B, singles[1][0][name].B)
+
+
+def test_training_leaves_the_generator_unchanged():
+    world, text = StubWorld(), StubText()
+    gen = tiny_generator()
+    gen.net.condition_embedder.requires_grad_(False)  # a caller's own flags come back as they were
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in gen.named_parameters()}
+    train_lora(gen, world, 0, tiny_config(steps=2), text=text)
+    train_lora_batch(gen, world, [0, 1], tiny_config(steps=2), text=text)
+    assert gen.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in gen.state_dict().items())
+    assert {n: p.requires_grad for n, p in gen.named_parameters()} == flags
+    assert all(type(gen.net.get_submodule(n)) is torch.nn.Linear for n in gen.lora_target_modules())
+    assert not getattr(gen.net, "peft_config", None)
+
+
+def test_lora_lowers_the_loss_on_its_case():
+    world, text = StubWorld(), StubText()
+    gen = tiny_generator()
+    cfg = tiny_config(steps=40, n_renders=8, batch_size=4)
+    weights, info = train_lora(gen, world, 2, cfg, seed=1, text=text)
+    x0 = world.render([2] * 8, seed=999)
+    context, mask = text.encode([world.prompt(2, v % 3) for v in range(8)])
+    fixed = torch.Generator().manual_seed(5)
+    t, noise = torch.rand(8, generator=fixed), torch.randn(x0.shape, generator=fixed)
+    with torch.no_grad():
+        base = flow_matching_loss(gen, x0, context, mask, t=t, noise=noise).item()
+        with apply_lora(gen, weights):
+            tuned = flow_matching_loss(gen, x0, context, mask, t=t, noise=noise).item()
+    assert tuned < 0.8 * base
+    assert info["loss_curve"][-1] < info["loss_curve"][0] and len(info["loss_curve"]) <= 21
+    assert info["final_loss"] > 0 and info["wall_time_s"] > 0 and info["prompts"][0].count("[V]") == 1
+
+
+def test_saved_lora_loads_in_diffusers_and_all_use_paths_agree(tmp_path):
+    gen = tiny_generator().eval()
+    weights = _random_lora(gen, rank=2, seed=0)
+    x, t, context, mask = _inputs()
+    with torch.no_grad():
+        plain = gen(x, t, context, mask)
+        with apply_lora(gen, weights):
+            merged = gen(x, t, context, mask)
+        assert torch.equal(gen(x, t, context, mask), plain)  # restored exactly
+        functional = torch.func.functional_call(gen, merged_weights(gen, weights), (x, t, context, mask))
+    assert not torch.allclose(merged, plain, atol=1e-3)
+    torch.testing.assert_close(functional, merged, rtol=1e-4, atol=1e-5)
+
+    save_lora(tmp_path / "l.safetensors", weights, {"case_id": 3})
+    other = tiny_generator().eval()
+    # diffusers reads the stored alpha only on its safetensors path (weight_name / use_safetensors=True)
+    other.net.load_lora_adapter(str(tmp_path), weight_name="l.safetensors", prefix="transformer", adapter_name="x")
+    with torch.no_grad():
+        torch.testing.assert_close(other(x, t, context, mask), merged, rtol=1e-4, atol=1e-5)
+    loaded, meta = load_lora(tmp_path / "l.safetensors")
+    assert meta == {"case_id": 3}
+    merge_lora(gen, loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(gen(x, t, context, mask), merged, rtol=1e-4, atol=1e-5)
+
+
+def test_mismatched_lora_is_refused():
+    gen = tiny_generator()
+    weights = _random_lora(gen, rank=2, seed=0)
+    wrong = dict(weights)
+    wrong["blocks.1.attn2.to_k"] = LoraFactor(torch.zeros(2, 48), torch.zeros(32, 2), 2.0)
+    with pytest.raises(LofaError, match=r"blocks\.1\.attn2\.to_k"):
+        with apply_lora(gen, wrong):
+            pass
+    with pytest.raises(LofaError, match=r"blocks\.7\.attn1\.to_q"):
+        merge_lora(gen, {**weights, "blocks.7.attn1.to_q": weights["blocks.0.attn1.to_q"]})
+
+
+@pytest.mark.parametrize("kind", ["video_dit", "image_unet"])
+def test_multi_lora_matches_each_lora_alone(kind):
+    """Routing samples to LoRAs of different ranks in one batch = applying each LoRA alone (both families)."""
+    if kind == "video_dit":
+        gen = tiny_generator().eval()
+        x, t, context, mask = _inputs(n=3)
+    else:
+        torch.manual_seed(0)
+        gen = Generator.build("image_unet", "smoke", {"zero_init_output": False}).eval()
+        g = torch.Generator().manual_seed(0)
+        x, context = torch.randn(3, 3, 16, 16, generator=g), torch.randn(3, 6, gen.context_dim, generator=g)
+        t, mask = torch.tensor([0.2, 0.5, 0.8]), torch.ones(3, 6, dtype=torch.bool)
+    loras = [_random_lora(gen, rank=2, seed=1), _random_lora(gen, rank=4, seed=2, alpha=1.0)]
+    index = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        alone = []
+        for n, g in enumerate(index.tolist()):
+            with apply_lora(gen, loras[g]):
+                alone.append(gen(x[n:n + 1], t[n:n + 1], context[n:n + 1], mask[n:n + 1]))
+        with multi_lora(gen, loras) as lora:
+            lora.route(index)
+            together = gen(x, t, context, mask)
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-5)
+    assert all(type(gen.net.get_submodule(n)) is torch.nn.Linear for n in gen.lora_target_modules())
+
+
+def test_grouped_lora_refuses_non_linear_targets():
+    gen = tiny_generator()
+    with pytest.raises(LofaError, match="not a linear layer"):
+        with grouped_lora(gen.net, {"blocks.0.attn1": (torch.zeros(1, 1, 32), torch.zeros(1, 32, 1))}, 1.0):
+            pass
+    assert dataclasses.is_dataclass(LoraTrainConfig) and set(LoraTrainConfig.PRESETS) >= {"smoke", "mini", "full"}

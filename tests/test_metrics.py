@@ -1,0 +1,140 @@
+"""Known-answer tests for lofa.metrics: the metric math on synthetic tensors, and evaluators trained on the
+smoke worlds scoring fresh ground-truth renders of the right case above renders of a wrong case."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from lofa.errors import LofaError
+from lofa.metrics import scores
+from lofa.metrics.features import ArcMarginHead, ConvEncoder
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+
+def _scipy_fd(a: np.ndarray, b: np.ndarray) -> float:
+    """The reference FID formula (pytorch-fid): float64 scipy sqrtm of the covariance product."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_frechet_matches_scipy_reference():
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(12, 12))
+    a = rng.normal(size=(400, 12)) @ mix
+    b = rng.normal(size=(300, 12)) @ (mix + 0.3 * rng.normal(size=(12, 12))) + 0.5
+    ours = scores.frechet_distance(torch.tensor(a, dtype=torch.float32), b)
+    assert ours == pytest.approx(_scipy_fd(a, b), rel=1e-4)
+
+
+def test_frechet_self_zero_shift_positive():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(500, 16))
+    assert scores.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # A pure shift leaves the covariances equal: the distance is exactly the squared shift.
+    shift = np.zeros(16)
+    shift[3] = 2.0
+    assert scores.frechet_distance(a, a + shift) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_frechet_singular_covariances_stay_real_and_nonnegative():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(10, 64)), rng.normal(size=(10, 64))  # N < D: rank-deficient covariances
+    fd = scores.frechet_distance(a, b)
+    assert np.isfinite(fd) and fd > 0
+    assert scores.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_refuses_single_sample():
+    with pytest.raises(LofaError):
+        scores.frechet_distance(np.zeros((1, 4)), np.zeros((5, 4)))
+
+
+# ----------------------------------------------------------------------------- motion
+
+
+def _moving_square(n=4, t=8, size=16, speed=2):
+    x = -torch.ones(n, 3, t, size, size)
+    for f in range(t):
+        x[:, :, f, 4:8, 1 + speed * f:5 + speed * f] = 1.0
+    return x
+
+
+def test_dynamic_degree_static_zero_moving_one():
+    moving = _moving_square()
+    static = moving[:, :, :1].expand_as(moving)
+    assert scores.motion_magnitude(static).abs().max() == 0
+    threshold = scores.calibrate_motion_threshold(scores.motion_magnitude(moving), 0.1) / 2
+    assert scores.dynamic_degree(static, threshold).sum() == 0
+    assert scores.dynamic_degree(moving, threshold).mean() == 1
+
+
+def test_motion_ignores_pixel_noise_more_than_motion():
+    g = torch.Generator().manual_seed(0)
+    static = _moving_square()[:, :, :1].expand(-1, -1, 8, -1, -1)
+    noisy = static + 0.05 * torch.randn(static.shape, generator=g)
+    assert scores.motion_magnitude(noisy).max() < scores.motion_magnitude(_moving_square()).min()
+
+
+def test_smoothness_linear_is_one_shuffled_lower():
+    ramp = torch.linspace(-1, 1, 8).view(1, 1, 8, 1, 1).expand(2, 3, 8, 4, 4)
+    assert torch.allclose(scores.motion_smoothness(ramp), torch.ones(2))
+    video = _moving_square()
+    shuffled = video[:, :, torch.tensor([0, 4, 1, 6, 2, 7, 3, 5])]
+    assert (scores.motion_smoothness(shuffled) < scores.motion_smoothness(video)).all()
+
+
+def test_motion_refuses_images():
+    with pytest.raises(LofaError):
+        scores.motion_smoothness(torch.zeros(2, 3, 8, 8))
+
+
+# ----------------------------------------------------------------------------- cosine scores, diversity, CIs
+
+
+def test_group_diversity_identical_zero_distinct_positive():
+    e = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    same = e[:1].expand(3, 8)
+    div = scores.group_diversity(torch.cat([same, e[3:]]), [0, 0, 0, 1, 1, 1])
+    assert div[0] == pytest.approx(0.0, abs=1e-5) and div[1] > 10
+    with pytest.raises(LofaError):
+        scores.group_diversity(e[:2], [0, 1])
+
+
+def test_bootstrap_ci_brackets_mean_and_shrinks():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(1.0, 1.0, 50), rng.normal(1.0, 1.0, 5000)
+    m, lo, hi = scores.bootstrap_ci(small, n=500, seed=0)
+    assert lo < m < hi and m == pytest.approx(small.mean())
+    _, lo2, hi2 = scores.bootstrap_ci(large, n=500, seed=0)
+    assert hi2 - lo2 < (hi - lo) / 3
+    assert scores.bootstrap_ci(small, n=200, seed=3) == scores.bootstrap_ci(small, n=200, seed=3)
+    med, lo3, hi3 = scores.bootstrap_ci(small, n=200, seed=0, stat=np.median)
+    assert med == pytest.approx(np.median(small)) and lo3 <= med <= hi3
+
+
+def test_top1():
+    logits = torch.tensor([[0.1, 2.0], [3.0, 0.0], [0.0, 1.0]])
+    assert scores.top1(logits, [1, 0, 0]).tolist() == [1.0, 1.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def test_arcface_margin_lowers_only_the_target_logit():
+    head = ArcMarginHead(8, 5, scale=10.0, margin=0.3)
+    emb = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3])
+    plain, margin = head(emb), head(emb, y)
+    target = torch.nn.functional.one_hot(y, 5).bool()
+    assert (margin[target] < plain[target]).all()
+    assert torch.equal(margin[~target], plain[~target])
+
+
+@pytest.mark.parametrize("shape,modality", [((2, 3, 8, 32, 32), "video"), ((2, 3, 32, 32), "image"),
+                                            ((2, 3, 4, 16, 16), "video")])
+def test_encoder_shapes(shape, modality):
+    assert ConvEncoder(modality, width=4, depth=4, dim=12)(torch.zeros(shape)).shape == (2, 12)

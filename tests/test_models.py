@@ -1,0 +1,203 @@
+import dataclasses
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from lofa.models import Generator, TextEncoder
+
+SHAPES = {"video_dit": (2, 3, 4, 16, 16), "image_unet": (2, 3, 16, 16)}
+
+
+@pytest.fixture(scope="module", params=["video_dit", "image_unet"])
+def gen(request):
+    torch.manual_seed(0)
+    g = Generator.build(request.param, "smoke", {"zero_init_output": False})
+    return g.eval()
+
+
+def _inputs(gen, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPES[gen.kind], generator=g)
+    context = torch.randn(2, 6, gen.context_dim, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    return x, torch.tensor([0.3, 0.8]), context, mask
+
+
+def test_forward_shape(gen):
+    x, t, context, mask = _inputs(gen)
+    v = gen(x, t, context, mask)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    assert torch.allclose(gen(x, 0.5, context, mask), gen(x, torch.tensor([0.5, 0.5]), context, mask))
+
+
+def test_mask_ignores_padded_tokens(gen):
+    x, t, context, mask = _inputs(gen)
+    changed = context.clone()
+    changed[~mask] = 100.0
+    with torch.no_grad():
+        assert torch.allclose(gen(x, t, context, mask), gen(x, t, changed, mask), atol=1e-5)
+        changed_real = context.clone()
+        changed_real[0, 0] += 3.0
+        assert not torch.allclose(gen(x, t, context, mask)[0], gen(x, t, changed_real, mask)[0], atol=1e-4)
+
+
+def test_save_load_round_trip(gen, tmp_path):
+    x, t, context, mask = _inputs(gen)
+    gen.save(tmp_path / "g")
+    gen.save(tmp_path / "g")  # overwriting an existing save is atomic and leaves no temp folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+    loaded = Generator.load(tmp_path / "g").eval()
+    assert loaded.kind == gen.kind and loaded.config == gen.config
+    with torch.no_grad():
+        assert torch.equal(gen(x, t, context, mask), loaded(x, t, context, mask))
+
+
+def test_lora_targets_exist_and_peft_attaches(gen):
+    names = gen.lora_target_modules()
+    modules = dict(gen.net.named_modules())
+    assert names and all(isinstance(modules[n], torch.nn.Linear) for n in names)
+    per_block = {n.rsplit(".attn", 1)[0] for n in names}
+    assert len(names) == 8 * len(per_block)  # q, k, v, o of self- and cross-attention in every block
+    with_ffn = gen.lora_target_modules(include_ffn=True)
+    assert set(names) < set(with_ffn) and len(with_ffn) == 10 * len(per_block)
+
+    g = Generator.from_config(gen.config).eval()
+    g.net.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=names, init_lora_weights="gaussian"))
+    lora = [n for n, _ in g.net.named_parameters() if "lora_A" in n]
+    assert len(lora) == len(names)
+    x, t, context, mask = _inputs(g)
+    assert g(x, t, context, mask).shape == x.shape
+    assert g.lora_target_modules() == names  # names are stable after injection
+
+
+def test_fast_rope_processor_matches_diffusers():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    g = Generator.build("video_dit", "smoke", {"zero_init_output": False})
+    x, t, context, mask = _inputs(g)
+    fast = g(x, t, context, mask)
+    g.net.set_attn_processor(WanAttnProcessor())
+    assert torch.allclose(fast, g(x, t, context, mask), atol=1e-5)
+
+
+def test_wan_preset_is_wan21_1_3b():
+    from lofa.config import preset
+    from lofa.models import VideoDiTConfig
+
+    cfg = preset(VideoDiTConfig, "wan")
+    assert (cfg.num_layers, cfg.width, cfg.ffn_dim, cfg.text_dim, cfg.in_channels) == (30, 1536, 8960, 4096, 16)
+
+
+def test_from_pretrained_wan_local_folder(tmp_path):
+    g = Generator.build("video_dit", "smoke")
+    g.net.save_pretrained(tmp_path / "pipe" / "transformer")
+    loaded = Generator.from_pretrained_wan(tmp_path / "pipe")
+    assert dataclasses.replace(loaded.config, zero_init_output=True) == g.config
+    assert loaded.lora_target_modules() == g.lora_target_modules()
+    assert all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_text_encoder():
+    enc = TextEncoder(max_length=16)
+    states, mask = enc.encode(["a person waving the left arm", "a red square", "a person waving the left arm"])
+    assert states.shape == (3, 16, 384) and mask.shape == (3, 16) and mask.dtype == torch.bool
+    assert torch.equal(states[0], states[2])
+    assert not torch.allclose(states[0], states[1])
+    assert (states[~mask] == 0).all() and mask[:, 0].all()
+    again, _ = TextEncoder(max_length=16).encode(["a red square"])  # a fresh encoder shares the loaded model
+    assert torch.allclose(again[0], states[1], atol=1e-6)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class FakeWorld:
+    """Minimal World API: cases are coloured squares; coarse category = square vs bar."""
+
+    task, modality, coarse_names = "actions", "video", ["square", "bar"]
+
+    def __init__(self, n=6, fail_at_seed=None):
+        from types import SimpleNamespace
+
+        self.cases = [SimpleNamespace(id=i, coarse=i % 2, split="train" if i < 4 else "heldout") for i in range(n)]
+        self.fail_at_seed = fail_at_seed
+
+    def ids(self, split):
+        return [c.id for c in self.cases if c.split == split]
+
+    def coarse_prompt(self, coarse, variant=0):
+        return ["a {}", "one {}"][variant % 2].format(self.coarse_names[coarse])
+
+    def render(self, case_ids, seed):
+        if seed == self.fail_at_seed:
+            raise Interrupted
+        g = torch.Generator().manual_seed(seed)
+        x = -torch.ones(len(case_ids), 3, 4, 16, 16)
+        for k, i in enumerate(case_ids):
+            y, w = torch.randint(0, 8, (2,), generator=g).tolist()
+            x[k, i % 3, :, y:y + 8, w:w + (8 if i % 2 == 0 else 3)] = 1.0
+        return x
+
+    def sample(self, case_ids, seed, level="fine"):
+        assert level == "coarse"
+        return self.render(case_ids, seed), [self.coarse_prompt(self.cases[i].coarse, seed) for i in case_ids]
+
+    def condition(self, case_ids, seed):
+        return self.render(case_ids, seed + 1)
+
+
+def _base_cfg(**kw):
+    from lofa.config import preset
+    from lofa.models.train_base import BaseTrainConfig
+
+    fields = {"steps": 6, "batch_size": 2, "checkpoint_every": 3, "ema_decay": 0.9, "text_length": 8, "model_overrides": {"patch_size": (1, 4, 4)}}
+    return preset(BaseTrainConfig, "smoke", {**fields, **kw})
+
+
+def test_train_base_resumes_to_identical_weights(tmp_path):
+    from lofa.io import read_json
+    from lofa.models.train_base import train_base
+
+    straight = train_base(FakeWorld(), _base_cfg(), tmp_path / "a", progress=False)
+    summary = read_json(tmp_path / "a" / "summary.json")
+    assert summary["train_cases"] == 4 and len(read_json(tmp_path / "a" / "loss.json")["loss"]) == 6
+
+    with pytest.raises(Interrupted):  # dies at step 4, after the checkpoint at step 3
+        train_base(FakeWorld(fail_at_seed=4), _base_cfg(), tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "generator").exists()
+    resumed = train_base(FakeWorld(), _base_cfg(), tmp_path / "b", progress=False)
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    again = train_base(FakeWorld(fail_at_seed=0), _base_cfg(), tmp_path / "a", progress=False)  # complete: loads
+    assert torch.equal(next(again.parameters()), next(straight.parameters()))
+
+
+def test_condition_encoders_shapes_and_save(tmp_path):
+    from lofa.models.cond_encoders import CondEncoderConfig, load_condition_encoder, make_condition_encoder
+
+    pose = make_condition_encoder(CondEncoderConfig(kind="pose", grid=(2, 2, 2), channels=(8, 16), dim=24))
+    tokens, mask = pose.encode(torch.randn(3, 3, 8, 32, 32))
+    assert tokens.shape == (3, 8, 24) and mask.shape == (3, 8) and mask.all()
+    image = make_condition_encoder(CondEncoderConfig(kind="image", grid=(3, 3), channels=(8, 16), dim=24)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    assert image.encode(x)[0].shape == (3, 9, 24)
+    image.save(tmp_path / "enc.safetensors")
+    with torch.no_grad():
+        assert torch.equal(load_condition_encoder(tmp_path / "enc.safetensors")(x), image(x))
+
+
+def test_contrastive_training_learns_case_identity():
+    from lofa.models.cond_encoders import (CondEncoderConfig, make_condition_encoder, train_condition_encoder,
+                                           world_pairs)
+
+    world = FakeWorld(n=12)
+    torch.manual_seed(0)
+    enc = make_condition_encoder(CondEncoderConfig(kind="pose", grid=(2, 2, 2), channels=(8, 16), dim=16,
+                                                   proj_dim=16))
+    hist = train_condition_encoder(enc, world_pairs(world), list(range(6)), steps=60, batch_size=6, lr=3e-3,
+                                   eval_ids=list(range(6)), progress=False)
+    assert sum(hist["loss"][-10:]) / 10 < 0.7 * sum(hist["loss"][:10]) / 10
+    assert hist["retrieval"]["after"] > hist["retrieval"]["before"]

@@ -1,0 +1,134 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lofa.errors import LofaError
+from lofa.io import read_json
+from lofa.lora.formats import load_lora
+from lofa.lora.train import apply_lora
+from lofa.lora.zoo import INDEX, Zoo, build_zoo
+from test_lora_train import StubText, StubWorld, one_thread, tiny_config, tiny_generator  # noqa: F401
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _build(zoo_dir, n_cases=6, **cfg):
+    return build_zoo(StubWorld(n_cases), tiny_generator(), tiny_config(**{"steps": 2, "group_size": 4, **cfg}),
+                     zoo_dir, seed=0, text=StubText(), progress=False)
+
+
+def _check_consistent(zoo_dir, n_cases):
+    """Every case has exactly one valid LoRA file and one index entry that agrees with the file's metadata."""
+    index = read_json(zoo_dir / INDEX)
+    assert [e["case_id"] for e in index["loras"]] == list(range(n_cases))
+    assert sorted(p.name for p in (zoo_dir / "loras").iterdir()) == [f"case_{c:05d}.safetensors" for c in range(n_cases)]
+    assert not list(zoo_dir.glob(".*")), "temp files left behind"
+    for entry in index["loras"]:
+        weights, meta = load_lora(zoo_dir / entry["file"])
+        assert meta["case_id"] == entry["case_id"] and meta["run_id"] == entry["run_id"]
+        assert all(f.rank == entry["rank"] and f.alpha == entry["alpha"] for f in weights.values())
+    return {e["case_id"]: e for e in index["loras"]}
+
+
+def test_zoo_files_index_and_reader(tmp_path):
+    zoo = _build(tmp_path / "zoo")
+    entries = _check_consistent(tmp_path / "zoo", 6)
+    assert len(zoo) == 6 and zoo.case_ids("heldout") == [5] and 5 in zoo and zoo.task == "identities"
+    entry = zoo[2]
+    for key in ("task", "case_id", "case_name", "prompts", "condition_seed", "steps", "seed", "final_loss",
+                "wall_time_s", "rank", "alpha", "trainer", "split"):
+        assert entry[key] is not None, key
+    assert entry["prompts"][0] == StubWorld().prompt(2, 0) and entry["steps"] == 2 and entry["trainer"] == "batched"
+    assert len({e["condition_seed"] for e in entries.values()}) == 6
+    weights, meta = zoo.load(2)
+    assert meta["case_id"] == 2
+    gen = tiny_generator()
+    with apply_lora(gen, weights):
+        pass
+    assert list(zoo.frame().index) == list(range(6))
+    with pytest.raises(LofaError, match="no LoRA for case 9"):
+        zoo.path(9)
+    with pytest.raises(LofaError, match="no index.json"):
+        Zoo(tmp_path / "nothing")
+
+
+def test_resume_reconciles_index_and_files(tmp_path):
+    zoo_dir = tmp_path / "zoo"
+    _build(zoo_dir)
+    first = _check_consistent(zoo_dir, 6)
+    lora_dir = zoo_dir / "loras"
+    (lora_dir / "case_00001.safetensors").unlink()                      # index entry without a file
+    damaged = lora_dir / "case_00003.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:200])                      # a truncated file
+    (lora_dir / ".case_00004.safetensors.x1.tmp").write_bytes(b"half")  # a killed atomic write
+    index = read_json(zoo_dir / INDEX)
+    index["loras"] = [e for e in index["loras"] if e["case_id"] != 2]   # a finished file the index never saw
+    (zoo_dir / INDEX).write_text(__import__("json").dumps(index))
+    mtimes = {p.name: p.stat().st_mtime_ns for p in lora_dir.glob("case_*")}
+
+    _build(zoo_dir, group_size=2)  # group_size does not change the LoRAs, so the zoo is the same zoo
+    again = _check_consistent(zoo_dir, 6)
+    retrained = {c for c in again if again[c]["run_id"] != first[c]["run_id"]}
+    assert retrained == {1, 3}
+    for c in (0, 2, 4, 5):
+        assert again[c] == first[c]
+        assert (lora_dir / f"case_{c:05d}.safetensors").stat().st_mtime_ns == mtimes[f"case_{c:05d}.safetensors"]
+    # a retrained LoRA is the same LoRA (same seed, same recipe)
+    a, _ = load_lora(lora_dir / "case_00001.safetensors")
+    assert again[1]["final_loss"] == pytest.approx(first[1]["final_loss"], rel=1e-5)
+    assert a.keys() == set(tiny_generator().lora_target_modules())
+
+
+def test_resume_refuses_another_recipe_or_base(tmp_path):
+    zoo_dir = tmp_path / "zoo"
+    _build(zoo_dir, n_cases=2)
+    with pytest.raises(LofaError, match="rank=4, not 2"):
+        _build(zoo_dir, n_cases=2, rank=2)
+    other_base = tiny_generator(seed=1)
+    with pytest.raises(LofaError, match="base"):
+        build_zoo(StubWorld(2), other_base, tiny_config(steps=2, group_size=4), zoo_dir, text=StubText(),
+                  progress=False)
+
+
+def test_kill_during_collection_then_rerun_completes(tmp_path):
+    """SIGKILL a real collection process after its first LoRAs are written; a rerun finishes only the rest."""
+    zoo_dir = tmp_path / "zoo"
+    script = tmp_path / "collect.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        from test_zoo import _build
+        _build({str(zoo_dir)!r}, n_cases=6, steps=25, group_size=2)
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 45
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            index = read_json(zoo_dir / INDEX) if (zoo_dir / INDEX).exists() else None
+            if index and len(index["loras"]) >= 2:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"collection ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    done = {e["case_id"]: e for e in read_json(zoo_dir / INDEX)["loras"]}
+    assert 2 <= len(done) < 6
+    mtimes = {c: (zoo_dir / e["file"]).stat().st_mtime_ns for c, e in done.items()}
+
+    _build(zoo_dir, n_cases=6, steps=25, group_size=2)
+    final = _check_consistent(zoo_dir, 6)
+    for c, entry in done.items():  # finished LoRAs were not retrained
+        assert final[c]["run_id"] == entry["run_id"] and final[c]["trained_at"] == entry["trained_at"]
+        assert (zoo_dir / entry["file"]).stat().st_mtime_ns == mtimes[c]
+    assert len({final[c]["run_id"] for c in final if c not in done} - {e["run_id"] for e in done.values()}) == 1
+    assert all(torch.isfinite(torch.tensor(e["final_loss"])) for e in final.values())
