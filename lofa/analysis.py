@@ -273,60 +273,84 @@ def _sampled_relative_change(factor: LoraFactor | None, w_part: torch.Tensor, ro
 
 
 # --- the zoo's structure: τ sweep, depth × type profiles, within- vs across-group tests ---------------------------
-def module_exceedance(factor: LoraFactor, w: torch.Tensor, taus: Sequence[float], eps: float = EPS,
-                      chunk_elements: int = CHUNK_ELEMENTS) -> tuple[np.ndarray, float]:
-    """(counts, sum_relative_change) of one module against W [out, in], in one chunked pass over ΔW.
+def module_exceedance(factors: Sequence[LoraFactor], w: torch.Tensor, taus: Sequence[float], eps: float = EPS,
+                      chunk_elements: int = CHUNK_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, sum_relative_change) of n LoRAs' ΔW of one module against W [out, in], in one chunked, batched pass.
 
-    counts: int64 [len(taus)], counts[j] = number of entries with relative change > taus[j] (any order of taus;
-    the same comparison as `module_response`, so counts at τ equal its `active`).
+    counts: int64 [n, len(taus)], counts[i, j] = entries of LoRA i with relative change > taus[j] (any order of
+    taus; the same comparison as `module_response`, so counts at τ equal its `active`). sum_relative_change:
+    float64 [n]. Chunks hold about `chunk_elements` ΔW entries: several whole LoRAs, or row blocks of one.
     """
     out, inp = w.shape
-    if tuple(factor.shape) != (out, inp):
-        raise LofaError(f"LoRA ΔW is {list(factor.shape)} but the base weight is {[out, inp]}")
+    for f in factors:
+        if tuple(f.shape) != (out, inp):
+            raise LofaError(f"LoRA ΔW is {list(f.shape)} but the base weight is {[out, inp]}")
+    n, k = len(factors), len(taus)
+    # zero-padding to a common rank adds nothing to B A, so LoRAs of different rank share one bmm
+    rank = max(f.rank for f in factors)
+    A = torch.zeros(n, rank, inp, device=w.device)
+    B = torch.zeros(n, out, rank, device=w.device)
+    for i, f in enumerate(factors):
+        A[i, :f.rank], B[i, :, :f.rank] = f.A.float(), f.B.float()
+    scale = torch.tensor([f.scale for f in factors], device=w.device)[:, None, None]
     taus = np.asarray(taus, dtype=np.float64)
     order = np.argsort(taus)
-    rows = max(1, chunk_elements // inp)
-    hist = torch.zeros(len(taus) + 1, dtype=torch.int64)
-    total = 0.0
-    for start in range(0, out, rows):
-        m = relative_change(factor.delta_rows(start, start + rows).to(w.device), w[start:start + rows], eps)
-        # bucket i holds the entries above exactly the i smallest τ (boundaries[i-1] < m <= boundaries[i])
-        boundaries = torch.from_numpy(taus[order]).to(m.dtype).to(m.device)
-        hist += torch.bincount(torch.bucketize(m.flatten(), boundaries), minlength=len(taus) + 1).cpu()
-        total += float(m.sum(dim=1).double().sum())
-    above_sorted = hist.flip(0).cumsum(0).flip(0)[1:].numpy()  # entries above the j-th smallest τ
-    counts = np.empty(len(taus), dtype=np.int64)
-    counts[order] = above_sorted
-    return counts, total
+    # bucket b holds the entries above exactly the b smallest τ (boundaries[b-1] < m <= boundaries[b]); τ in the
+    # dtype of m, as `m > tau` compares in module_response
+    boundaries = torch.from_numpy(taus[order]).to(torch.promote_types(w.dtype, torch.float32)).to(w.device)
+    group = max(1, chunk_elements // (out * inp))
+    rows = out if group > 1 else max(1, chunk_elements // inp)
+    hist = torch.zeros(n, k + 1, dtype=torch.int64)
+    sums = torch.zeros(n, dtype=torch.float64)
+    for g in range(0, n, group):
+        size = min(group, n - g)
+        offset = torch.arange(size, device=w.device)[:, None] * (k + 1)
+        for start in range(0, out, rows):
+            delta = scale[g:g + size] * torch.bmm(B[g:g + size, start:start + rows], A[g:g + size])
+            m = relative_change(delta, w[start:start + rows], eps)  # [size, rows, in]
+            bucket = torch.bucketize(m.reshape(size, -1), boundaries) + offset
+            hist[g:g + size] += torch.bincount(bucket.flatten(), minlength=size * (k + 1)).reshape(size, k + 1).cpu()
+            sums[g:g + size] += m.sum(dim=2).double().sum(dim=1).cpu()
+    above_sorted = hist.flip(1).cumsum(1).flip(1)[:, 1:].numpy()  # entries above the j-th smallest τ
+    counts = np.empty((n, k), dtype=np.int64)
+    counts[:, order] = above_sorted
+    return counts, sums.numpy()
 
 
 def sweep_table(base_weights: Mapping[str, torch.Tensor], loras: Iterable[tuple[Hashable, LoraWeights]],
                 taus: Sequence[float], eps: float = EPS, progress: bool = True) -> pd.DataFrame:
-    """Active entries of every module of every LoRA at every τ, one chunked pass per module.
+    """Active entries of every module of every LoRA at every τ, one batched pass per module over all LoRAs.
 
     loras: (key, LoraWeights) pairs, e.g. (case id, weights), all on `base_weights`. Returns a long table, one row
-    per (LoRA, module, τ): lora, module, depth, module_type, numel, tau, active, active_fraction,
-    sum_relative_change (the module's, repeated over τ), so `group_response(table[table.tau == τ], by)` works.
+    per (LoRA, module, τ) in LoRA, then natural module order: lora, module, depth, module_type, numel, tau, active,
+    active_fraction, sum_relative_change (the module's, repeated over τ), so `group_response(table[table.tau == τ],
+    by)` works.
     """
+    pairs = list(loras)
+    if not pairs:
+        raise LofaError("sweep_table got no LoRAs; pass (key, LoraWeights) pairs, e.g. zoo LoRAs by case id")
+    keys, weights = [key for key, _ in pairs], [lora for _, lora in pairs]
     shapes = _shapes(base_weights)
-    finite: set[str] = set()
-    rows = []
-    for key, lora in tqdm(loras, desc="τ sweep", unit="LoRA", disable=not progress, leave=False):
+    for lora in weights:
         check_compatible(lora, shapes)
-        names = sorted(lora, key=natural_key)
-        depths = block_depths(names)
-        for name in names:
-            w = base_weights[name]
-            if name not in finite:
-                if not torch.isfinite(w).all():
-                    raise LofaError(f"base weight {name!r} contains NaN or inf; the base model file is damaged")
-                finite.add(name)
-            counts, total = module_exceedance(lora[name], w, taus, eps)
-            numel = w.shape[0] * w.shape[1]
-            rows += [(key, name, depths[name], module_type(name), numel, float(t), int(c), c / numel, total)
-                     for t, c in zip(taus, counts)]
-    table = pd.DataFrame(rows, columns=["lora", "module", "depth", "module_type", "numel", "tau", "active",
-                                        "active_fraction", "sum_relative_change"])
+    names = sorted(set().union(*weights), key=natural_key)
+    depths = block_depths(names)
+    parts = []
+    for name in tqdm(names, desc="τ sweep", unit="module", disable=not progress, leave=False):
+        w = base_weights[name]
+        if not torch.isfinite(w).all():
+            raise LofaError(f"base weight {name!r} contains NaN or inf; the base model file is damaged")
+        holders = [i for i, lora in enumerate(weights) if name in lora]
+        counts, sums = module_exceedance([weights[i][name] for i in holders], w, taus, eps)
+        numel = w.shape[0] * w.shape[1]
+        parts.append(pd.DataFrame({
+            "order": np.repeat(holders, len(taus)), "lora": [keys[i] for i in holders for _ in taus],
+            "module": name, "depth": depths[name], "module_type": module_type(name), "numel": numel,
+            "tau": np.tile(np.asarray(taus, dtype=np.float64), len(holders)), "active": counts.ravel(),
+            "active_fraction": counts.ravel() / numel, "sum_relative_change": np.repeat(sums, len(taus))}))
+    columns = ["lora", "module", "depth", "module_type", "numel", "tau", "active", "active_fraction",
+               "sum_relative_change"]
+    table = pd.concat(parts, ignore_index=True).sort_values("order", kind="stable")[columns].reset_index(drop=True)
     table["depth"] = table["depth"].astype("Int64")
     return table
 
@@ -362,13 +386,29 @@ def variance_explained(values: Sequence[float], groups: Sequence[Hashable]) -> f
     """η² = 1 − Σ (value − its group's mean)² / Σ (value − overall mean)²: the share of the variance of
     `values` [n] that membership in `groups` [n] accounts for (0: none, 1: all); nan when the values do not vary."""
     values = np.asarray(values, dtype=np.float64)
-    codes = pd.factorize(pd.Series(list(groups)))[0]
+    codes = pd.factorize(pd.Series(list(groups)), use_na_sentinel=False)[0]  # a missing label is a group too
     if len(values) != len(codes):
         raise LofaError(f"{len(values)} values but {len(codes)} group labels; give one label per value")
     total = ((values - values.mean()) ** 2).sum()
     means = np.bincount(codes, weights=values) / np.bincount(codes)
     within = ((values - means[codes]) ** 2).sum()
     return float(1 - within / total) if total > 0 else math.nan
+
+
+def chance_iou(active_fraction: np.ndarray, numel: np.ndarray) -> np.ndarray:
+    """Expected IoU of two maps whose entries are independent, given each map's active fraction per module.
+
+    active_fraction: [n, M] (n maps, M modules); numel: [M] entries per module. Returns [n, n]:
+    Σ numel · p_a p_b / Σ numel · (p_a + p_b − p_a p_b), the baseline that map IoUs sit above when maps share
+    structure (e.g. where |W| is small); nan where both maps are empty.
+    """
+    p = np.asarray(active_fraction, dtype=np.float64)
+    weight = np.asarray(numel, dtype=np.float64)
+    inter = (p * weight) @ p.T
+    total = p @ weight
+    union = total[:, None] + total[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, np.nan)
 
 
 def permutation_test(sim: np.ndarray, labels: Sequence[Hashable], n_perm: int = 1000, seed: int = 0) -> dict:
@@ -400,7 +440,7 @@ def permutation_test(sim: np.ndarray, labels: Sequence[Hashable], n_perm: int = 
     within, across = (float(v[0]) for v in statistic(codes[None]))
     if math.isnan(within) or math.isnan(across):
         raise LofaError(f"no {'same' if math.isnan(within) else 'different'}-label pair with a defined similarity "
-                        f"among {n} items in {codes.max() + 1 if n else 0} groups; the test needs both")
+                        f"among {n} items in {len(set(codes))} groups; the test needs both")
     observed = within - across
     rng = np.random.default_rng(seed)
     exceed = 0
@@ -408,10 +448,10 @@ def permutation_test(sim: np.ndarray, labels: Sequence[Hashable], n_perm: int = 
     for start in range(0, n_perm, batch):
         shuffled = rng.permuted(np.tile(codes.astype(np.int32), (min(batch, n_perm - start), 1)), axis=1)
         w, a = statistic(shuffled)
-        exceed += int(np.sum(w - a >= observed - 1e-12))
+        exceed += int(np.sum(w - a >= observed - 1e-12))  # a shuffle that regroups like the data ties it
     n_within = int((codes[i] == codes[j]).sum())
     return {"within": within, "across": across, "difference": observed, "p_value": (1 + exceed) / (1 + n_perm),
-            "n_perm": n_perm, "n": n, "n_groups": int(codes.max()) + 1, "n_within_pairs": n_within,
+            "n_perm": n_perm, "n": n, "n_groups": len(set(codes)), "n_within_pairs": n_within,
             "n_across_pairs": len(s) - n_within}
 
 

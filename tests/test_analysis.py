@@ -1,11 +1,14 @@
 """Response maps: chunked float32 statistics against an independent float64 computation, structure, similarity."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
-from lofa.analysis import (analyze_lora, block_depths, cosine, group_response, iou, lora_response, module_response,
-                           module_type, pairwise_similarity, plot_response_map, relative_change, response_map,
-                           response_table)
+from lofa.analysis import (analyze_lora, block_depths, chance_iou, cosine, depth_type_profile, group_response, iou,
+                           lora_response, map_strip, module_exceedance, module_order, module_response, module_type,
+                           pairwise_similarity, permutation_test, plot_response_map, plot_response_rows,
+                           relative_change, response_map, response_table, sweep_table, variance_explained)
 from lofa.errors import LofaError
 from lofa.lora.formats import LoraFactor
 
@@ -191,23 +194,28 @@ def test_plot_is_written_atomically(tmp_path):
 
 # --- τ sweep, profiles and the within- vs across-group test (notebook 04) -----------------------------------------
 def test_module_exceedance_matches_float64_at_every_tau():
-    from lofa.analysis import module_exceedance
-
     base, lora = make_case(seed=7)
     name = "blocks.0.attn2.to_k"
-    m = reference(base[name], lora[name])
+    _, other = make_case(seed=12)
+    low_rank = LoraFactor(A=other[name].A[:2], B=other[name].B[:, :2], alpha=5.0)  # another rank and alpha
+    factors = [lora[name], low_rank, lora[name]]
+    m = [reference(base[name], f) for f in factors]
     taus = [0.2, 0.005, TAU, 0.05, 0.0]  # unsorted on purpose
-    for chunk in (16, 1 << 22):
-        counts, total = module_exceedance(lora[name], base[name], taus, chunk_elements=chunk)
-        assert counts.tolist() == [int((m > t).sum()) for t in taus]
-        assert total == pytest.approx(m.sum(), rel=1e-6)
-    assert counts[2] == module_response(lora[name], base[name], TAU).active
-    assert counts[4] == int((m > 0).sum()) < m.size  # ΔW row 3 is zero: not above τ = 0
+    for chunk in (16, 2 * 24 * 16, 1 << 22):  # row blocks of one LoRA, two whole LoRAs, all at once
+        counts, sums = module_exceedance(factors, base[name], taus, chunk_elements=chunk)
+        assert counts.shape == (3, 5)
+        for i in range(3):
+            expected = np.array([(m[i] > t).sum() for t in taus])
+            borderline = np.array([(np.abs(m[i] - t) <= 1e-5 * t).sum() for t in taus])  # float32 vs float64 ties
+            assert (np.abs(counts[i] - expected) <= borderline).all()
+            assert sums[i] == pytest.approx(m[i].sum(), rel=1e-6)
+        assert counts[0].tolist() == counts[2].tolist() == [int((m[0] > t).sum()) for t in taus]
+    assert counts[0, 2] == module_response(lora[name], base[name], TAU).active
+    assert counts[1, 2] == module_response(low_rank, base[name], TAU).active
+    assert counts[0, 4] == int((m[0] > 0).sum()) < m[0].size  # ΔW row 3 is zero: not above τ = 0
 
 
 def test_sweep_table_and_depth_type_profile():
-    from lofa.analysis import depth_type_profile, sweep_table
-
     base, lora0 = make_case(seed=8)
     _, lora1 = make_case(seed=9)
     lora1 = {n: f for n, f in lora1.items() if n != "blocks.10.attn2.to_v"}
@@ -215,6 +223,7 @@ def test_sweep_table_and_depth_type_profile():
     assert len(table) == 2 * (5 + 4) and set(table.columns) >= {"lora", "module", "depth", "module_type", "tau",
                                                                 "active", "active_fraction"}
     at_tau = table[table.tau == TAU]
+    assert at_tau.lora.tolist() == ["a"] * 5 + ["b"] * 4 and at_tau.module.tolist()[:5] == list(SHAPES)
     expected = analyze_lora(base, lora0, TAU)["modules"]
     got = at_tau[at_tau.lora == "a"].set_index("module")
     for name, stats in expected.items():
@@ -231,8 +240,6 @@ def test_sweep_table_and_depth_type_profile():
 
 
 def test_variance_explained():
-    from lofa.analysis import variance_explained
-
     assert variance_explained([1, 1, 5, 5], ["a", "a", "b", "b"]) == pytest.approx(1.0)
     assert variance_explained([1, 5, 1, 5], ["a", "a", "b", "b"]) == pytest.approx(0.0)
     rng = np.random.default_rng(0)
@@ -240,6 +247,18 @@ def test_variance_explained():
     within = sum(((values[groups == g] - values[groups == g].mean()) ** 2).sum() for g in range(4))
     assert variance_explained(values, groups) == pytest.approx(1 - within / ((values - values.mean()) ** 2).sum())
     assert np.isnan(variance_explained([2.0, 2.0], [0, 1]))
+    assert variance_explained([1, 1, 5, 5], [None, None, 3, 3]) == pytest.approx(1.0)  # e.g. modules outside blocks
+
+
+def test_chance_iou_matches_independent_random_maps():
+    rng = np.random.default_rng(4)
+    numel = np.array([3000, 1000, 6000])
+    fractions = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.4], [0.0, 0.0, 0.0]])
+    maps = [np.concatenate([rng.random(k) < f for k, f in zip(numel, row)]) for row in fractions[:2]]
+    got = chance_iou(fractions, numel)
+    assert got[0, 1] == pytest.approx(iou(torch.from_numpy(maps[0]), torch.from_numpy(maps[1])), abs=0.01)
+    assert got[0, 1] == got[1, 0] and np.isnan(got[2, 2]) and got[0, 2] == 0.0
+    assert got[0, 0] < 1  # two independent draws of one map overlap by chance only
 
 
 def block_similarity(labels, within, across, noise, seed):
@@ -250,8 +269,6 @@ def block_similarity(labels, within, across, noise, seed):
 
 
 def test_permutation_test_detects_group_structure_only_when_present():
-    from lofa.analysis import permutation_test
-
     labels = np.repeat(["x", "y", "z"], 6)
     strong = permutation_test(block_similarity(labels, 0.7, 0.2, 0.05, 0), labels, n_perm=500, seed=0)
     assert strong["difference"] == pytest.approx(0.5, abs=0.05) and strong["p_value"] == 1 / 501
@@ -265,10 +282,6 @@ def test_permutation_test_detects_group_structure_only_when_present():
 
 
 def test_permutation_test_statistic_and_p_value_against_enumeration():
-    import itertools
-
-    from lofa.analysis import permutation_test
-
     rng = np.random.default_rng(3)
     sim = rng.uniform(size=(6, 6))
     sim = (sim + sim.T) / 2
@@ -294,8 +307,6 @@ def test_permutation_test_statistic_and_p_value_against_enumeration():
 
 
 def test_map_strip_and_response_rows_plot(tmp_path):
-    from lofa.analysis import map_strip, module_order, plot_response_rows
-
     names = ["blocks.1.attn2.to_q", "blocks.0.attn1.to_out.0", "blocks.0.attn1.to_q", "proj_out",
              "blocks.0.attn2.to_k", "blocks.10.attn1.to_v"]
     assert module_order(names) == ["blocks.0.attn1.to_q", "blocks.0.attn1.to_out.0", "blocks.0.attn2.to_k",

@@ -31,6 +31,17 @@ def test_forward_shape(gen):
     assert torch.allclose(gen(x, 0.5, context, mask), gen(x, torch.tensor([0.5, 0.5]), context, mask))
 
 
+def test_x0_prediction_is_turned_into_velocity(gen):
+    x, t, context, mask = _inputs(gen)
+    assert gen.config.prediction == "x0"
+    video = gen.kind == "video_dit"  # the wrapper zeroes padded text positions for Wan, masks them for the UNet
+    kwargs = {} if video else {"encoder_attention_mask": mask}
+    with torch.no_grad():
+        x0_hat = gen.net(x, t * 1000, context * mask[..., None] if video else context, **kwargs, return_dict=False)[0]
+        expected = (x - x0_hat) / t.view(-1, *([1] * (x.ndim - 1)))
+        assert torch.allclose(gen(x, t, context, mask), expected, atol=1e-5)
+
+
 def test_mask_ignores_padded_tokens(gen):
     x, t, context, mask = _inputs(gen)
     changed = context.clone()
@@ -93,7 +104,8 @@ def test_from_pretrained_wan_local_folder(tmp_path):
     g = Generator.build("video_dit", "smoke")
     g.net.save_pretrained(tmp_path / "pipe" / "transformer")
     loaded = Generator.from_pretrained_wan(tmp_path / "pipe")
-    assert dataclasses.replace(loaded.config, zero_init_output=True) == g.config
+    assert loaded.config.prediction == "velocity"  # Wan checkpoints predict the velocity
+    assert dataclasses.replace(loaded.config, zero_init_output=True, prediction="x0") == g.config
     assert loaded.lora_target_modules() == g.lora_target_modules()
     assert all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), loaded.state_dict().values()))
 

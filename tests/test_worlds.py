@@ -221,3 +221,11 @@ if __name__ == "__main__":
     import sys
 
     _gallery(*sys.argv[1:])
+
+
+def test_empty_phrases_leave_no_dangling_punctuation():
+    from lofa.worlds.base import _tidy
+
+    assert _tidy("sunset palette, striped texture, thin outlines, : a ball") == \
+        "sunset palette, striped texture, thin outlines: a ball"
+    assert _tidy("a ,  , b") == "a, b"

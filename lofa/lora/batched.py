@@ -172,7 +172,7 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
         opt = make_optimizer(params, cfg)
         losses, prior_losses = [], []
         for _ in tqdm(range(cfg.steps), desc=f"{len(case_ids)} LoRAs", leave=False, disable=not progress):
-            fine, prior = lora_losses(gen, [s.next_batch() for s in streams], cfg.batch_size)
+            fine, prior = lora_losses(gen, [s.next_batch() for s in streams], cfg)
             objective = fine.sum() + (cfg.prior_weight * prior.sum() if prior is not None else 0)
             objective.backward()
             _clip_per_lora(params, cfg.max_grad_norm)
@@ -181,9 +181,9 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
             losses.append(fine.detach())
             if prior is not None:
                 prior_losses.append(prior.detach())
-        wall = (time.perf_counter() - start) / len(case_ids)
-        losses = torch.stack(losses).cpu()
+        losses = torch.stack(losses).cpu()  # waits for the device, so the wall time below is complete
         prior_losses = torch.stack(prior_losses).cpu() if prior_losses else None
+        wall = (time.perf_counter() - start) / len(case_ids)
         return [(lora.weights(g, cfg.alpha),
                  s.info(losses[:, g], None if prior_losses is None else prior_losses[:, g], wall, "batched"))
                 for g, s in enumerate(streams)]

@@ -5,7 +5,7 @@ block; optionally the FFN) trained with the flow-matching loss on fresh renders 
 case's train-split phrasings. Identity prompts carry the "[V]" identifier (DreamBooth); `prior_weight` > 0 adds
 DreamBooth's prior preservation on coarse-prompt renders of other cases of the same coarse category.
 
-`CaseStream` holds everything one LoRA's training draws (initial factors, samples, prompts, t, noise) from a
+`CaseStream` holds everything one LoRA's training draws (initial factors, samples, captions, t, noise) from a
 private generator, so a LoRA trained alone here and inside a batch by `lofa.lora.batched` sees the same numbers
 and ends at the same weights.
 """
@@ -41,18 +41,23 @@ class LoraTrainConfig:
     n_renders: int = 16             # renders of the case drawn once per LoRA; appearance differs in each
     prior_weight: float = 0.0       # DreamBooth prior preservation λ (0 = off)
     t_sampling: str = "logit_normal"
+    precision: str = "fp32"         # "bf16": autocast the generator's forward (fp32 master weights and loss)
     group_size: int = 32            # LoRAs per forward/backward in lofa.lora.batched
 
     PRESETS = {
         "smoke": {"steps": 10, "n_renders": 4, "group_size": 8},
         # ~200 sample-steps a LoRA: ~100 LoRAs in ~10 min of 2 CPU cores at the mini generators' ~30 ms a sample
         "mini": {},
-        "full": {"rank": 8, "alpha": 8.0, "steps": 400, "batch_size": 8, "n_renders": 64, "lr": 1e-3,
-                 "group_size": 64},
+        "full": {"rank": 8, "alpha": 8.0, "steps": 200, "batch_size": 4, "n_renders": 32, "lr": 1e-3,
+                 "precision": "bf16", "group_size": 64},
         # Wan2.1-1.3B at the paper's adapter shape; a LoRA there is trained alone or a few at a time.
         "wan": {"rank": 32, "alpha": 32.0, "steps": 2000, "batch_size": 1, "n_renders": 64, "lr": 1e-4,
-                "group_size": 4},
+                "precision": "bf16", "group_size": 4},
     }
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise LofaError(f"unknown precision {self.precision!r}; use 'fp32' or 'bf16'")
 
 
 LoraTrainConfig.PRESETS["paper"] = LoraTrainConfig.PRESETS["wan"]
@@ -146,17 +151,19 @@ class CaseStream:
         }
 
 
-def lora_losses(gen, batches: list[dict[str, torch.Tensor]], n_fine: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One forward over G LoRAs' batches (concatenated in order, S samples each, the first n_fine of them fine).
+def lora_losses(gen, batches: list[dict[str, torch.Tensor]], cfg: LoraTrainConfig
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward over G LoRAs' batches (concatenated in order, S samples each, the first batch_size fine).
 
-    Returns per-LoRA mean losses fine [G] and prior [G] (None when S == n_fine). Summing per-LoRA means (not one
-    mean over the whole batch) gives each LoRA exactly the gradient it would get alone.
+    Returns per-LoRA mean losses fine [G] and prior [G] (None without prior samples). Summing per-LoRA means (not
+    one mean over the whole batch) gives each LoRA exactly the gradient it would get alone.
     """
     cat = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-    per_sample = flow_matching_loss(gen, cat["x0"], cat["context"], cat["mask"], t=cat["t"], noise=cat["noise"],
-                                    reduction="none").view(len(batches), -1)
-    prior = per_sample[:, n_fine:].mean(1) if per_sample.shape[1] > n_fine else None
-    return per_sample[:, :n_fine].mean(1), prior
+    with torch.autocast(cat["x0"].device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+        per_sample = flow_matching_loss(gen, cat["x0"], cat["context"], cat["mask"], t=cat["t"], noise=cat["noise"],
+                                        reduction="none").view(len(batches), -1)
+    prior = per_sample[:, cfg.batch_size:].mean(1) if per_sample.shape[1] > cfg.batch_size else None
+    return per_sample[:, :cfg.batch_size].mean(1), prior
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: LoraTrainConfig) -> torch.optim.Optimizer:
@@ -218,7 +225,7 @@ def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, de
             opt = make_optimizer(params, cfg)
             losses, prior_losses = [], []
             for _ in tqdm(range(cfg.steps), desc=f"LoRA case {case_id}", leave=False, disable=not progress):
-                fine, prior = lora_losses(gen, [stream.next_batch()], cfg.batch_size)
+                fine, prior = lora_losses(gen, [stream.next_batch()], cfg)
                 objective = fine.sum() + (cfg.prior_weight * prior.sum() if prior is not None else 0)
                 objective.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -232,9 +239,9 @@ def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, de
                        for name, layer in layers.items()}
         finally:
             gen.net.unload_lora()
-    wall = time.perf_counter() - start
-    info = stream.info(torch.cat(losses).cpu(), torch.cat(prior_losses).cpu() if prior_losses else None, wall, "peft")
-    return weights, info
+    losses = torch.cat(losses).cpu()  # waits for the device, so the wall time below is complete
+    prior_losses = torch.cat(prior_losses).cpu() if prior_losses else None
+    return weights, stream.info(losses, prior_losses, time.perf_counter() - start, "peft")
 
 
 # ---------------------------------------------------------------------------------------------------------------

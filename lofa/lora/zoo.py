@@ -30,6 +30,8 @@ INDEX = "index.json"
 LORA_DIR = "loras"
 # Fields that do not change a LoRA's weights (the batched and single trainers are equivalent).
 _FREE_FIELDS = ("group_size",)
+# The component prefix diffusers pipelines expect in a LoRA file (`load_lora_weights`).
+PIPELINE_PREFIX = {"video_dit": "transformer", "image_unet": "unet"}
 
 
 def lora_filename(case_id: int) -> str:
@@ -120,7 +122,8 @@ def build_zoo(world, gen, cfg: LoraTrainConfig, zoo_dir: str | os.PathLike, devi
             trained_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
             for weights, info in results:
                 meta = {**info, "base": header["base"], "run_id": run_id, "trained_at": trained_at}
-                save_lora(zoo_dir / LORA_DIR / lora_filename(info["case_id"]), weights, meta)
+                save_lora(zoo_dir / LORA_DIR / lora_filename(info["case_id"]), weights, meta,
+                          prefix=PIPELINE_PREFIX[gen.kind])
                 entries[info["case_id"]] = {**meta, "file": f"{LORA_DIR}/{lora_filename(info['case_id'])}"}
             _write_index(zoo_dir, header, entries)
             bar.update(len(ids))
@@ -167,9 +170,7 @@ class Zoo:
     def load(self, case_id: int, device="cpu") -> tuple[LoraWeights, dict]:
         """(weights {module_name: LoraFactor}, metadata) of one case's LoRA."""
         weights, meta = load_lora(self.path(case_id))
-        if device != "cpu":
-            weights = {n: LoraFactor(f.A.to(device), f.B.to(device), f.alpha) for n, f in weights.items()}
-        return weights, meta
+        return {n: LoraFactor(f.A.to(device), f.B.to(device), f.alpha) for n, f in weights.items()}, meta
 
     def frame(self):
         """The index as a pandas DataFrame, one row per LoRA (for tables and plots)."""

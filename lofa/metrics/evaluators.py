@@ -15,7 +15,7 @@ Motion measures (dynamic degree, smoothness) need no training; the dynamic thres
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import hashlib
 import json
 import time
@@ -41,8 +41,7 @@ ROLES = {
     "identities": ("referee", "clip", "face", "generic"),
 }
 META_FILE = "evaluators.json"
-_ROLE_SEED_STRIDE = 10_000_000  # render seeds of one role: seed_offset + seed * 1e8 + role * 1e7 + step
-_CALIBRATION_ROLE = 9
+_SEEDS_PER_RUN = 1_000_000
 
 
 @dataclass
@@ -55,6 +54,7 @@ class EvalConfig:
     batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    per_case: int = 16         # ground-truth samples per case in the training pool (all roles share it)
     steps_referee: int = 500
     steps_clip: int = 500
     steps_embed: int = 400     # ArcFace style / face descriptors
@@ -65,22 +65,21 @@ class EvalConfig:
     noise_aug: float = 0.1     # max std of Gaussian noise added to training renders (robust to sampler noise)
     motion_pool: int = 2
     motion_top: float = 0.05
-    dd_quantile: float = 0.1   # dynamic threshold = this quantile of ground-truth motion
-    calib_samples: int = 256
+    dd_quantile: float = 0.1   # dynamic threshold = this quantile of ground-truth motion in the pool
     seed_offset: int = 900_000_000
 
     PRESETS: ClassVar[dict[str, dict]] = {
-        "smoke": {"width": 8, "dim": 64, "batch": 32, "steps_referee": 60, "steps_clip": 60,
-                  "steps_embed": 60, "steps_generic": 40, "calib_samples": 64},
+        "smoke": {"width": 8, "dim": 64, "batch": 32, "per_case": 8, "steps_referee": 60, "steps_clip": 60,
+                  "steps_embed": 60, "steps_generic": 40},
         "mini": {},
-        "full": {"width": 32, "dim": 256, "batch": 128, "steps_referee": 3000, "steps_clip": 3000,
-                 "steps_embed": 2000, "steps_generic": 1500, "calib_samples": 1024},
+        "full": {"width": 32, "dim": 256, "batch": 128, "per_case": 48, "steps_referee": 3000,
+                 "steps_clip": 3000, "steps_embed": 2000, "steps_generic": 1500},
     }
 
     def seed_range(self, seed: int) -> tuple[int, int]:
         """[lo, hi) of the render seeds these evaluators train on; anything scored must use others."""
-        lo = self.seed_offset + seed * 10 * _ROLE_SEED_STRIDE
-        return lo, lo + 10 * _ROLE_SEED_STRIDE
+        lo = self.seed_offset + seed * _SEEDS_PER_RUN
+        return lo, lo + _SEEDS_PER_RUN
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -206,13 +205,40 @@ def _build(role: str, world, cfg: EvalConfig, head_sizes: dict[str, int]) -> tor
     raise ValueError(f"unknown evaluator role {role!r}")
 
 
-def _role_loss(role: str, net, world, cfg: EvalConfig, labels: dict[str, torch.Tensor], text: "PooledText",
-               seed0: int, device: torch.device):
-    """loss_fn(step, g) for one role; `seed0 + step` seeds the ground-truth renders of that step.
+class GroundTruthPool:
+    """`per_case` ground-truth samples of every case, rendered once and shared by every evaluator's training.
 
-    Renders come from `world.sample`, which also draws the per-sample extras (styles: content, identities: hat /
-    sunglasses context), so evaluators see everything a prompt may ask for. Batches are rendered and augmented
-    on the CPU (the generator lives there), then moved to `device`.
+    Samples come from `world.sample`, which also draws the per-sample extras (styles: content, identities: hat /
+    sunglasses context), so evaluators see everything a prompt may ask for. Row r * n_cases + c holds case c.
+    x [n_cases * per_case, 3, (T,) H, W] float16, captions (one fine "train" caption per row), and where asked
+    conditions [n_cases * per_case, ...] float16 (world.condition at the same seeds).
+    """
+
+    def __init__(self, world, per_case: int, seed: int, conditions: bool, chunk: int = 256):
+        self.n_cases = len(world.cases)
+        self.per_case = per_case
+        ids = torch.arange(self.n_cases).repeat(per_case)
+        xs, refs, self.captions = [], [], []
+        for i, start in enumerate(tqdm(range(0, len(ids), chunk), desc=f"{world.task} ground truth", leave=False)):
+            sub = ids[start:start + chunk].tolist()
+            x, captions = world.sample(sub, seed=seed + i, split="train")
+            xs.append(x.half())
+            self.captions += captions
+            if conditions:
+                refs.append(world.condition(sub, seed=seed + i).half())
+        self.x = torch.cat(xs)
+        self.conditions = torch.cat(refs) if conditions else None
+
+    def rows(self, ids: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """A random pooled sample of each case in ids [B] -> row indices [B]."""
+        return torch.randint(0, self.per_case, (len(ids),), generator=g) * self.n_cases + ids
+
+
+def _role_loss(role: str, net, world, pool: GroundTruthPool, cfg: EvalConfig, labels: dict[str, torch.Tensor],
+               text: "PooledText", device: torch.device):
+    """loss_fn(step, g) for one role, drawing batches from the ground-truth pool.
+
+    Batches are gathered and augmented on the CPU (the generator lives there), then moved to `device`.
     """
     n_cases = len(world.cases)
 
@@ -221,38 +247,36 @@ def _role_loss(role: str, net, world, cfg: EvalConfig, labels: dict[str, torch.T
             return torch.randperm(n_cases, generator=g)[:cfg.batch]
         return torch.randint(0, n_cases, (cfg.batch,), generator=g)
 
-    def render(ids, step):
-        return world.sample(ids.tolist(), seed=seed0 + step)[0]
-
     if role == "referee":
         def loss(step, g):
             ids = ids_for(g)
-            _, logits = net(robust_aug(render(ids, step), g, cfg.noise_aug).to(device))
+            x = robust_aug(pool.x[pool.rows(ids, g)].float(), g, cfg.noise_aug)
+            _, logits = net(x.to(device))
             return sum(F.cross_entropy(logits[k], labels[k][ids].to(device)) for k in logits) / len(logits)
     elif role == "clip":
         n_plain = world.n_prompts("train")
 
         def loss(step, g):
             ids = ids_for(g, distinct=True)  # distinct cases: no false negatives among in-batch pairs
-            x, captions = world.sample(ids.tolist(), seed=seed0 + step, split="train")
+            rows = pool.rows(ids, g)
             # Half the captions are the plain fine prompt (no content / context words): both kinds get scored.
             plain = torch.rand(len(ids), generator=g) < 0.5
             variant = torch.randint(0, n_plain, (len(ids),), generator=g)
-            captions = [world.prompt(int(i), int(v), "train") if p else c
-                        for i, v, p, c in zip(ids, variant, plain, captions)]
+            captions = [world.prompt(int(i), int(v), "train") if p else pool.captions[int(r)]
+                        for i, v, p, r in zip(ids, variant, plain, rows)]
             t = text(captions, ids.tolist()).to(device)
-            x = robust_aug(x, g, cfg.noise_aug).to(device)
+            x = robust_aug(pool.x[rows].float(), g, cfg.noise_aug).to(device)
             return info_nce(net.encode_render(x), net.encode_text(t), net.logit_scale)
     elif role in ("style", "face"):
         def loss(step, g):
             ids = ids_for(g)
-            refs = world.condition(ids.tolist(), seed=seed0 + step)
-            x = robust_aug(torch.cat([random_frames(render(ids, step), g), refs]), g, cfg.noise_aug)
+            rows = pool.rows(ids, g)
+            x = torch.cat([random_frames(pool.x[rows].float(), g), pool.conditions[pool.rows(ids, g)].float()])
             y = torch.cat([ids, ids]).to(device)
-            return F.cross_entropy(net.head(net(x.to(device)), y), y)
+            return F.cross_entropy(net.head(net(robust_aug(x, g, cfg.noise_aug).to(device)), y), y)
     elif role == "generic":
         def loss(step, g):
-            x = random_frames(render(ids_for(g), step), g)
+            x = random_frames(pool.x[pool.rows(ids_for(g), g)].float(), g)
             z1, z2 = (net.projector(net(view_aug(x, g, cfg.noise_aug).to(device))) for _ in range(2))
             return nt_xent(z1, z2, cfg.simclr_temperature)
     else:
@@ -314,8 +338,10 @@ def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path |
     lo, _ = cfg.seed_range(seed)
     device = torch.device(device)
 
+    roles = ROLES[world.task]
+    pool = None
     nets, seconds, curves = {}, {}, {}
-    for r, role in enumerate(ROLES[world.task]):
+    for r, role in enumerate(roles):
         torch.manual_seed(seed * 1000 + r)  # parameter init
         net = _build(role, world, cfg, head_sizes)
         path = out / f"{role}.safetensors" if out is not None else None
@@ -324,12 +350,13 @@ def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path |
             continue
         steps = {"referee": cfg.steps_referee, "clip": cfg.steps_clip, "style": cfg.steps_embed,
                  "face": cfg.steps_embed, "generic": cfg.steps_generic}[role]
+        if pool is None:
+            with _timed(seconds, "pool"):
+                pool = GroundTruthPool(world, cfg.per_case, lo, conditions=bool({"style", "face"} & set(roles)))
         net = net.to(device)
-        loss_fn = _role_loss(role, net, world, cfg, labels, PooledText(world, from_attrs),
-                             lo + r * _ROLE_SEED_STRIDE, device)
-        t0 = time.perf_counter()
-        curves[role] = fit(net, loss_fn, steps, cfg, seed * 1000 + r, f"{world.task} {role}")
-        seconds[role] = time.perf_counter() - t0
+        loss_fn = _role_loss(role, net, world, pool, cfg, labels, PooledText(world, from_attrs), device)
+        with _timed(seconds, role):
+            curves[role] = fit(net, loss_fn, steps, cfg, seed * 1000 + r, f"{world.task} {role}")
         if path is not None:
             save_safetensors(net.state_dict(), path, metadata={"fingerprint": fp})
         nets[role] = net.eval()
@@ -338,10 +365,22 @@ def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path |
             "seed": seed, "vocab": vocab, "head_sizes": head_sizes, "captions_from_attrs": from_attrs,
             "train_seconds": seconds, "final_loss": {k: float(np.mean(v[-20:])) for k, v in curves.items()}}
     if world.modality == "video":
-        meta["motion_threshold"] = _calibrate_motion(world, cfg, lo + _CALIBRATION_ROLE * _ROLE_SEED_STRIDE)
+        if pool is None:
+            pool = GroundTruthPool(world, cfg.per_case, lo, conditions=False)
+        motion = torch.cat([scores.motion_magnitude(pool.x[i:i + 256].float(), cfg.motion_pool, cfg.motion_top)
+                            for i in range(0, len(pool.x), 256)])
+        meta["motion_threshold"] = scores.calibrate_motion_threshold(motion, cfg.dd_quantile)
     if out is not None:
         write_json(out / META_FILE, meta)
     return Evaluators(world, cfg, nets, meta, device, curves)
+
+
+@contextlib.contextmanager
+def _timed(log: dict, key: str):
+    """log[key] = {"wall": seconds, "cpu": process CPU seconds (all threads)} of the block."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    log[key] = {"wall": round(time.perf_counter() - wall, 2), "cpu": round(time.process_time() - cpu, 2)}
 
 
 def _load_weights(net: torch.nn.Module, path: Path) -> str | None:
@@ -353,14 +392,6 @@ def _load_weights(net: torch.nn.Module, path: Path) -> str | None:
         fp = (f.metadata() or {}).get("fingerprint")
     net.load_state_dict(load_file(str(path)))
     return fp
-
-
-def _calibrate_motion(world, cfg: EvalConfig, seed: int) -> float:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, len(world.cases), (cfg.calib_samples,), generator=g).tolist()
-    motion = torch.cat([scores.motion_magnitude(world.render(ids[i:i + 64], seed=seed + i), cfg.motion_pool,
-                                                cfg.motion_top) for i in range(0, len(ids), 64)])
-    return scores.calibrate_motion_threshold(motion, cfg.dd_quantile)
 
 
 # ----------------------------------------------------------------------------- the bundle

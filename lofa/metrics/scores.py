@@ -73,7 +73,7 @@ def pairwise_diversity(emb: torch.Tensor) -> float:
     e = F.normalize(emb.float(), dim=-1)
     sim = e @ e.T
     iu = torch.triu_indices(len(e), len(e), offset=1)
-    return float((1 - sim[iu[0], iu[1]]).mean())
+    return float((1 - sim[iu[0], iu[1]]).mean().clamp_min(0))
 
 
 def group_diversity(emb: torch.Tensor, groups: Sequence[int]) -> dict[int, float]:

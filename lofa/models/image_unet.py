@@ -26,7 +26,8 @@ class ImageUNetConfig:
     cross_attention_dim: int = 384
     norm_num_groups: int = 8
     use_linear_projection: bool = True
-    zero_init_output: bool = True  # start from v = 0 so early training is stable (from-scratch only)
+    zero_init_output: bool = True  # start from a zero output so early training is stable
+    prediction: str = "x0"         # what the net outputs: "x0" or "velocity"; see Generator
 
     PRESETS = {
         "smoke": {"block_out_channels": (16, 32, 32), "attention_head_dim": 2},

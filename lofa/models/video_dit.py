@@ -27,14 +27,16 @@ class VideoDiTConfig:
     cross_attn_norm: bool = True
     qk_norm: str = "rms_norm_across_heads"
     rope_max_seq_len: int = 1024
-    zero_init_output: bool = True  # DiT-style: start from v = 0 so early training is stable (from-scratch only)
+    zero_init_output: bool = True  # DiT-style: start from a zero output so early training is stable
+    prediction: str = "x0"         # what the net outputs: "x0" (pixel-space models) or "velocity" (Wan); see Generator
 
     PRESETS = {
         "smoke": {"num_layers": 2, "num_heads": 2, "head_dim": 32, "ffn_dim": 128},
         "mini": {},
         "full": {"patch_size": (1, 4, 4), "num_layers": 8, "num_heads": 4, "head_dim": 64, "ffn_dim": 1024},
         "wan": {"patch_size": (1, 2, 2), "num_layers": 30, "num_heads": 12, "head_dim": 128, "ffn_dim": 8960,
-                "in_channels": 16, "out_channels": 16, "text_dim": 4096, "zero_init_output": False},
+                "in_channels": 16, "out_channels": 16, "text_dim": 4096, "zero_init_output": False,
+                "prediction": "velocity"},
     }
 
     def __post_init__(self):
@@ -121,5 +123,6 @@ def config_from_wan(net_config: dict) -> VideoDiTConfig:
         qk_norm=net_config["qk_norm"],
         rope_max_seq_len=net_config["rope_max_seq_len"],
         zero_init_output=False,
+        prediction="velocity",
     )
 

@@ -217,6 +217,7 @@ def single_threaded(fn):
 def _tidy(text: str) -> str:
     """Collapse the spaces and commas that empty phrases (single-valued components) leave behind."""
     text = re.sub(r"\s*,(\s*,)*", ",", " ".join(text.split()))
+    text = re.sub(r",\s*(?=[:;.])", "", text)  # "thin outlines, : a ball" -> "thin outlines: a ball"
     return re.sub(r",(?=\S)", ", ", text).strip(" ,")
 
 

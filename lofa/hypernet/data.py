@@ -1,0 +1,290 @@
+"""The hypernetwork's training data: triplets (condition C, LoRA ΔW, base weights W) from a LoRA zoo, and the
+flow-matching term of Stage II through the frozen base generator.
+
+    data = Triplets(world, zoo, gen, "text", cfg, text=TextEncoder())      # or "pose" / "image" with encoder=...
+    batch_fn = data.batch_fn(batch_size=16, matrices=8)                    # for hypernet.train.fit (Stage I)
+    loss_fn = DiffusionLoss(gen, world, TextEncoder(), cfg)                 # Stage2Objective(diffusion_loss_fn=...)
+    batch = data.batch(data.heldout_ids, split="eval")                     # held-out cases, reserved conditions
+
+Conditions per paper setting (the condition kind), precomputed once per case as a bank of `views`:
+- "text" (actions-text): MiniLM token states of the case's fine prompts with their key-padding mask; the "train"
+  split holds the train phrasings, the "eval" split the reserved eval phrasings nobody trains on.
+- "pose" (actions-pose): the pose encoder's tokens of `world.condition([case])`.
+- "image" (styles, identities): the image encoder's tokens of the reference image `world.condition([case], seed)`,
+  one view per seed ("train" and "eval" seeds are disjoint); a condition that does not change with the seed (the
+  canonical pose sequence, the neutral reference face) keeps a single view.
+Each training step draws a random view per case. Only TRAIN-split LoRAs ever enter a training batch; held-out
+cases are for evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lofa.diffusion import flow_matching_loss, randn, sample_t
+from lofa.errors import LofaError
+from lofa.hypernet.train import LoraBatch
+from lofa.hypernet.tokenizer import BaseWeights, TargetSpec
+
+KINDS = ("text", "pose", "image")
+_EVAL_SEED = 7_919  # offset of the "eval" condition seeds from the "train" ones
+
+
+@dataclass
+class TripletConfig:
+    """How conditions are drawn and how the Stage II diffusion term samples clips."""
+
+    views: int = 8                   # condition seeds per case (pose / image); text uses every phrasing of the split
+    clips_per_case: int = 8          # renders (with fine captions) cached per case for the diffusion term
+    clips_per_step: int = 2          # of those, drawn per LoRA and step
+    t_sampling: str = "logit_normal"
+    encode_chunk: int = 256          # conditions encoded per forward of the condition encoder
+
+    PRESETS = {
+        "smoke": {"views": 2, "clips_per_case": 2, "clips_per_step": 1},
+        "mini": {"views": 4, "clips_per_case": 4, "clips_per_step": 1},
+        "full": {},
+    }
+
+
+def _seed(*parts: int) -> int:
+    """One 63-bit seed from several ints (no collisions between nearby (seed, step, rank) triples)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass
+class ConditionBank:
+    """Precomputed conditions of a list of cases: tokens [C, V, K, Dc], mask [C, V, K] bool (True = real token)."""
+
+    case_ids: list[int]
+    tokens: Tensor
+    mask: Tensor
+
+    def __post_init__(self):
+        self.row = {c: i for i, c in enumerate(self.case_ids)}
+
+    @property
+    def views(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.tokens.shape[-1]
+
+    def get(self, case_ids: Sequence[int], views: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(tokens [N, K, Dc], mask [N, K]) of view views[i] (default 0) of case case_ids[i]."""
+        missing = [c for c in case_ids if c not in self.row]
+        if missing:
+            raise LofaError(f"no condition for case {missing[0]}; build the bank with it (or use the other split)")
+        rows = torch.tensor([self.row[c] for c in case_ids])
+        v = torch.zeros(len(rows), dtype=torch.long) if views is None else torch.as_tensor(views).long()
+        return self.tokens[rows, v], self.mask[rows, v]
+
+
+@torch.no_grad()
+def build_conditions(world, kind: str, case_ids: Sequence[int], split: str = "train", *, views: int = 8,
+                     encoder=None, text=None, seed: int = 0, chunk: int = 256) -> ConditionBank:
+    """Condition bank of `case_ids` for a condition kind ("text" | "pose" | "image").
+
+    split "train" | "eval": text uses the world's train / reserved eval phrasings, pose and image the train / eval
+    condition seeds (disjoint). encoder: a lofa condition encoder (`encode(x) -> tokens, mask`) for pose and
+    image; text: a TextEncoder for text.
+    """
+    if kind not in KINDS:
+        raise LofaError(f"unknown condition kind {kind!r}; use one of {', '.join(KINDS)}")
+    if split not in ("train", "eval"):
+        raise LofaError(f"unknown condition split {split!r}; use 'train' or 'eval'")
+    case_ids = list(case_ids)
+    if kind == "text":
+        if text is None:
+            raise LofaError("text conditions need a TextEncoder (text=...)")
+        n = world.n_prompts(split)
+        states, mask = text.encode([world.prompt(c, v, split) for c in case_ids for v in range(n)])
+        keep = int(mask.any(0).nonzero().max()) + 1   # drop positions padded in every prompt
+        return ConditionBank(case_ids, states[:, :keep].reshape(len(case_ids), n, keep, -1).cpu(),
+                             mask[:, :keep].reshape(len(case_ids), n, keep).cpu())
+    if encoder is None:
+        raise LofaError(f"{kind} conditions need a condition encoder (encoder=...)")
+    device = next(encoder.parameters()).device
+    seeds = [_seed(seed, v, _EVAL_SEED if split == "eval" else 0) for v in range(views)]
+    probe = [world.condition(case_ids[:1], seed=s) for s in seeds[:2]]
+    if len(probe) == 2 and torch.equal(*probe):
+        seeds = seeds[:1]  # the condition does not depend on the seed: one view says it all
+    tokens, masks = [], []
+    for s in seeds:
+        per_view = [encoder.encode(world.condition(case_ids[i:i + chunk], seed=s).to(device))
+                    for i in range(0, len(case_ids), chunk)]
+        tokens.append(torch.cat([t for t, _ in per_view]).float().cpu())
+        masks.append(torch.cat([m for _, m in per_view]).cpu())
+    return ConditionBank(case_ids, torch.stack(tokens, 1), torch.stack(masks, 1))
+
+
+def target_spec(gen, names: Sequence[str]) -> TargetSpec:
+    """TargetSpec of the generator's modules `names` (in network order)."""
+    return TargetSpec.from_shapes({n: tuple(gen.net.get_submodule(n).weight.shape) for n in names})
+
+
+class Triplets:
+    """(condition, LoRA, base weights) triplets of one setting: a world, its zoo, its frozen base generator.
+
+    kind: the setting's condition kind; encoder / text: its condition encoder. The zoo's LoRAs (train and held-out)
+    are held stacked per target, factors A [C, r, in], B [C, out, r]; `base` holds the generator's target weights.
+    Training batches (`batch_fn`) come from train cases only, with random train-split conditions.
+    """
+
+    def __init__(self, world, zoo, gen, kind: str, cfg: TripletConfig | None = None, *, encoder=None, text=None,
+                 seed: int = 0, progress: bool = False):
+        self.world, self.zoo, self.kind, self.seed = world, zoo, kind, seed
+        self.cfg = cfg or TripletConfig()
+        self.encoder, self.text = encoder, text
+        self.train_ids = [c for c in zoo.case_ids("train") if world.cases[c].split == "train"]
+        self.heldout_ids = [c for c in zoo.case_ids("heldout") if world.cases[c].split == "heldout"]
+        if not self.train_ids:
+            raise LofaError(f"the zoo at {zoo.dir} has no train-split LoRA; build the zoo first")
+        ids = self.train_ids + self.heldout_ids
+        first, _ = zoo.load(ids[0])
+        self.spec = target_spec(gen, [n for n in gen.lora_target_modules(zoo.config.include_ffn) if n in first])
+        if set(self.spec.names) != set(first):
+            extra = sorted(set(first) - set(self.spec.names))[0]
+            raise LofaError(f"zoo LoRA module {extra!r} is not a LoRA target of the base generator; use the zoo's base")
+        self.base = BaseWeights(self.spec, {n: gen.net.get_submodule(n).weight.detach().float().cpu()
+                                            for n in self.spec.names})
+        self.row = {c: i for i, c in enumerate(ids)}
+        A = {n: [] for n in self.spec.names}
+        B = {n: [] for n in self.spec.names}
+        alpha = []
+        for c in tqdm(ids, desc=f"load {world.task} LoRAs", disable=not progress):
+            lora, _ = zoo.load(c)
+            alpha.append(next(iter(lora.values())).alpha)
+            for n in self.spec.names:
+                A[n].append(lora[n].A.float())
+                B[n].append(lora[n].B.float())
+        self.A = {n: torch.stack(a) for n, a in A.items()}
+        self.B = {n: torch.stack(b) for n, b in B.items()}
+        self.alpha = torch.tensor(alpha)
+        self.rank = next(iter(self.A.values())).shape[1]
+        self._banks: dict[str, ConditionBank] = {}
+
+    def conditions(self, split: str = "train") -> ConditionBank:
+        """Condition bank of every zoo case (train and held-out) for a condition split, built on first use."""
+        if split not in self._banks:
+            self._banks[split] = build_conditions(
+                self.world, self.kind, self.train_ids + self.heldout_ids, split, views=self.cfg.views,
+                encoder=self.encoder, text=self.text, seed=self.seed, chunk=self.cfg.encode_chunk)
+        return self._banks[split]
+
+    @property
+    def cond_dim(self) -> int:
+        return self.conditions("train").dim
+
+    @property
+    def alpha_value(self) -> float:
+        """The zoo's LoRA alpha (one value for the whole zoo)."""
+        if not torch.all(self.alpha == self.alpha[0]):
+            raise LofaError("the zoo's LoRAs have different alphas; the hypernetwork predicts one alpha")
+        return float(self.alpha[0])
+
+    def lora(self, case_id: int) -> dict[str, tuple[Tensor, Tensor, float]]:
+        """One case's LoRA as {name: (A [r, in], B [out, r], alpha)}."""
+        i = self.row[case_id]
+        return {n: (self.A[n][i], self.B[n][i], float(self.alpha[i])) for n in self.spec.names}
+
+    def batch(self, case_ids: Sequence[int], targets: Tensor | None = None, split: str = "train",
+              views: Sequence[int] | Tensor | None = None, step: int = 0) -> LoraBatch:
+        """A LoraBatch of these cases (any split) with condition views `views` (default 0) of condition `split`.
+
+        targets [m] spec indices (default all). extra: case_ids [N] and the step (seeds the diffusion term).
+        """
+        targets = torch.arange(len(self.spec)) if targets is None else targets
+        cond, mask = self.conditions(split).get(case_ids, views)
+        rows = torch.tensor([self.row[c] for c in case_ids])
+        names = [self.spec.targets[t].name for t in targets.tolist()]
+        alpha = self.alpha[rows]
+        loras = {n: (self.A[n][rows], self.B[n][rows], alpha) for n in names}
+        return LoraBatch(cond, mask, targets, loras, {"case_ids": torch.tensor(list(case_ids)), "step": step})
+
+    def batch_fn(self, batch_size: int, matrices: int | None = None, seed: int | None = None
+                 ) -> Callable[[int, int], LoraBatch]:
+        """batch_fn(step, process_index) -> LoraBatch for `hypernet.train.fit`, a pure function of its arguments.
+
+        batch_size train cases (distinct while there are enough), a random train-split condition view each, and
+        `matrices` random targets (Stage I) or all of them (None, Stage II).
+        """
+        seed = self.seed if seed is None else seed
+        ids, n_targets = self.train_ids, len(self.spec)
+        views = self.conditions("train").views
+
+        def batch_fn(step: int, process_index: int = 0) -> LoraBatch:
+            g = torch.Generator().manual_seed(_seed(seed, step, process_index))
+            if batch_size <= len(ids):
+                pick = torch.randperm(len(ids), generator=g)[:batch_size]
+            else:
+                pick = torch.randint(len(ids), (batch_size,), generator=g)
+            view = torch.randint(views, (batch_size,), generator=g)
+            targets = None
+            if matrices is not None and matrices < n_targets:
+                targets = torch.randperm(n_targets, generator=g)[:matrices].sort().values
+            return self.batch([ids[i] for i in pick.tolist()], targets, "train", view, step)
+
+        return batch_fn
+
+
+class DiffusionLoss:
+    """diffusion_loss_fn(pred_lora, batch) -> scalar for Stage2Objective: the flow-matching loss of the FROZEN base
+    generator with each case's predicted LoRA merged into its weights through torch.func.functional_call.
+
+    Each case of the batch is scored on its own clips: `clips_per_case` renders of the case with fine train-split
+    captions (`world.sample`), rendered once and cached; per step `clips_per_step` of them, with t and noise, are
+    drawn from a generator seeded by (seed, step), so the term is a pure function of the step and resumes exactly.
+    Gradients reach the predicted factors (and through them the hypernetwork); the generator's own parameters are
+    frozen and get none.
+    """
+
+    def __init__(self, gen, world, text, cfg: TripletConfig | None = None, seed: int = 0):
+        self.gen = gen.eval().requires_grad_(False)
+        self.world, self.text, self.seed = world, text, seed
+        self.cfg = cfg or TripletConfig()
+        self._clips: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def clips(self, case_id: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(x [P, 3, (T,) H, W], context [P, L, D], mask [P, L]) of one case, on the generator's device."""
+        if case_id not in self._clips:
+            x, captions = self.world.sample([case_id] * self.cfg.clips_per_case, seed=_seed(self.seed, case_id),
+                                            split="train", level="fine")
+            context, mask = self.text.encode(captions)
+            device = next(self.gen.parameters()).device
+            self._clips[case_id] = (x.to(device), context.to(device), mask.to(device))
+        return self._clips[case_id]
+
+    def __call__(self, pred: dict[str, tuple], batch: LoraBatch) -> Tensor:
+        """pred {name: (A [N, r, in], B [N, out, r], alpha float or [N])}; batch.extra: case_ids [N], step."""
+        from torch.func import functional_call
+
+        from lofa.lora.formats import LoraFactor
+        from lofa.lora.train import merged_weights
+
+        case_ids = batch.extra["case_ids"].tolist()
+        g = torch.Generator().manual_seed(_seed(self.seed, batch.extra["step"], 1))
+        k = self.cfg.clips_per_step
+        losses = []
+        for i, case_id in enumerate(case_ids):
+            x, context, mask = self.clips(case_id)
+            pick = torch.randint(len(x), (k,), generator=g).to(x.device)
+            t = sample_t(k, generator=g, device=x.device, mode=self.cfg.t_sampling)
+            noise = randn((k, *x.shape[1:]), g, x.device)
+            lora = {}
+            for name, (A, B, alpha) in pred.items():
+                a = float(alpha) if not torch.is_tensor(alpha) or alpha.ndim == 0 else float(alpha[i])
+                lora[name] = LoraFactor(A[i], B[i], a)
+            weights = merged_weights(self.gen, lora)
+
+            def velocity(x_t, t_, c, m, weights=weights):
+                return functional_call(self.gen, weights, (x_t, t_, c, m))
+
+            losses.append(flow_matching_loss(velocity, x[pick], context[pick], mask[pick], t=t, noise=noise))
+        return torch.stack(losses).mean()

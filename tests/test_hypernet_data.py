@@ -1,0 +1,179 @@
+"""Training triplets for the hypernetwork from a zoo, and the Stage II diffusion term through the frozen base
+(a smoke world, a smoke generator and a zoo of random LoRAs written as real LoRA files; tiny CPU sizes)."""
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from lofa.errors import LofaError
+from lofa.hypernet import HyperConfig, Stage1, Stage2
+from lofa.hypernet.data import DiffusionLoss, TripletConfig, Triplets, build_conditions
+from lofa.hypernet.train import Stage2Objective, TrainConfig
+from lofa.io import write_json
+from lofa.lora.formats import LoraFactor, save_lora
+from lofa.lora.train import LoraTrainConfig
+from lofa.lora.zoo import INDEX, Zoo, lora_filename
+from lofa.models.cond_encoders import encoder_for_world
+from lofa.models.generator import Generator
+from lofa.worlds import make_world
+
+RANK = 2
+CFG = TripletConfig(views=2, clips_per_case=2, clips_per_step=1)
+
+
+class StubText:
+    """A deterministic stand-in for MiniLM: token states from a hash of each word, mask over the words."""
+
+    dim = 8
+
+    def encode(self, prompts, max_length=12):
+        states = torch.zeros(len(prompts), max_length, self.dim)
+        mask = torch.zeros(len(prompts), max_length, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            for j, word in enumerate(p.split()[:max_length]):
+                g = torch.Generator().manual_seed(sum(map(ord, word)) * 31 + len(word))
+                states[i, j] = torch.randn(self.dim, generator=g)
+                mask[i, j] = True
+        return states, mask
+
+
+def fake_zoo(path, world, gen, seed=0):
+    """A zoo folder in the real layout (index.json + diffusers LoRA files) holding random LoRAs of every case."""
+    cfg = LoraTrainConfig(rank=RANK, alpha=float(RANK))
+    names = gen.lora_target_modules()
+    g = torch.Generator().manual_seed(seed)
+    entries = []
+    for case in world.cases:
+        weights = {}
+        for n in names:
+            out_f, in_f = gen.net.get_submodule(n).weight.shape
+            weights[n] = LoraFactor(torch.randn(RANK, in_f, generator=g) * 0.3,
+                                    torch.randn(out_f, RANK, generator=g) * 0.05, float(RANK))
+        meta = {"case_id": case.id, "split": case.split, "task": world.task, "seed": seed, "base": "stub",
+                "wall_time_s": 1.0, **asdict(cfg)}
+        save_lora(path / "loras" / lora_filename(case.id), weights, meta)
+        entries.append({**meta, "file": f"loras/{lora_filename(case.id)}"})
+    write_json(path / INDEX, {"task": world.task, "seed": seed, "config": asdict(cfg), "base": "stub",
+                              "loras": entries})
+    return Zoo(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    world = make_world("actions", "smoke")
+    # a fresh generator with a non-zero output layer, so gradients flow through it as through a trained one
+    gen = Generator.build("video_dit", "smoke", {"text_dim": StubText.dim, "zero_init_output": False}).eval()
+    zoo = fake_zoo(tmp_path_factory.mktemp("zoo"), world, gen)
+    data = Triplets(world, zoo, gen, "text", CFG, text=StubText(), seed=3)
+    return world, gen, zoo, data
+
+
+def test_triplets_hold_the_zoo_loras_and_the_base_weights(setup):
+    world, gen, zoo, data = setup
+    assert data.train_ids == world.ids("train") and data.heldout_ids == world.ids("heldout")
+    assert data.spec.names == gen.lora_target_modules() and data.rank == RANK and data.alpha_value == RANK
+    case = data.heldout_ids[0]
+    lora, _ = zoo.load(case)
+    batch = data.batch([data.train_ids[1], case])
+    for t, name in enumerate(data.spec.names):
+        torch.testing.assert_close(data.base[t], gen.net.get_submodule(name).weight.detach())
+        A, B, alpha = batch.loras[name]
+        torch.testing.assert_close(A[1], lora[name].A)
+        torch.testing.assert_close(B[1], lora[name].B)
+        assert torch.equal(alpha, torch.full((2,), float(RANK)))
+    assert batch.extra["case_ids"].tolist() == [data.train_ids[1], case]
+
+
+def test_batch_fn_is_pure_in_the_step_and_never_draws_heldout_cases(setup):
+    _, _, _, data = setup
+    fn = data.batch_fn(batch_size=4, matrices=3)
+    a, b, c = fn(7, 0), data.batch_fn(batch_size=4, matrices=3)(7, 0), fn(8, 0)
+    assert torch.equal(a.cond, b.cond) and torch.equal(a.cond_mask, b.cond_mask)
+    assert torch.equal(a.targets, b.targets) and torch.equal(a.extra["case_ids"], b.extra["case_ids"])
+    assert all(torch.equal(a.loras[k][0], b.loras[k][0]) for k in a.loras)
+    assert not (torch.equal(a.extra["case_ids"], c.extra["case_ids"]) and torch.equal(a.targets, c.targets))
+    assert not torch.equal(a.extra["case_ids"], fn(7, 1).extra["case_ids"])  # another process, another batch
+    assert len(a.targets) == 3 and set(a.loras) == {data.spec.names[t] for t in a.targets.tolist()}
+    seen = set()
+    for step in range(60):
+        ids = fn(step, 0).extra["case_ids"].tolist()
+        assert len(set(ids)) == 4
+        seen |= set(ids)
+    assert seen <= set(data.train_ids) and not seen & set(data.heldout_ids)
+    assert len(seen) == len(data.train_ids)  # every train case gets its turn
+    stage2 = data.batch_fn(batch_size=2)(0, 0)
+    assert torch.equal(stage2.targets, torch.arange(len(data.spec)))
+
+
+def test_text_conditions_train_and_reserved_eval_phrasings(setup):
+    world, _, _, data = setup
+    train, held = data.conditions("train"), data.conditions("eval")
+    C = len(data.train_ids) + len(data.heldout_ids)
+    assert train.tokens.shape[:2] == (C, world.n_prompts("train")) and held.views == world.n_prompts("eval")
+    assert train.mask.shape == train.tokens.shape[:3] and train.dim == StubText.dim
+    # key-padding mask: a prefix of real tokens, zero states behind it; length = the longest prompt
+    case = data.heldout_ids[0]
+    tokens, mask = train.get([case, case], [0, 1])
+    n_words = [min(12, len(world.prompt(case, v, "train").split())) for v in (0, 1)]
+    assert mask.sum(1).tolist() == n_words and (tokens[~mask] == 0).all()
+    assert train.mask.any((0, 1)).all() and train.mask.any((0, 1))[-1]
+    # the eval phrasing is not one of the train phrasings
+    eval_tokens, _ = held.get([case])
+    assert all(not torch.equal(eval_tokens[0], train.get([case], [v])[0][0][: eval_tokens.shape[1]])
+               for v in range(train.views))
+    with pytest.raises(LofaError, match="no condition for case"):
+        build_conditions(world, "text", [0], text=StubText()).get([1])
+
+
+def test_pose_and_image_conditions_come_from_the_encoder():
+    actions, styles = make_world("actions", "smoke"), make_world("styles", "smoke")
+    torch.manual_seed(0)
+    pose_enc, image_enc = encoder_for_world(actions, "smoke").eval(), encoder_for_world(styles, "smoke").eval()
+    pose = build_conditions(actions, "pose", [0, 3], views=3, encoder=pose_enc)
+    assert pose.views == 1  # the canonical pose sequence does not depend on the seed
+    with torch.no_grad():
+        expected, _ = pose_enc.encode(actions.condition([3], seed=0))
+    torch.testing.assert_close(pose.get([3])[0], expected)
+    image = build_conditions(styles, "image", [0, 3], views=3, encoder=image_enc)
+    K, D = image_enc.config.num_tokens, image_enc.config.dim
+    assert image.tokens.shape == (2, 3, K, D) and image.mask.all()
+    assert not torch.equal(image.tokens[:, 0], image.tokens[:, 1])  # a reference image per seed
+    held = build_conditions(styles, "image", [0, 3], "eval", views=3, encoder=image_enc)
+    assert not any(torch.equal(held.tokens[:, 0], image.tokens[:, v]) for v in range(3))  # disjoint seeds
+
+
+def test_diffusion_loss_reaches_the_predicted_factors_not_the_base(setup):
+    world, gen, _, data = setup
+    loss_fn = DiffusionLoss(gen, world, StubText(), CFG, seed=1)
+    batch = data.batch(data.train_ids[:2], step=5)
+    pred = {n: (A.clone().requires_grad_(True), B.clone().requires_grad_(True), alpha)
+            for n, (A, B, alpha) in batch.loras.items()}
+    loss = loss_fn(pred, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.ndim == 0
+    assert all(A.grad is not None and A.grad.abs().sum() > 0 and B.grad.abs().sum() > 0 for A, B, _ in pred.values())
+    assert all(p.grad is None for p in gen.parameters())
+    assert loss_fn(pred, batch).item() == pytest.approx(loss.item())  # pure in the step
+    # the LoRA is really applied: a zero LoRA gives the plain generator's loss, and the given one changes it
+    zero = {n: (torch.zeros_like(A), B, alpha) for n, (A, B, alpha) in pred.items()}
+    plain = loss_fn(zero, batch).item()
+    assert plain != pytest.approx(loss.item(), rel=1e-4)
+    assert loss_fn(pred, data.batch(data.train_ids[:2], step=6)).item() != pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_stage2_diffusion_term_trains_the_hypernetwork(setup):
+    world, gen, _, data = setup
+    cfg = HyperConfig(d_model=32, n_heads=2, depth=2, patch=16, rank=RANK, alpha=float(RANK), cond_dim=data.cond_dim,
+                      map_rank=4)
+    torch.manual_seed(0)
+    stage1 = Stage1(cfg, data.spec)
+    stage2 = Stage2.from_stage1(stage1)
+    objective = Stage2Objective(data.base, TrainConfig(lambda_recon=0.0, lambda_diff=1.0), stage1,
+                                DiffusionLoss(gen, world, StubText(), CFG))
+    loss, metrics = objective(stage2, data.batch_fn(batch_size=2)(0, 0))
+    loss.backward()
+    assert metrics["diffusion"] == pytest.approx(loss.item())
+    grad = stage2.lora_head.b.weight.grad
+    assert grad is not None and grad.abs().sum() > 0  # the B head (zero at init) learns from the diffusion term
+    assert all(p.grad is None for p in stage1.parameters()) and all(p.grad is None for p in gen.parameters())

@@ -1,0 +1,105 @@
+"""Image and video grids: value mapping, tile placement, filmstrip frames, labels, and bad input."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lofa.errors import LofaError  # noqa: E402
+from lofa.viz import (FRAME_GAP, PAD, TILE_PX, filmstrip, frame_indices, image_grid, mosaic, to_unit,  # noqa: E402
+                      upscale, video_grid)
+
+
+def constant_tiles(rows, cols, h=3, w=5):
+    """Tiles [rows, cols, 3, h, w]; tile (r, c) has the [-1, 1] value -1 + 0.1 (r cols + c) in every pixel."""
+    values = -1 + 0.1 * torch.arange(rows * cols, dtype=torch.float32)
+    return values.reshape(rows, cols, 1, 1, 1).expand(rows, cols, 3, h, w).clone(), values.reshape(rows, cols)
+
+
+def test_to_unit_maps_signed_pixels_and_clamps():
+    x = torch.tensor([-1.0, 0.0, 1.0, -3.0, 2.5, 0.5])
+    assert torch.allclose(to_unit(x), torch.tensor([0.0, 0.5, 1.0, 0.0, 1.0, 0.75]))
+
+
+def test_mosaic_places_every_tile_and_fills_the_padding():
+    rows, cols, h, w, pad = 2, 3, 3, 5, 2
+    tiles, values = constant_tiles(rows, cols, h, w)
+    out = mosaic(tiles, pad=pad, pad_value=0.25)
+    assert out.shape == (rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3)
+    covered = np.zeros(out.shape[:2], bool)
+    for r in range(rows):
+        for c in range(cols):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            np.testing.assert_allclose(out[y: y + h, x: x + w], (values[r, c].item() + 1) / 2, atol=1e-6)
+            covered[y: y + h, x: x + w] = True
+    assert np.all(out[~covered] == 0.25)
+
+
+def test_upscale_repeats_pixels():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert torch.equal(upscale(x, 2), torch.tensor([[1.0, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]))
+
+
+def test_frame_indices():
+    assert frame_indices(8) == list(range(8))
+    assert frame_indices(8, 4) == [0, 2, 4, 6]
+    assert frame_indices(8, [0, -1]) == [0, 7]
+    for bad in (0, 9, [8], []):
+        with pytest.raises(LofaError):
+            frame_indices(8, bad)
+
+
+def test_filmstrip_puts_the_chosen_frames_side_by_side():
+    n, t, h, w, gap = 2, 6, 3, 4, 1
+    video = torch.arange(t, dtype=torch.float32).reshape(1, 1, t, 1, 1).expand(n, 3, t, h, w) / t
+    strip = filmstrip(video, frames=[5, 1, 3], gap=gap, gap_value=-1.0)
+    assert strip.shape == (n, 3, h, 3 * w + 2 * gap)
+    for k, frame in enumerate([5, 1, 3]):
+        assert torch.all(strip[..., k * (w + gap): k * (w + gap) + w] == frame / t)
+    assert torch.all(strip[..., w: w + gap] == -1.0) and torch.all(strip[..., 2 * w + gap: 2 * (w + gap)] == -1.0)
+
+
+def test_image_grid_lays_out_rows_with_labels_and_blank_filler():
+    images, values = constant_tiles(1, 5, 8, 8)
+    fig = image_grid(images[0], ncols=3, row_labels=["first", "second"], col_labels=["a", "b", "c"], title="t")
+    ax = fig.axes[0]
+    pixels = ax.get_images()[0].get_array()
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["first", "second"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    # row 1, column 1 holds image 4; row 1, column 2 is blank (white); both read at the tick positions
+    y1, x1, x2 = ax.get_yticks()[1], ax.get_xticks()[1], ax.get_xticks()[2]
+    np.testing.assert_allclose(pixels[int(y1), int(x1)], (values[0, 4].item() + 1) / 2, atol=1e-6)
+    np.testing.assert_allclose(pixels[int(y1), int(x2)], 1.0)
+    plt.close(fig)
+
+
+def test_video_grid_draws_filmstrips_into_a_given_axis():
+    n, t, h = 4, 5, 8
+    frame_value = torch.linspace(-1, 1, t)                 # every pixel of frame k holds frame_value[k]
+    videos = frame_value.reshape(1, 1, t, 1, 1).expand(n, 3, t, h, h)
+    fig, (left, right) = plt.subplots(1, 2)
+    assert video_grid(videos, ncols=2, frames=3, ax=right, row_labels=["x", "y"]) is fig
+    pixels = right.get_images()[0].get_array()
+    assert len(left.get_images()) == 0
+    zoom = -(-TILE_PX // h)
+    tile, strip = h * zoom, 3 * h * zoom + 2 * FRAME_GAP
+    assert pixels.shape == (2 * tile + 3 * PAD, 2 * strip + 3 * PAD, 3)
+    for k, frame in enumerate(frame_indices(t, 3)):        # frames 0, 1, 3 along the second strip of row 2
+        y, x = PAD + tile + PAD + tile // 2, 2 * PAD + strip + k * (tile + FRAME_GAP) + tile // 2
+        np.testing.assert_allclose(pixels[y, x], (frame_value[frame].item() + 1) / 2, atol=1e-6)
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: image_grid(torch.zeros(2, 3, 5, 4, 4)),                       # a video given to image_grid
+    lambda: video_grid(torch.zeros(2, 3, 4, 4)),                          # an image batch given to video_grid
+    lambda: image_grid(torch.zeros(2, 1, 4, 4)),                          # not RGB
+    lambda: image_grid(torch.zeros(4, 3, 4, 4), ncols=2, row_labels=["only one"]),
+    lambda: image_grid(torch.zeros(4, 3, 4, 4), ncols=2, col_labels=["a", "b", "c"]),
+])
+def test_bad_input_raises_lofa_error(call):
+    with pytest.raises(LofaError):
+        call()
