@@ -6,6 +6,7 @@
     ev = run.evaluators("actions")                   # runs/<scale>/evaluators/actions/ (notebook 02)
     enc = run.condition_encoder("actions")           # runs/<scale>/encoders/actions/  (pose / image encoders)
     zoo = run.zoo("actions")                         # runs/<scale>/zoo/actions/        (notebook 03)
+    lofa = run.hypernet("actions-text")              # runs/<scale>/hypernet/actions-text/lofa/ (notebooks 05, 06)
     run.fig("02_base_samples.png")                   # runs/<scale>/figures/02_base_samples.png
 
 Each step trains what is missing and loads what is complete (the step functions resume after an interruption),
@@ -100,12 +101,115 @@ class Run:
 
     @functools.cache
     def zoo(self, task: str, progress: bool = True):
-        """One LoRA per case — train and held-out cases: held-out LoRAs are the per-case baseline."""
+        """One LoRA per selected case (`ZooConfig`): every held-out case — held-out LoRAs are the per-case
+        baseline — and train cases up to the scale's cap."""
         from lofa.lora.train import LoraTrainConfig
-        from lofa.lora.zoo import build_zoo
+        from lofa.lora.zoo import ZooConfig, build_zoo, select_cases
 
-        return build_zoo(self.world(task), self.base(task), self.config(LoraTrainConfig), self.path("zoo", task),
-                         self.device, seed=self.seed, progress=progress)
+        world = self.world(task)
+        case_ids = select_cases(world, self.config(ZooConfig).max_cases, self.seed)
+        return build_zoo(world, self.base(task), self.config(LoraTrainConfig), self.path("zoo", task), self.device,
+                         seed=self.seed, case_ids=case_ids, progress=progress)
+
+    # ------------------------------------------------------------------ the LoFA hypernetwork (notebooks 05, 06)
+    @functools.cache
+    def triplets(self, setting: str):
+        """The (condition, LoRA, base weights) triplets of a paper setting (`SETTINGS`) from its task's zoo."""
+        from lofa.hypernet.data import TripletConfig, Triplets
+        from lofa.models.text import TextEncoder
+
+        _, task, kind = _setting(setting)
+        encoder = None if kind == "text" else self.condition_encoder(task)
+        text = TextEncoder(self.device) if kind == "text" else None
+        return Triplets(self.world(task), self.zoo(task), self.base(task), kind, self.config(TripletConfig),
+                        encoder=encoder, text=text, seed=self.seed)
+
+    def hypernet_config(self, setting: str):
+        """HyperConfig of a setting: the scale's preset, with the LoRA rank and alpha of the zoo and the width and
+        length of the condition tokens; this run's overrides for HyperConfig win over all of these."""
+        from lofa.hypernet.config import HyperConfig
+
+        data = self.triplets(setting)
+        bank = data.conditions("train")
+        fields = {"rank": data.rank, "alpha": data.alpha_value, "cond_dim": bank.dim, "cond_len": bank.tokens.shape[2]}
+        return preset(HyperConfig, self.scale, {**fields, **(self.overrides.get("HyperConfig") or {})})
+
+    @functools.cache
+    def hypernet(self, setting: str, stage: int = 2, variant: str = "lofa", progress: bool = True):
+        """LoFA for a paper setting: stage 1 -> the trained Stage I (response maps); stage 2 -> the `LoFA` predictor
+        (Stage I, then Stage II initialised from it), saved with `save_pretrained` in runs/<scale>/hypernet/
+        <setting>/<variant>/ (`lofa predict --checkpoint` reads it).
+
+        Trained on the zoo's train-split LoRAs with `TrainConfig` (Stage I) and `Stage2TrainConfig` (Stage II, with
+        the flow-matching term through the frozen base generator when lambda_diff > 0); each stage resumes from its
+        checkpoints in stage1/ and stage2/, and a complete folder is only loaded.
+        """
+        import os
+
+        from lofa.hypernet import LoFA, Stage1, Stage2, save_pretrained
+        from lofa.hypernet.data import DiffusionLoss
+        from lofa.hypernet.predictor import CONFIG_FILE
+        from lofa.hypernet.train import Stage1Objective, Stage2Objective, Stage2TrainConfig, TrainConfig, fit
+        from lofa.models.text import TextEncoder
+
+        _, task, kind = _setting(setting)
+        if variant not in HYPERNET_VARIANTS:
+            raise LofaError(f"unknown hypernetwork variant {variant!r}; choose one of {', '.join(HYPERNET_VARIANTS)}")
+        if stage not in (1, 2):
+            raise LofaError(f"stage must be 1 (response maps) or 2 (LoRA), not {stage!r}")
+        out = self.path("hypernet", setting, variant)
+        if (out / CONFIG_FILE).exists():
+            lofa = LoFA.from_pretrained(out, device=self.device, dtype=torch.float32)
+            return lofa.stage1 if stage == 1 else lofa
+        data = self.triplets(setting)
+        cfg = self.hypernet_config(setting)
+        torch.manual_seed(self.seed)
+        stage1 = Stage1(cfg, data.spec)
+        train1 = self.config(TrainConfig)
+        fit(stage1, Stage1Objective(data.base, train1, cfg.tau),
+            data.batch_fn(train1.batch_size, train1.matrices_per_sample, seed=self.seed + train1.seed), train1,
+            out / "stage1", device=str(self.device), progress=progress)
+        stage1.eval()
+        if stage == 1:
+            return stage1
+        train2 = self.config(Stage2TrainConfig)
+        diffusion = None
+        if train2.lambda_diff:
+            diffusion = DiffusionLoss(self.base(task), data.world, data.text or TextEncoder(self.device), data.cfg,
+                                      seed=self.seed)
+        stage2 = Stage2.from_stage1(stage1)
+        fit(stage2, Stage2Objective(data.base, train2, stage1, diffusion),
+            data.batch_fn(train2.batch_size, seed=self.seed + train2.seed + 1), train2, out / "stage2",
+            device=str(self.device), progress=progress)
+        encoder = data.encoder if data.encoder is not None else {"kind": "text", "max_length": data.text.max_length}
+        save_pretrained(out, stage2, stage1, condition_encoder=encoder,
+                        base=os.path.relpath(self.path("base", task, "generator"), out))
+        return LoFA.from_pretrained(out, device=self.device, dtype=torch.float32)
+
+    def hypernet_history(self, setting: str, stage: int, variant: str = "lofa"):
+        """Training history of one stage (pandas DataFrame, one row per step: loss, lr, grad_norm and the
+        objective's metrics), as `hypernet` wrote it."""
+        import pandas as pd
+
+        from lofa.io import read_json
+
+        history = read_json(self.path("hypernet", setting, variant, f"stage{stage}", "history.json"))
+        if history is None:
+            raise LofaError(f"no Stage {stage} history for {setting}/{variant}; run run.hypernet({setting!r}, {stage}) "
+                            "first")
+        return pd.DataFrame(history)
+
+
+# Hypernetwork variants run.hypernet trains: the paper's two-stage LoFA.
+HYPERNET_VARIANTS = ("lofa",)
+
+
+def _setting(name: str) -> tuple[str, str, str]:
+    """(setting, task, condition kind) of a paper setting name."""
+    for setting in SETTINGS:
+        if setting[0] == name:
+            return setting
+    raise LofaError(f"unknown setting {name!r}; choose one of {', '.join(s[0] for s in SETTINGS)}")
 
 
 def _check_task(task: str) -> None:

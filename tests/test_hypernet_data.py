@@ -177,3 +177,26 @@ def test_stage2_diffusion_term_trains_the_hypernetwork(setup):
     grad = stage2.lora_head.b.weight.grad
     assert grad is not None and grad.abs().sum() > 0  # the B head (zero at init) learns from the diffusion term
     assert all(p.grad is None for p in stage1.parameters()) and all(p.grad is None for p in gen.parameters())
+
+
+def test_response_maps_of_loras_and_of_stage1(setup):
+    from lofa.analysis import response_map
+    from lofa.hypernet.data import lora_maps, stack_loras, stage1_maps
+
+    world, gen, zoo, data = setup
+    ids = data.heldout_ids[:2]
+    batch = data.batch(ids)
+    maps, valid = lora_maps(data.base, batch.loras)
+    M = len(data.spec)
+    assert maps.shape == valid.shape == (2, M, 64, 64) and valid.all()  # smoke DiT: every target is 64 x 64
+    stacked = stack_loras([zoo.load(c)[0] for c in ids])
+    assert torch.equal(lora_maps(data.base, stacked)[0], maps)
+    for t, name in enumerate(data.spec.names):
+        f = zoo.load(ids[1])[0][name]
+        assert torch.equal(maps[1, t], response_map(f.delta_w, data.base[t], 0.02))
+    assert 0 < maps.float().mean() < 1
+    cfg = HyperConfig(d_model=32, n_heads=2, depth=1, patch=16, rank=RANK, alpha=float(RANK), cond_dim=data.cond_dim,
+                      map_rank=4)
+    torch.manual_seed(0)
+    pred = stage1_maps(Stage1(cfg, data.spec).eval(), data, ids)
+    assert pred.shape == maps.shape and pred.dtype == torch.bool

@@ -138,3 +138,71 @@ def test_arcface_margin_lowers_only_the_target_logit():
                                             ((2, 3, 4, 16, 16), "video")])
 def test_encoder_shapes(shape, modality):
     assert ConvEncoder(modality, width=4, depth=4, dim=12)(torch.zeros(shape)).shape == (2, 12)
+
+
+# ----------------------------------------------------------------------------- evaluators on the smoke worlds
+
+SANITY_SEED = 4242  # outside every evaluator training seed range (EvalConfig.seed_offset + ...)
+
+
+@pytest.fixture(scope="module", params=["actions", "styles", "identities"])
+def trained(request, tmp_path_factory):
+    from lofa.config import preset
+    from lofa.metrics import EvalConfig, evaluator_sanity_table, train_evaluators
+    from lofa.worlds import make_world
+
+    world = make_world(request.param, "smoke", seed=0)
+    out = tmp_path_factory.mktemp(f"eval_{request.param}")
+    ev = train_evaluators(world, preset(EvalConfig, "smoke"), out, seed=0)
+    table = evaluator_sanity_table(world, ev, seed=SANITY_SEED, n=48)
+    return world, ev, out, table
+
+
+def test_right_case_beats_wrong_case_on_every_evaluator(trained):
+    world, ev, _, table = trained
+    expected = {"acc", "clip_t", "dynamic", "smoothness", "fvd"} if world.modality == "video" else \
+        {"acc", "clip_t", "fid", "face_sim", "dino", "clip_i", "face_div"}
+    if world.task == "styles":
+        expected.add("csd")
+    assert expected <= set(table.metric), table
+    per_sample = table[~table.metric.str.startswith("acc:")]
+    assert (per_sample.margin > 0).all(), per_sample
+
+
+def test_referee_recognises_fresh_renders(trained):
+    world, ev, _, table = trained
+    right = table.set_index(["metric", "wrong"]).right
+    assert right[("acc", "random case")] > 0.6
+    assert right[("coarse_acc", "random case")] > 0.8
+
+
+def test_cached_evaluators_load_and_score_identically(trained):
+    from lofa.metrics import Evaluators, train_evaluators
+
+    world, ev, out, _ = trained
+    x = world.render([0, 1, 2, 3], seed=SANITY_SEED + 10)
+    again = train_evaluators(world, ev.cfg, out, seed=0)  # complete folder: loads, does not retrain
+    assert not again.curves
+    assert torch.allclose(again.features(x), ev.features(x))
+    assert torch.allclose(Evaluators.load(out, world).features(x), ev.features(x))
+
+
+def test_score_keys_and_bad_input(trained):
+    world, ev, _, _ = trained
+    ids = [0, 1, 2, 3]
+    x = world.render(ids, seed=SANITY_SEED + 20)
+    refs = world.condition(ids, seed=SANITY_SEED + 21) if world.task != "actions" else None
+    s = ev.score(x, ids, [ev.caption(i) for i in ids], refs)
+    assert all(v.shape == (4,) for v in s.values())
+    metrics = ev.paper_metrics(x, [0, 0, 1, 1], [ev.caption(i) for i in [0, 0, 1, 1]], refs,
+                               real=world.render(ids, seed=SANITY_SEED + 22))
+    want = {"actions": {"FVD", "CLIP-T", "DD", "MS"}, "styles": {"FVD", "CLIP-T", "CSD", "DD", "MS"},
+            "identities": {"FID", "Face Sim", "DINO", "CLIP-I", "Face Div"}}[world.task]
+    assert want <= set(metrics)
+    with pytest.raises(LofaError):
+        ev.score(x[:3], ids)
+    with pytest.raises(LofaError):
+        ev.score(x.flatten(1), ids)
+    if world.task == "actions":
+        with pytest.raises(LofaError):
+            ev.score(x, ids, references=world.condition(ids, seed=0))

@@ -120,3 +120,15 @@ def test_every_pipeline_notebook_has_a_parameters_cell_and_declares_outputs():
             assert f"{p} =" in src, f"{spec.name}: parameters cell lacks {p}"
         assert spec.outputs, f"{spec.name} declares no outputs in metadata.lofa.outputs"
         assert not any(c.get("outputs") for c in cells if c["cell_type"] == "code"), f"{spec.name} has outputs"
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from lofa.io import write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode)
+    assert mode & stat.S_IRGRP and mode & stat.S_IROTH, oct(mode)
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -30,9 +30,11 @@ class HyperConfig:
     grad_checkpoint: bool = False
 
     PRESETS = {
-        "smoke": {"d_model": 64, "n_heads": 4, "depth": 2, "patch": 16, "rank": 4, "alpha": 4.0, "cond_dim": 384,
+        # smoke / mini: sized so Stage I + Stage II of all four settings train in < 2 min / ~13 min on 2 shared CPU
+        # cores (pipeline.Run.hypernet); rank, alpha and cond_dim are replaced by the zoo's and the condition's.
+        "smoke": {"d_model": 32, "n_heads": 2, "depth": 2, "patch": 16, "rank": 4, "alpha": 4.0, "cond_dim": 384,
                   "cond_len": 32, "map_rank": 8},
-        "mini": {"d_model": 128, "n_heads": 4, "depth": 4, "patch": 16, "rank": 8, "alpha": 8.0, "cond_dim": 384,
+        "mini": {"d_model": 64, "n_heads": 4, "depth": 2, "patch": 32, "rank": 4, "alpha": 4.0, "cond_dim": 384,
                  "cond_len": 32, "map_rank": 16},
         "full": {"d_model": 384, "n_heads": 6, "depth": 6, "patch": 32, "rank": 16, "alpha": 16.0, "cond_dim": 384,
                  "cond_len": 32, "map_rank": 32},

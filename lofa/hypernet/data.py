@@ -5,6 +5,8 @@ flow-matching term of Stage II through the frozen base generator.
     batch_fn = data.batch_fn(batch_size=16, matrices=8)                    # for hypernet.train.fit (Stage I)
     loss_fn = DiffusionLoss(gen, world, TextEncoder(), cfg)                 # Stage2Objective(diffusion_loss_fn=...)
     batch = data.batch(data.heldout_ids, split="eval")                     # held-out cases, reserved conditions
+    maps, valid = lora_maps(data.base, batch.loras)                        # true response maps [N, M, R, C]
+    pred = stage1_maps(stage1, data, data.heldout_ids)                     # Stage I's maps, same layout
 
 Conditions per paper setting (the condition kind), precomputed once per case as a bank of `views`:
 - "text" (actions-text): MiniLM token states of the case's fine prompts with their key-padding mask; the "train"
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from lofa.diffusion import flow_matching_loss, randn, sample_t
 from lofa.errors import LofaError
+from lofa.hypernet.losses import delta, response_map_target
 from lofa.hypernet.train import LoraBatch
 from lofa.hypernet.tokenizer import BaseWeights, TargetSpec
 
@@ -288,3 +291,51 @@ class DiffusionLoss:
 
             losses.append(flow_matching_loss(velocity, x[pick], context[pick], mask[pick], t=t, noise=noise))
         return torch.stack(losses).mean()
+
+
+def stack_loras(loras: Sequence[dict]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """N LoraWeights ({name: LoraFactor}) -> {name: (A [N, r, in], B [N, out, r], alpha [N])}."""
+    names = list(loras[0])
+    return {n: (torch.stack([w[n].A for w in loras]), torch.stack([w[n].B for w in loras]),
+                torch.tensor([float(w[n].alpha) for w in loras])) for n in names}
+
+
+def map_size(spec: TargetSpec) -> tuple[int, int]:
+    """(R, C): the largest out and in of the targets; every map is zero-padded to it."""
+    return max(t.shape[0] for t in spec.targets), max(t.shape[1] for t in spec.targets)
+
+
+@torch.no_grad()
+def lora_maps(base: BaseWeights, loras: dict[str, tuple], tau: float = 0.02) -> tuple[Tensor, Tensor]:
+    """Response maps R = |ΔW| > τ·|W| of N LoRAs over every target of `base`, zero-padded to `map_size`.
+
+    loras {name: (A [N, r, in], B [N, out, r], alpha)} -> (maps [N, M, R, C] bool, valid [N, M, R, C] bool).
+    """
+    spec = base.spec
+    n = next(iter(loras.values()))[0].shape[0]
+    maps = torch.zeros(n, len(spec), *map_size(spec), dtype=torch.bool)
+    for t, target in enumerate(spec.targets):
+        o, i = target.shape
+        A, B, alpha = loras[target.name]
+        maps[:, t, :o, :i] = response_map_target(delta((A, B, alpha)), base[t].to(A.device).float(), tau).cpu()
+    return maps, valid_entries(spec).expand_as(maps)
+
+
+def valid_entries(spec: TargetSpec) -> Tensor:
+    """[M, R, C] bool: True inside each target's own [out, in] (`map_size` padding is False)."""
+    valid = torch.zeros(len(spec), *map_size(spec), dtype=torch.bool)
+    for t, target in enumerate(spec.targets):
+        valid[t, : target.shape[0], : target.shape[1]] = True
+    return valid
+
+
+@torch.no_grad()
+def stage1_maps(stage1, data: Triplets, case_ids: Sequence[int], split: str = "eval",
+                views: Sequence[int] | None = None) -> Tensor:
+    """Stage I's predicted maps (logit > 0) [N, M, R, C] bool for these cases' `split` conditions (`lora_maps`
+    layout)."""
+    device = next(stage1.parameters()).device
+    batch = data.batch(case_ids, split=split, views=views).to(device)
+    logits = stage1(data.base.to(device), batch.targets, batch.cond, batch.cond_mask).logits
+    R, C = map_size(data.spec)
+    return (logits[..., :R, :C] > 0).cpu() & valid_entries(data.spec)

@@ -1,0 +1,194 @@
+"""Scoring LoRAs the same way for every method: generate per case (with or without a LoRA), score on the world's
+ground truth, aggregate over cases with bootstrap intervals.
+
+Every method that ends in "one LoRA per case" — the zoo's per-case LoRAs, Stage II's predicted LoRAs, the baselines
+— and the base model itself go through the same three calls, so their numbers are comparable:
+
+    ids, prompts, seeds = eval_plan(world, case_ids, per_case=4, seed=1)       # who, which prompt, which noise
+    x = generate(gen, world, ids, [loras[c] for c in ids], prompts, seeds)     # loras=None: the base model
+    frame = score_cases(evaluators, world, ids, x, prompts, reference_seed=2)  # one row per sample
+    table = summarize(case_means(frame.assign(method="LoRA")), ["acc", "coarse_acc"])
+
+Samples with the same seed start from the same noise whatever the LoRA, so base and LoRA samples of a case are
+paired. Many LoRAs are sampled in one batch through `lofa.lora.batched.multi_lora` (each sample routed to its own
+LoRA), classifier-free guidance included. Cases, not samples, are the unit of the intervals: a per-case LoRA is
+one draw from the method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lofa.diffusion import sample
+from lofa.errors import LofaError
+from lofa.lora.batched import multi_lora
+from lofa.lora.formats import LoraWeights
+from lofa.metrics.scores import bootstrap_ci
+
+# Per-sample metrics of each task: the ground-truth ones (exact case, coarse category) and the paper-style ones
+# (Table 1: CLIP-T, Dynamic Degree; Table 2: CSD, CLIP-T; Table 3: Face Sim, DINO, CLIP-I).
+METRICS = {
+    "actions": ("acc", "coarse_acc", "clip_t", "dynamic"),
+    "styles": ("acc", "coarse_acc", "csd", "clip_t"),
+    "identities": ("acc", "coarse_acc", "face_sim", "dino", "clip_i"),
+}
+
+
+@dataclass
+class GenerateConfig:
+    """Sampler settings for evaluation (Euler on diffusers' flow-matching grid, classifier-free guidance)."""
+
+    steps: int = 20
+    guidance_scale: float = 3.0
+    shift: float = 1.0              # FlowMatchEulerDiscreteScheduler shift (Wan uses 3-5 at its resolution)
+    batch: int = 64                 # samples per sampler call
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "smoke": {"steps": 8},
+        "mini": {},
+        "full": {"steps": 30, "batch": 256},
+        "wan": {"steps": 50, "guidance_scale": 5.0, "shift": 5.0, "batch": 4},
+    }
+
+
+GenerateConfig.PRESETS["paper"] = GenerateConfig.PRESETS["wan"]
+
+
+def eval_plan(world, case_ids: Sequence[int], per_case: int, seed: int, split: str = "train"
+              ) -> tuple[list[int], list[str], list[int]]:
+    """`per_case` samples of each case: (case id of each sample, its prompt, its noise seed), N = len·per_case.
+
+    Sample k of a case uses phrasing k of the prompt split ("train": the phrasings a LoRA was trained with;
+    "eval": reserved ones); seeds seed, seed + 1, ... are distinct per sample.
+    """
+    if per_case < 1:
+        raise LofaError(f"per_case must be at least 1, not {per_case}")
+    n_prompts = world.n_prompts(split)
+    if n_prompts == 0:
+        raise LofaError(f"the {world.task} world has no {split!r} phrasings; use split='train'")
+    ids = [int(c) for c in case_ids for _ in range(per_case)]
+    prompts = [world.prompt(c, k % n_prompts, split) for c in case_ids for k in range(per_case)]
+    return ids, prompts, [seed + i for i in range(len(ids))]
+
+
+def _text_encoder(text, device):
+    if text is not None:
+        return text
+    from lofa.models.text import TextEncoder
+
+    return TextEncoder(device)
+
+
+@torch.no_grad()
+def generate(gen, world, case_ids: Sequence[int], loras: Sequence[LoraWeights] | None, prompts: Sequence[str],
+             seeds: Sequence[int], *, cfg: GenerateConfig | None = None, text=None, progress: bool = True
+             ) -> torch.Tensor:
+    """Samples [N, *world.shape] (on the CPU, in [-1, 1]) of `gen`, sample i with loras[i] (None: no LoRA).
+
+    case_ids, prompts, seeds: one per sample (see `eval_plan`); loras: one LoRA per sample, the same object
+    repeated for samples that share a LoRA (each distinct LoRA is stacked once per batch). text: a TextEncoder
+    (default MiniLM on gen's device). The initial noise of sample i depends on seeds[i] only.
+    """
+    n = len(case_ids)
+    if len(prompts) != n or len(seeds) != n or (loras is not None and len(loras) != n):
+        raise LofaError(f"got {n} case ids, {len(prompts)} prompts, {len(seeds)} seeds"
+                        + ("" if loras is None else f" and {len(loras)} LoRAs") + "; pass one of each per sample")
+    cfg = cfg or GenerateConfig()
+    device = next(gen.parameters()).device
+    text = _text_encoder(text, device)
+    uncond, uncond_mask = text.encode([""])
+    out = []
+    for start in tqdm(range(0, n, cfg.batch), desc=f"sampling {world.task}", leave=False, disable=not progress):
+        rows = slice(start, start + cfg.batch)
+        context, mask = text.encode(list(prompts[rows]))
+        noise = torch.stack([torch.randn(world.shape, generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds[rows]])
+
+        def run():
+            return sample(gen, context.to(device), mask.to(device), noise.shape, steps=cfg.steps,
+                          guidance_scale=cfg.guidance_scale, uncond_context=uncond.to(device),
+                          uncond_mask=uncond_mask.to(device), shift=cfg.shift, noise=noise).cpu()
+
+        if loras is None:
+            out.append(run())
+            continue
+        slot: dict[int, int] = {}
+        distinct = []
+        for weights in loras[rows]:
+            if id(weights) not in slot:
+                slot[id(weights)] = len(distinct)
+                distinct.append(weights)
+        with multi_lora(gen, distinct) as grouped:
+            grouped.route(torch.tensor([slot[id(w)] for w in loras[rows]]))
+            out.append(run())
+    return torch.cat(out)
+
+
+def score_cases(evaluators, world, case_ids: Sequence[int], samples: torch.Tensor,
+                prompts: Sequence[str] | None = None, *, reference_seed: int | None = None):
+    """Per-sample scores as a pandas DataFrame: case_id, split, and one column per metric of `evaluators.score`
+    (acc = the referee names the intended case, coarse_acc, clip_t with prompts, motion measures for videos, ...).
+
+    reference_seed: for styles and identities, also score against world.condition of the intended case at this
+    seed (the style reference / reference face a condition-driven method would receive): csd, face_sim, dino,
+    clip_i. It must lie outside the evaluators' training seeds, like any seed of scored renders.
+    """
+    import pandas as pd
+
+    references = None
+    if reference_seed is not None and world.task in ("styles", "identities"):
+        references = world.condition(list(case_ids), seed=reference_seed)
+    scores = evaluators.score(samples, list(case_ids), None if prompts is None else list(prompts), references)
+    frame = pd.DataFrame({"case_id": [int(c) for c in case_ids],
+                          "split": [world.cases[int(c)].split for c in case_ids], **scores})
+    return frame
+
+
+def case_means(frame, by: Sequence[str] = ("method",)):
+    """Per-case means of every metric column: one row per (by..., case_id, split)."""
+    keys = [*by, "case_id", "split"]
+    return frame.groupby(keys, sort=False).mean(numeric_only=True).reset_index()
+
+
+def summarize(per_case, metrics: Sequence[str], by: Sequence[str] = ("method",), n_boot: int = 1000,
+              seed: int = 0):
+    """Mean over cases and a 95 % percentile-bootstrap interval (cases resampled) of each metric per group.
+
+    per_case: `case_means` output. Returns a long DataFrame: by..., metric, mean, ci_low, ci_high, cases.
+    """
+    import pandas as pd
+
+    rows = []
+    for key, group in per_case.groupby(list(by), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for metric in metrics:
+            if metric not in group or group[metric].isna().all():
+                continue
+            values = group[metric].dropna().to_numpy()
+            mean, lo, hi = bootstrap_ci(values, n=n_boot, seed=seed)
+            rows.append({**dict(zip(by, key)), "metric": metric, "mean": mean, "ci_low": lo, "ci_high": hi,
+                         "cases": len(values)})
+    return pd.DataFrame(rows)
+
+
+def ratio_of_means(numerator: np.ndarray, denominator: np.ndarray, n_boot: int = 1000, seed: int = 0
+                   ) -> tuple[float, float, float]:
+    """mean(numerator) / mean(denominator) over paired per-case values [C], with a 95 % percentile-bootstrap
+    interval that resamples cases (both arrays together); resamples whose denominator mean is 0 are skipped.
+    E.g. exact-case recognition of LoRA samples / of ground-truth renders of the same cases."""
+    num, den = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 1 or len(num) == 0:
+        raise LofaError(f"ratio_of_means needs two equal-length 1-D arrays of per-case values, got shapes "
+                        f"{num.shape} and {den.shape}")
+    if den.mean() == 0:
+        raise LofaError("the denominator's mean is 0 (e.g. the referee recognises no ground-truth render); the ratio "
+                        "is undefined — check the evaluators")
+    rows = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))
+    num_boot, den_boot = num[rows].mean(1), den[rows].mean(1)
+    boots = num_boot[den_boot > 0] / den_boot[den_boot > 0]
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return float(num.mean() / den.mean()), float(lo), float(hi)

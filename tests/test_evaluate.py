@@ -1,0 +1,149 @@
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lofa.diffusion import sample
+from lofa.errors import LofaError
+from lofa.evaluate import GenerateConfig, case_means, eval_plan, generate, ratio_of_means, score_cases, summarize
+from lofa.lora.formats import LoraFactor
+from lofa.lora.train import apply_lora
+from lofa.lora.zoo import select_cases
+from test_lora_train import StubText, StubWorld, one_thread, tiny_generator  # noqa: F401
+
+
+class World(StubWorld):
+    shape = (3, 2, 8, 8)
+
+
+def _lora(gen, seed, zero=False):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in gen.lora_target_modules():
+        o, i = gen.net.get_submodule(name).weight.shape
+        b = torch.zeros(o, 2) if zero else 0.3 * torch.randn(o, 2, generator=g)
+        out[name] = LoraFactor(0.3 * torch.randn(2, i, generator=g), b, 4.0)
+    return out
+
+
+CFG = GenerateConfig(steps=3, guidance_scale=2.0, batch=4)
+
+
+def test_eval_plan_pairs_cases_prompts_and_seeds():
+    world = World()
+    ids, prompts, seeds = eval_plan(world, [4, 1], per_case=4, seed=100)
+    assert ids == [4, 4, 4, 4, 1, 1, 1, 1]
+    # phrasings cycle through the split's variants, one distinct noise seed per sample
+    assert prompts[:4] == [world.prompt(4, k % 3) for k in range(4)] and prompts[4] == world.prompt(1, 0)
+    assert seeds == list(range(100, 108))
+    with pytest.raises(LofaError, match="per_case"):
+        eval_plan(world, [1], per_case=0, seed=0)
+
+
+def test_generate_base_matches_sampler_and_ignores_batching():
+    world, text, gen = World(), StubText(), tiny_generator().eval()
+    ids, prompts, seeds = eval_plan(world, [0, 2, 5], per_case=2, seed=3)
+    x = generate(gen, world, ids, None, prompts, seeds, cfg=CFG, text=text, progress=False)
+    assert x.shape == (6, *world.shape) and x.abs().max() <= 1
+    # sample i depends on its own seed only: another batch size gives the same samples
+    again = generate(gen, world, ids, None, prompts, seeds, cfg=GenerateConfig(steps=3, guidance_scale=2.0, batch=5),
+                     text=text, progress=False)
+    torch.testing.assert_close(x, again)
+    # and it is the shared sampler's output from that seed's noise
+    context, mask = text.encode(prompts[3:4])
+    uncond, uncond_mask = text.encode([""])
+    noise = torch.randn(world.shape, generator=torch.Generator().manual_seed(seeds[3]))[None]
+    one = sample(gen, context, mask, noise.shape, steps=3, guidance_scale=2.0, uncond_context=uncond,
+                 uncond_mask=uncond_mask, noise=noise)
+    torch.testing.assert_close(x[3:4], one, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_routes_each_sample_to_its_lora():
+    """Many LoRAs in one sampler batch (with guidance) = each LoRA merged into the base alone."""
+    world, text, gen = World(), StubText(), tiny_generator().eval()
+    loras = {0: _lora(gen, 1), 2: _lora(gen, 2), 5: _lora(gen, 3, zero=True)}
+    ids, prompts, seeds = eval_plan(world, [0, 2, 5], per_case=2, seed=3)
+    x = generate(gen, world, ids, [loras[c] for c in ids], prompts, seeds, cfg=CFG, text=text, progress=False)
+    base = generate(gen, world, ids, None, prompts, seeds, cfg=CFG, text=text, progress=False)
+    for case in (0, 2):
+        rows = [i for i, c in enumerate(ids) if c == case]
+        with apply_lora(gen, loras[case]):
+            alone = generate(gen, world, [case] * 2, None, [prompts[i] for i in rows], [seeds[i] for i in rows],
+                             cfg=CFG, text=text, progress=False)
+        torch.testing.assert_close(x[rows], alone, rtol=1e-4, atol=1e-4)
+        assert (x[rows] - base[rows]).abs().max() > 1e-3  # the LoRA changed the samples
+    torch.testing.assert_close(x[4:], base[4:], rtol=1e-4, atol=1e-5)  # a zero LoRA (B = 0) changes nothing
+    assert all(type(gen.net.get_submodule(n)) is torch.nn.Linear for n in gen.lora_target_modules())
+    with pytest.raises(LofaError, match="one of each per sample"):
+        generate(gen, world, ids, [loras[0]], prompts, seeds, cfg=CFG, text=text, progress=False)
+
+
+class FakeEvaluators:
+    """Recognises case c in a sample whose mean pixel is c / 10; records what score() was given."""
+
+    def score(self, samples, case_ids, prompts=None, references=None):
+        self.got = SimpleNamespace(prompts=prompts, references=references)
+        guess = (samples.flatten(1).mean(1) * 10).round().long()
+        out = {"acc": (guess == torch.tensor(case_ids)).double().numpy()}
+        if references is not None:
+            out["csd"] = np.full(len(case_ids), 0.5)
+        return out
+
+
+def test_score_cases_frames_per_sample_scores():
+    world = World()
+    world.task = "styles"
+    world.condition = lambda ids, seed: torch.zeros(len(ids), 3, 8, 8)
+    ids = [1, 1, 5, 5]
+    samples = torch.stack([torch.full(world.shape, v) for v in (0.1, 0.3, 0.5, 0.5)])
+    ev = FakeEvaluators()
+    frame = score_cases(ev, world, ids, samples, ["p"] * 4, reference_seed=7)
+    assert list(frame.columns[:2]) == ["case_id", "split"] and frame.split.tolist() == ["train"] * 2 + ["heldout"] * 2
+    assert frame.acc.tolist() == [1, 0, 1, 1] and ev.got.references.shape[0] == 4 and "csd" in frame
+    world.task = "actions"  # no reference-based metric: references are not rendered
+    frame = score_cases(ev, world, ids, samples, reference_seed=7)
+    assert ev.got.references is None and "csd" not in frame
+
+
+def test_case_means_summarize_and_ratio():
+    frame = pd.DataFrame({"method": ["a"] * 4 + ["b"] * 4, "case_id": [1, 1, 2, 2] * 2,
+                          "split": ["train", "train", "heldout", "heldout"] * 2,
+                          "acc": [1, 0, 1, 1, 0, 0, 1, 0], "clip_t": [0.2] * 8})
+    per_case = case_means(frame)
+    assert per_case.set_index(["method", "case_id"]).acc.to_dict() == {("a", 1): 0.5, ("a", 2): 1.0,
+                                                                        ("b", 1): 0.0, ("b", 2): 0.5}
+    table = summarize(per_case, ["acc", "clip_t", "face_sim"], n_boot=200).set_index(["method", "metric"])
+    assert set(table.index) == {("a", "acc"), ("a", "clip_t"), ("b", "acc"), ("b", "clip_t")}  # absent metric left out
+    row = table.loc[("a", "acc")]
+    assert row["mean"] == 0.75 and row.ci_low <= 0.75 <= row.ci_high and row.ci_low >= 0.5 and row.cases == 2
+    assert table.loc[("b", "clip_t")].ci_low == pytest.approx(0.2)
+
+    num, den = np.array([0.5, 0.0, 1.0, 0.5]), np.array([1.0, 1.0, 1.0, 0.5])
+    ratio, lo, hi = ratio_of_means(num, den, n_boot=300)
+    assert ratio == pytest.approx(0.5 / 0.875) and lo <= ratio <= hi and 0 <= lo and hi <= 1.0
+    # resamples that draw only cases the reference never recognises are skipped, not turned into NaN bounds
+    ratio, lo, hi = ratio_of_means(np.array([0.5, 0.0, 0.0]), np.array([1.0, 0.0, 0.0]), n_boot=300)
+    assert ratio == 0.5 and np.isfinite([lo, hi]).all()
+    with pytest.raises(LofaError, match="equal-length"):
+        ratio_of_means(num, den[:3])
+    with pytest.raises(LofaError, match="undefined"):
+        ratio_of_means(num, np.zeros(4))
+
+
+def test_select_cases_keeps_every_heldout_case_and_balances_categories():
+    world = StubWorld(n_cases=40, n_coarse=4)
+    for i in (3, 17, 22):
+        world.cases[i].split = "heldout"
+    heldout = world.ids("heldout")
+    picked = select_cases(world, max_cases=12, seed=0)
+    assert len(picked) == 12 and set(heldout) <= set(picked) and picked == sorted(picked)
+    train = [world.cases[c].coarse for c in picked if c not in heldout]
+    assert np.bincount(train, minlength=4).max() - np.bincount(train, minlength=4).min() <= 1
+    assert select_cases(world, 12, seed=0) == picked and select_cases(world, 12, seed=1) != picked
+    assert select_cases(world, None) == list(range(40))
+    assert select_cases(world, 2) == heldout  # held-out cases are never dropped, even beyond the cap
+    assert set(select_cases(world, 6, among=list(range(20)))) <= set(range(20))
+    with pytest.raises(LofaError, match="max_cases"):
+        select_cases(world, 0)
