@@ -7,15 +7,19 @@ Every method that ends in "one LoRA per case" — the zoo's per-case LoRAs, Stag
     ids, prompts, seeds = eval_plan(world, case_ids, per_case=4, seed=1)       # who, which prompt, which noise
     x = generate(gen, world, ids, [loras[c] for c in ids], prompts, seeds)     # loras=None: the base model
     frame = score_cases(evaluators, world, ids, x, prompts, reference_seed=2)  # one row per sample
+    frame["denoise"] = denoising_loss(gen, world, ids, [loras[c] for c in ids], prompts, seed=3)
     table = summarize(case_means(frame.assign(method="LoRA")), ["acc", "coarse_acc"])
 
 Samples with the same seed start from the same noise whatever the LoRA, so base and LoRA samples of a case are
 paired. Many LoRAs are sampled in one batch through `lofa.lora.batched.multi_lora` (each sample routed to its own
-LoRA), classifier-free guidance included. Cases, not samples, are the unit of the intervals: a per-case LoRA is
-one draw from the method.
+LoRA), classifier-free guidance included. `denoising_loss` scores a LoRA without sampling: the flow-matching loss
+of fresh ground-truth renders of its case (lower is better), which shows what a LoRA has learned even where the
+base samples poorly. Cases, not samples, are the unit of the intervals: a per-case LoRA is one draw from the
+method.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -83,6 +87,20 @@ def _text_encoder(text, device):
     return TextEncoder(device)
 
 
+@contextlib.contextmanager
+def _routed(gen, loras: Sequence[LoraWeights]):
+    """`gen` with sample i routed to loras[i]; each distinct LoRA (by identity) is stacked once."""
+    slot: dict[int, int] = {}
+    distinct = []
+    for weights in loras:
+        if id(weights) not in slot:
+            slot[id(weights)] = len(distinct)
+            distinct.append(weights)
+    with multi_lora(gen, distinct) as grouped:
+        grouped.route(torch.tensor([slot[id(w)] for w in loras]))
+        yield
+
+
 @torch.no_grad()
 def generate(gen, world, case_ids: Sequence[int], loras: Sequence[LoraWeights] | None, prompts: Sequence[str],
              seeds: Sequence[int], *, cfg: GenerateConfig | None = None, text=None, progress: bool = True
@@ -107,25 +125,45 @@ def generate(gen, world, case_ids: Sequence[int], loras: Sequence[LoraWeights] |
         context, mask = text.encode(list(prompts[rows]))
         noise = torch.stack([torch.randn(world.shape, generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds[rows]])
-
-        def run():
-            return sample(gen, context.to(device), mask.to(device), noise.shape, steps=cfg.steps,
-                          guidance_scale=cfg.guidance_scale, uncond_context=uncond.to(device),
-                          uncond_mask=uncond_mask.to(device), shift=cfg.shift, noise=noise).cpu()
-
-        if loras is None:
-            out.append(run())
-            continue
-        slot: dict[int, int] = {}
-        distinct = []
-        for weights in loras[rows]:
-            if id(weights) not in slot:
-                slot[id(weights)] = len(distinct)
-                distinct.append(weights)
-        with multi_lora(gen, distinct) as grouped:
-            grouped.route(torch.tensor([slot[id(w)] for w in loras[rows]]))
-            out.append(run())
+        with _routed(gen, loras[rows]) if loras is not None else contextlib.nullcontext():
+            out.append(sample(gen, context.to(device), mask.to(device), noise.shape, steps=cfg.steps,
+                              guidance_scale=cfg.guidance_scale, uncond_context=uncond.to(device),
+                              uncond_mask=uncond_mask.to(device), shift=cfg.shift, noise=noise).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def denoising_loss(gen, world, case_ids: Sequence[int], loras: Sequence[LoraWeights] | None, prompts: Sequence[str],
+                   seed: int, *, times: Sequence[float] = (0.2, 0.4, 0.6, 0.8), text=None, batch: int = 64
+                   ) -> np.ndarray:
+    """Flow-matching loss [N] of a fresh ground-truth render of each sample's case under its prompt, with
+    loras[i] applied (None: the base), averaged over the fixed flow times `times`.
+
+    Lower is better. It asks whether a LoRA has learned its case even where sampling cannot show it yet (a base
+    that renders poorly). The renders (world.render(case_ids, seed)) and the noise (from seed + 1) depend on
+    (case_ids, seed) only, so two methods called with the same arguments are scored on identical inputs.
+    """
+    from lofa.diffusion import flow_matching_loss
+
+    n = len(case_ids)
+    if len(prompts) != n or (loras is not None and len(loras) != n):
+        raise LofaError(f"got {n} case ids, {len(prompts)} prompts"
+                        + ("" if loras is None else f" and {len(loras)} LoRAs") + "; pass one of each per sample")
+    device = next(gen.parameters()).device
+    text = _text_encoder(text, device)
+    x0 = world.render(list(case_ids), seed)
+    noise = torch.randn((len(times), *x0.shape), generator=torch.Generator().manual_seed(seed + 1))
+    out = []
+    for start in range(0, n, batch):
+        rows = slice(start, start + batch)
+        context, mask = (z.to(device) for z in text.encode(list(prompts[rows])))
+        x = x0[rows].to(device)
+        with _routed(gen, loras[rows]) if loras is not None else contextlib.nullcontext():
+            losses = [flow_matching_loss(gen, x, context, mask, t=torch.full((len(x),), float(t), device=device),
+                                         noise=noise[k, rows].to(device), reduction="none")
+                      for k, t in enumerate(times)]
+        out.append(torch.stack(losses).mean(0).cpu())
+    return torch.cat(out).double().numpy()
 
 
 def score_cases(evaluators, world, case_ids: Sequence[int], samples: torch.Tensor,
@@ -192,3 +230,36 @@ def ratio_of_means(numerator: np.ndarray, denominator: np.ndarray, n_boot: int =
     boots = num_boot[den_boot > 0] / den_boot[den_boot > 0]
     lo, hi = np.quantile(boots, [0.025, 0.975])
     return float(num.mean() / den.mean()), float(lo), float(hi)
+
+
+def base_competence(gen, world, evaluators, *, n: int, seed: int, cfg: GenerateConfig | None = None, text=None,
+                    progress: bool = True) -> dict:
+    """Is the base a competent generator of its world at the coarse level, and *not* at the fine level?
+
+    Three checks (the mini-worlds acceptance): (1) samples for coarse captions of `n` random training cases are
+    recognised as the right coarse category; (2) their Fréchet distance to ground-truth renders of the same
+    cases, beside the distance between two render sets (the floor); (3) samples for the held-out cases'
+    reserved fine prompts are recognised as their exact case, beside ground-truth renders of those cases.
+    Seeds seed, seed + 1, ... must lie outside the evaluators' training seeds. Returns a dict of scalars.
+    """
+    rng = np.random.default_rng(seed)
+    train = world.ids("train")
+    ids = [int(i) for i in rng.choice(train, size=n, replace=len(train) < n)]
+    real, captions = world.sample(ids, seed, level="coarse")
+    seeds = [seed + 1 + i for i in range(n)]
+    coarse = generate(gen, world, ids, None, captions, seeds, cfg=cfg, text=text, progress=progress)
+    heldout = world.ids("heldout")
+    fine_prompts = [world.prompt(c, 0, "eval") for c in heldout]
+    fine = generate(gen, world, heldout, None, fine_prompts, [seed + 1 + n + i for i in range(len(heldout))],
+                    cfg=cfg, text=text, progress=progress)
+    gt_fine = world.render(heldout, seed + 2)
+    return {
+        "coarse_acc_base": float(evaluators.score(coarse, ids)["coarse_acc"].mean()),
+        "coarse_acc_renders": float(evaluators.score(real, ids)["coarse_acc"].mean()),
+        "fd_base_vs_renders": evaluators.frechet(coarse, real),
+        "fd_renders_vs_renders": evaluators.frechet(world.render(ids, seed + 3), real),
+        "exact_acc_base_heldout": float(evaluators.score(fine, heldout)["acc"].mean()),
+        "exact_acc_renders_heldout": float(evaluators.score(gt_fine, heldout)["acc"].mean()),
+        "coarse_acc_base_heldout_fine": float(evaluators.score(fine, heldout)["coarse_acc"].mean()),
+        "samples": {"coarse": coarse, "fine": fine, "real": real, "ids": ids, "heldout": heldout},
+    }

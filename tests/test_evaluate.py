@@ -7,7 +7,8 @@ import torch
 
 from lofa.diffusion import sample
 from lofa.errors import LofaError
-from lofa.evaluate import GenerateConfig, case_means, eval_plan, generate, ratio_of_means, score_cases, summarize
+from lofa.evaluate import (GenerateConfig, case_means, denoising_loss, eval_plan, generate, ratio_of_means,
+                           score_cases, summarize)
 from lofa.lora.formats import LoraFactor
 from lofa.lora.train import apply_lora
 from lofa.lora.zoo import select_cases
@@ -80,6 +81,22 @@ def test_generate_routes_each_sample_to_its_lora():
         generate(gen, world, ids, [loras[0]], prompts, seeds, cfg=CFG, text=text, progress=False)
 
 
+def test_denoising_loss_is_paired_and_routes_loras():
+    world, text, gen = World(), StubText(), tiny_generator().eval()
+    loras = {0: _lora(gen, 1), 2: _lora(gen, 3, zero=True)}
+    ids, prompts, _ = eval_plan(world, [0, 2], per_case=2, seed=0)
+    base = denoising_loss(gen, world, ids, None, prompts, seed=5, text=text)
+    assert base.shape == (4,) and (base > 0).all()
+    np.testing.assert_allclose(base, denoising_loss(gen, world, ids, None, prompts, seed=5, text=text, batch=3))
+    assert not np.allclose(base, denoising_loss(gen, world, ids, None, prompts, seed=6, text=text))
+    routed = denoising_loss(gen, world, ids, [loras[c] for c in ids], prompts, seed=5, text=text)
+    with apply_lora(gen, loras[0]):
+        alone = denoising_loss(gen, world, ids, None, prompts, seed=5, text=text)
+    np.testing.assert_allclose(routed[:2], alone[:2], rtol=1e-4)
+    np.testing.assert_allclose(routed[2:], base[2:], rtol=1e-5)  # zero LoRA = base
+    assert np.abs(routed[:2] - base[:2]).max() > 1e-4
+
+
 class FakeEvaluators:
     """Recognises case c in a sample whose mean pixel is c / 10; records what score() was given."""
 
@@ -147,3 +164,52 @@ def test_select_cases_keeps_every_heldout_case_and_balances_categories():
     assert set(select_cases(world, 6, among=list(range(20)))) <= set(range(20))
     with pytest.raises(LofaError, match="max_cases"):
         select_cases(world, 0)
+
+
+def test_base_competence_separates_coarse_from_fine():
+    """A 'generator' that returns ground-truth renders of a same-coarse neighbour case: coarse checks pass, the
+    exact-case check fails — the shape of result the mini-world base must show."""
+    import torch
+
+    from lofa.evaluate import base_competence
+    from lofa.worlds import make_world
+
+    world = make_world("identities", "smoke")
+
+    class Referee:  # recognises exact case and coarse category of ground-truth renders by construction
+        def __init__(self):
+            self.truth = {}
+
+        def score(self, x, ids):
+            keys = [self.truth.get(tuple(v.flatten()[:64].tolist()), (-1, -1)) for v in x]
+            return {"acc": np.array([float(k[0] == i) for k, i in zip(keys, ids)]),
+                    "coarse_acc": np.array([float(k[1] == world.cases[i].coarse) for k, i in zip(keys, ids)])}
+
+        def frechet(self, a, b):
+            return float((a.mean(0) - b.mean(0)).pow(2).sum())
+
+    referee = Referee()
+    original_render = world.render
+
+    def render(ids, seed, **kw):
+        x = original_render(ids, seed, **kw)
+        for v, i in zip(x, ids):
+            referee.truth[tuple(v.flatten()[:64].tolist())] = (int(i), world.cases[int(i)].coarse)
+        return x
+
+    world.render = render
+    neighbour = {c.id: next(d.id for d in world.cases if d.coarse == c.coarse and d.id != c.id) for c in world.cases}
+
+    import lofa.evaluate as ev
+
+    def fake_generate(gen, world_, ids, loras, prompts, seeds, **kw):
+        return torch.cat([world.render([neighbour[i]], s) for i, s in zip(ids, seeds)])
+
+    original_generate = ev.generate
+    ev.generate = fake_generate
+    try:
+        out = base_competence(None, world, referee, n=8, seed=123)
+    finally:
+        ev.generate = original_generate
+    assert out["coarse_acc_base"] == 1.0 and out["coarse_acc_renders"] == 1.0
+    assert out["exact_acc_base_heldout"] == 0.0 and out["exact_acc_renders_heldout"] == 1.0

@@ -181,8 +181,10 @@ def test_cached_evaluators_load_and_score_identically(trained):
 
     world, ev, out, _ = trained
     x = world.render([0, 1, 2, 3], seed=SANITY_SEED + 10)
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
     again = train_evaluators(world, ev.cfg, out, seed=0)  # complete folder: loads, does not retrain
-    assert not again.curves
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == stamps
+    assert again.curves == ev.curves and len(again.curves["referee"]) == ev.cfg.steps_referee
     assert torch.allclose(again.features(x), ev.features(x))
     assert torch.allclose(Evaluators.load(out, world).features(x), ev.features(x))
 

@@ -1,7 +1,7 @@
 """Evaluators trained on a world's ground-truth renders only, and the per-task `Evaluators` bundle.
 
-No evaluator ever sees a method's output: every training batch is `world.render` / `world.condition` at seeds
-in a range of their own (`EvalConfig.seed_offset` + ...), disjoint from the seeds tests and the sanity table use.
+No evaluator ever sees a method's output: they train on a pool of `world.sample` renders and `world.condition`
+references drawn at seeds of their own (`EvalConfig.seed_range`), disjoint from the seeds anything is scored at.
 
 Roles (paper metric -> network, trained on ground truth of ALL cases, train and held-out, since it referees):
 - referee   fine-case classifier with coarse and per-component heads: ground-truth accuracies; its pooled
@@ -345,9 +345,12 @@ def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path |
         torch.manual_seed(seed * 1000 + r)  # parameter init
         net = _build(role, world, cfg, head_sizes)
         path = out / f"{role}.safetensors" if out is not None else None
-        if path is not None and path.exists() and _load_weights(net, path) == fp:
-            nets[role] = net.to(device).eval()
-            continue
+        if path is not None and path.exists():
+            stored = _load_weights(net, path)
+            if stored.get("fingerprint") == fp:
+                nets[role] = net.to(device).eval()
+                curves[role], seconds[role] = json.loads(stored["curve"]), json.loads(stored["seconds"])
+                continue
         steps = {"referee": cfg.steps_referee, "clip": cfg.steps_clip, "style": cfg.steps_embed,
                  "face": cfg.steps_embed, "generic": cfg.steps_generic}[role]
         if pool is None:
@@ -358,12 +361,13 @@ def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path |
         with _timed(seconds, role):
             curves[role] = fit(net, loss_fn, steps, cfg, seed * 1000 + r, f"{world.task} {role}")
         if path is not None:
-            save_safetensors(net.state_dict(), path, metadata={"fingerprint": fp})
+            save_safetensors(net.state_dict(), path, metadata={
+                "fingerprint": fp, "curve": json.dumps(curves[role]), "seconds": json.dumps(seconds[role])})
         nets[role] = net.eval()
 
     meta = {"fingerprint": fp, "task": world.task, "modality": world.modality, "config": as_dict(cfg),
             "seed": seed, "vocab": vocab, "head_sizes": head_sizes, "captions_from_attrs": from_attrs,
-            "train_seconds": seconds, "final_loss": {k: float(np.mean(v[-20:])) for k, v in curves.items()}}
+            "train_seconds": seconds, "curves": curves}
     if world.modality == "video":
         if pool is None:
             pool = GroundTruthPool(world, cfg.per_case, lo, conditions=False)
@@ -372,7 +376,7 @@ def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path |
         meta["motion_threshold"] = scores.calibrate_motion_threshold(motion, cfg.dd_quantile)
     if out is not None:
         write_json(out / META_FILE, meta)
-    return Evaluators(world, cfg, nets, meta, device, curves)
+    return Evaluators(world, cfg, nets, meta, device)
 
 
 @contextlib.contextmanager
@@ -383,15 +387,15 @@ def _timed(log: dict, key: str):
     log[key] = {"wall": round(time.perf_counter() - wall, 2), "cpu": round(time.process_time() - cpu, 2)}
 
 
-def _load_weights(net: torch.nn.Module, path: Path) -> str | None:
-    """Load `path` into `net`; returns the fingerprint stored with it."""
+def _load_weights(net: torch.nn.Module, path: Path) -> dict[str, str]:
+    """Load `path` into `net`; returns the metadata stored with it (fingerprint, loss curve, seconds)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     with safe_open(str(path), "pt") as f:
-        fp = (f.metadata() or {}).get("fingerprint")
+        metadata = f.metadata() or {}
     net.load_state_dict(load_file(str(path)))
-    return fp
+    return metadata
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -405,10 +409,10 @@ class Evaluators:
     """
 
     def __init__(self, world, cfg: EvalConfig, nets: dict[str, torch.nn.Module], meta: dict,
-                 device: str | torch.device = "cpu", curves: dict[str, list[float]] | None = None):
+                 device: str | torch.device = "cpu"):
         self.world, self.cfg, self.nets, self.meta = world, cfg, nets, meta
         self.device = torch.device(device)
-        self.curves = curves or {}
+        self.curves: dict[str, list[float]] = meta["curves"]  # training loss per step, per role
         self.task, self.modality = meta["task"], meta["modality"]
         self._text = None
         self._labels = case_labels(world, meta["vocab"])
@@ -426,7 +430,7 @@ class Evaluators:
         nets = {}
         for role in ROLES[meta["task"]]:
             net = _build(role, world, cfg, meta["head_sizes"])
-            if _load_weights(net, out / f"{role}.safetensors") != meta["fingerprint"]:
+            if _load_weights(net, out / f"{role}.safetensors").get("fingerprint") != meta["fingerprint"]:
                 raise LofaError(f"{out / (role + '.safetensors')} does not belong to {out / META_FILE}; "
                                 f"delete the folder and retrain")
             nets[role] = net.to(device).eval()

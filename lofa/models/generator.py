@@ -26,7 +26,6 @@ from lofa.models.video_dit import VideoDiTConfig, config_from_wan, make_video_di
 
 CONFIG_FILE = "lofa_generator.json"
 TIMESTEP_SCALE = 1000.0  # both families were built for timesteps in [0, 1000] (Wan: sigma * 1000)
-SIGMA_DATA = 0.5        # x0_edm: data std assumed by the EDM preconditioning (Karras et al. 2022)
 X0_T_MIN = 0.05          # x0-prediction: v = (x_t - x0) / max(t, X0_T_MIN), as JiT clips 1 / t
 
 # The paper's LoRA targets: q, k, v, o of self- (attn1) and cross-attention (attn2) in every block.
@@ -65,7 +64,8 @@ class Generator(nn.Module):
     models predict the clean sample x0, turned into v = (x_t - x0) / t here: with large patches and a narrow
     width a net cannot carry the high-dimensional noise through its bottleneck, but it can output clean data,
     which lies near a low-dimensional manifold (Li & He 2025, "Back to Basics: Let Denoising Generative Models
-    Denoise"); measured here, v-prediction left patch-grid noise in every sample at the mini budget.
+    Denoise"). Measured here at the mini budget: v-prediction left patch-grid noise over every sample, x0
+    gave figures on clean backgrounds; an EDM-style skip (x0 = c_skip x_t + c_out F) was noisier than plain x0.
     Either way the loss and the sampler see a velocity.
     """
 
@@ -73,7 +73,7 @@ class Generator(nn.Module):
         super().__init__()
         if kind not in ("video_dit", "image_unet"):
             raise LofaError(f"unknown generator kind {kind!r}; use 'video_dit' or 'image_unet'")
-        if config.prediction not in ("x0", "x0_edm", "velocity"):
+        if config.prediction not in ("x0", "velocity"):
             raise LofaError(f"unknown prediction {config.prediction!r}; use 'x0' or 'velocity'")
         if kind == "video_dit":
             use_fast_rope(net)
@@ -111,28 +111,19 @@ class Generator(nn.Module):
         n = x_t.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
         t = t.expand(n) if t.ndim == 0 else t
-        tb = t.view(n, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
-        net_in = x_t
-        if self.config.prediction == "x0_edm":
-            scale = (tb.square() + SIGMA_DATA**2 * (1 - tb).square()).sqrt()  # std of x_t
-            net_in = x_t / scale
         if self.kind == "video_dit":
             # WanTransformer3DModel's cross-attention takes no text mask; like the Wan pipeline (umT5 states cut
             # at the prompt length and zero-padded to 512), padded positions are zeroed so only real tokens carry
             # content. Zero tokens still receive attention (through the text projection's bias), as in Wan.
             if context_mask is not None:
                 context = context * context_mask.unsqueeze(-1).to(context.dtype)
-            out = self.net(net_in, t * TIMESTEP_SCALE, context, return_dict=False)[0]
+            out = self.net(x_t, t * TIMESTEP_SCALE, context, return_dict=False)[0]
         else:
-            out = self.net(net_in, t * TIMESTEP_SCALE, context, encoder_attention_mask=context_mask,
+            out = self.net(x_t, t * TIMESTEP_SCALE, context, encoder_attention_mask=context_mask,
                            return_dict=False)[0]
         if self.config.prediction == "velocity":
             return out
-        if self.config.prediction == "x0_edm":
-            c_skip = SIGMA_DATA**2 * (1 - tb) / scale.square()
-            c_out = tb * SIGMA_DATA / scale
-            out = c_skip * x_t + c_out * out
-        return (x_t - out) / tb.clamp_min(X0_T_MIN)
+        return (x_t - out) / t.clamp_min(X0_T_MIN).view(n, *([1] * (x_t.ndim - 1))).to(out.dtype)
 
     def lora_target_modules(self, include_ffn: bool = False) -> list[str]:
         """Full module names (in `.net`) of the paper's LoRA targets, in network order.
