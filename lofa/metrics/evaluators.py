@@ -5,12 +5,14 @@ references drawn at seeds of their own (`EvalConfig.seed_range`), disjoint from 
 
 Roles (paper metric -> network, trained on ground truth of ALL cases, train and held-out, since it referees):
 - referee   fine-case classifier with coarse and per-component heads: ground-truth accuracies; its pooled
-            features give the Fréchet distance (FVD for videos, FID for images).
+            features give the Fréchet distance (FVD for videos, FID for images) and, as generic features of
+            a multi-attribute classifier, DINO (sample-reference cosine) for identities.
 - clip      render tower + MiniLM text tower, contrastive on (render, train phrasing): CLIP-T, and CLIP-I
             (image-image cosine in its render space) for identities.
 - style     ArcFace-trained style descriptor over frames and style references (different content): CSD.
 - face      ArcFace-trained identity embedding over varied renders and reference faces: face similarity.
-- generic   SimCLR features over augmented renders (no labels): DINO, and Face Div among a case's samples.
+- generic   SimCLR features over augmented renders (no labels, so pose, expression and background stay in
+            them): Face Div among a case's samples.
 Motion measures (dynamic degree, smoothness) need no training; the dynamic threshold is calibrated on renders.
 """
 from __future__ import annotations
@@ -58,7 +60,7 @@ class EvalConfig:
     steps_referee: int = 500
     steps_clip: int = 500
     steps_embed: int = 400     # ArcFace style / face descriptors
-    steps_generic: int = 300   # SimCLR generic features
+    steps_generic: int = 300   # SimCLR appearance features (Face Div)
     arc_scale: float = 16.0
     arc_margin: float = 0.3
     simclr_temperature: float = 0.2
@@ -69,8 +71,8 @@ class EvalConfig:
     seed_offset: int = 900_000_000
 
     PRESETS: ClassVar[dict[str, dict]] = {
-        "smoke": {"width": 8, "dim": 64, "batch": 32, "per_case": 8, "steps_referee": 60, "steps_clip": 60,
-                  "steps_embed": 60, "steps_generic": 40},
+        "smoke": {"width": 8, "dim": 64, "batch": 32, "lr": 4e-3, "per_case": 8, "steps_referee": 300,
+                  "steps_clip": 300, "steps_embed": 150, "steps_generic": 60},
         "mini": {},
         "full": {"width": 32, "dim": 256, "batch": 128, "per_case": 48, "steps_referee": 3000,
                  "steps_clip": 3000, "steps_embed": 2000, "steps_generic": 1500},
@@ -127,10 +129,10 @@ def random_frames(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch.Tensor], steps: int,
         cfg: EvalConfig, seed: int, desc: str) -> list[float]:
-    """AdamW + cosine decay over `steps`; loss_fn(step, generator) draws its own ground-truth batch.
+    """AdamW with a one-cycle schedule over `steps`; loss_fn(step, generator) draws its own ground-truth batch.
 
-    Returns the loss curve. The generator seeds batch composition and augmentation; renders are seeded by
-    the caller from the step so that a rerun sees the same data.
+    Returns the loss curve. The generator (seeded by `seed`) fixes batch composition and augmentation, so a
+    rerun reproduces the run.
     """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -171,8 +173,9 @@ def case_labels(world, vocab: dict[str, list[str]]) -> dict[str, torch.Tensor]:
 
 
 def attribute_caption(case) -> str:
-    """A caption that names every component, for worlds whose prompts do not identify the case."""
-    return "; ".join(f"{k.replace('_', ' ')}: {str(v).replace('_', ' ')}" for k, v in case.attrs.items())
+    """A caption that names every component ("oval face shape, brown skin, ..."), for worlds whose prompts
+    do not identify the case."""
+    return ", ".join(f"{str(v).replace('_', ' ')} {k.replace('_', ' ')}" for k, v in case.attrs.items())
 
 
 def prompts_identify_cases(world) -> bool:
@@ -187,7 +190,9 @@ def prompts_identify_cases(world) -> bool:
 
 
 def _fingerprint(world, cfg: EvalConfig, seed: int) -> str:
-    blob = json.dumps({"task": world.task, "cases": [c.name for c in world.cases], "cfg": as_dict(cfg),
+    """Identifies (world config and cases, evaluator config, seed): cached weights are reused only on a match."""
+    blob = json.dumps({"task": world.task, "world": repr(getattr(world, "cfg", None)), "world_seed":
+                       getattr(world, "seed", None), "cases": [c.name for c in world.cases], "cfg": as_dict(cfg),
                        "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -287,29 +292,31 @@ def _role_loss(role: str, net, world, pool: GroundTruthPool, cfg: EvalConfig, la
 class PooledText:
     """Texts -> mean-pooled MiniLM states [N, 384], cached per string (384 floats, not the token states).
 
-    For worlds whose prompts do not name the case (DreamBooth "[V]"), the case's attribute caption is appended:
-    "[V]" stands for that identity, so the text side reads it as the identity's description.
+    For worlds whose prompts do not name the case (DreamBooth "[V]"), the prompt's pooled state is averaged with
+    that of the case's attribute caption: "[V]" stands for that identity, so the text side reads it as the
+    identity's description. (Encoding the two apart keeps the strings few: prompts are shared by all cases.)
     """
 
-    def __init__(self, world, captions_from_attrs: bool, max_length: int = 64):
-        self.world, self.from_attrs, self.max_length = world, captions_from_attrs, max_length
-        self._cache: dict[str, torch.Tensor] = {}
+    def __init__(self, world, captions_from_attrs: bool):
+        self.world, self.from_attrs = world, captions_from_attrs
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
 
-    def texts(self, prompts: Sequence[str], case_ids: Sequence[int]) -> list[str]:
-        if not self.from_attrs:
-            return list(prompts)
-        return [f"{p}; {attribute_caption(self.world.cases[int(i)])}" for p, i in zip(prompts, case_ids)]
-
-    def __call__(self, prompts: Sequence[str], case_ids: Sequence[int]) -> torch.Tensor:
+    def _pooled(self, texts: list[str], max_length: int) -> torch.Tensor:
         from lofa.models.text import TextEncoder
 
-        texts = self.texts(prompts, case_ids)
-        missing = sorted(set(texts) - set(self._cache))
+        missing = sorted({t for t in texts if (t, max_length) not in self._cache})
         if missing:
             # A throwaway encoder: its own per-token cache would hold [L, 384] per string for the whole run.
-            pooled = mean_pool(*TextEncoder(max_length=self.max_length).encode(missing))
-            self._cache.update(zip(missing, pooled))
-        return torch.stack([self._cache[t] for t in texts])
+            pooled = mean_pool(*TextEncoder(max_length=max_length).encode(missing))
+            self._cache.update({(t, max_length): v for t, v in zip(missing, pooled)})
+        return torch.stack([self._cache[(t, max_length)] for t in texts])
+
+    def __call__(self, prompts: Sequence[str], case_ids: Sequence[int]) -> torch.Tensor:
+        pooled = self._pooled(list(prompts), 32)
+        if self.from_attrs:
+            captions = [attribute_caption(self.world.cases[int(i)]) for i in case_ids]
+            pooled = (pooled + self._pooled(captions, 64)) / 2
+        return pooled
 
 
 def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path | None = None,
@@ -490,7 +497,7 @@ class Evaluators:
         return self._image_embedding("face", x)
 
     def generic_features(self, x: torch.Tensor) -> torch.Tensor:
-        """DINO-style self-supervised features [N, dim] of images."""
+        """Label-free SimCLR appearance features [N, dim] of images (the Face Div space)."""
         return self._image_embedding("generic", x)
 
     def caption(self, case_id: int, variant: int = 0, split: str = "eval") -> str:
@@ -539,7 +546,7 @@ class Evaluators:
                 out["csd"] = scores.cosine(self.style_descriptor(samples), self.style_descriptor(references))
             elif self.task == "identities":
                 out["face_sim"] = scores.cosine(self.face_embedding(samples), self.face_embedding(references))
-                out["dino"] = scores.cosine(self.generic_features(samples), self.generic_features(references))
+                out["dino"] = scores.cosine(self.features(samples), self.features(references))
                 out["clip_i"] = scores.cosine(self.render_embedding(samples), self.render_embedding(references))
             else:
                 raise LofaError(f"{self.task} has no reference-based metric; call score without references")
@@ -632,9 +639,8 @@ def evaluator_sanity_table(world, evaluators: Evaluators, seed: int, n: int = 12
 
     if world.modality == "video":
         static = x[:, :, :1].expand_as(x).contiguous()
-        perm = torch.randperm(x.shape[2], generator=torch.Generator().manual_seed(seed))
-        while x.shape[2] > 2 and (perm == torch.arange(len(perm))).all():
-            perm = torch.randperm(x.shape[2])
+        t = x.shape[2]
+        perm = torch.cat([torch.arange(0, t, 2), torch.arange(1, t, 2)])  # even frames, then odd: jumps back
         rows.append(("dynamic", "static clip", right["dynamic"].mean(),
                      evaluators.score(static, ids)["dynamic"].mean()))
         rows.append(("smoothness", "shuffled frames", right["smoothness"].mean(),

@@ -1,4 +1,4 @@
-"""Small feature networks for the evaluators (stand-ins for I3D, CLIP, CSD, ArcFace and DINO).
+"""Small feature networks for the evaluators (stand-ins for I3D, CLIP, CSD, ArcFace and DINO-style features).
 
 Every network maps a batch of renders to a feature vector: videos [N, 3, T, H, W] through 3-D convolutions,
 images [N, 3, H, W] through 2-D convolutions, both in [-1, 1]. Heads and losses sit beside them so that
@@ -87,7 +87,8 @@ class ArcMarginHead(nn.Module):
 
 
 class Embedder(nn.Module):
-    """Encoder trained as a metric embedding (ArcFace for faces and styles, SimCLR for generic features).
+    """Encoder trained as a metric embedding (ArcFace for faces and styles, SimCLR for label-free
+    appearance features).
 
     forward(x) -> embedding [N, dim] (not normalised; scores use cosine). Video input to an image embedder is
     handled by the evaluators (mean over frames).

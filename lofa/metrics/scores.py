@@ -10,7 +10,8 @@ Paper role -> definition here:
 - Motion smoothness (VBench): 1 - mean frame-interpolation error / 2, where the interpolation of frame t is the
   average of frames t-1 and t+1 (VBench uses a learned interpolator; ours is linear). 1 means every frame is the
   midpoint of its neighbours (static or constant-velocity change); shuffled frames score lower.
-- Face Div: 100 x mean pairwise (1 - cosine) of generic image features among the samples of one case.
+- Face Div: 100 x mean pairwise (1 - cosine) of label-free (SimCLR) appearance features among the samples of
+  one case: 0 when a method returns the same face every time.
 """
 from __future__ import annotations
 
