@@ -23,11 +23,12 @@ def randn(shape, generator: torch.Generator | None, device: torch.device | str) 
     return torch.randn(shape, generator=generator, device=source).to(device)
 
 
-def sample_t(n: int, *, generator: torch.Generator | None = None, device="cpu",
-             mode: str = "logit_normal") -> torch.Tensor:
-    """Training times t [n] in (0, 1): logit-normal(0, 1) as in SD3 (weights the middle), or uniform."""
+def sample_t(n: int, *, generator: torch.Generator | None = None, device="cpu", mode: str = "logit_normal",
+             mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Training times t [n] in (0, 1): sigmoid(N(mean, std)) (SD3: mean 0, std 1; JiT's x0-prediction models use
+    mean 0.8, std 0.8 in this convention, i.e. more training near pure noise), or uniform."""
     if mode == "logit_normal":
-        return torch.sigmoid(randn((n,), generator, device))
+        return torch.sigmoid(mean + std * randn((n,), generator, device))
     if mode == "uniform":
         source = generator.device if generator is not None else device
         return torch.rand((n,), generator=generator, device=source).to(device)
@@ -37,15 +38,17 @@ def sample_t(n: int, *, generator: torch.Generator | None = None, device="cpu",
 def flow_matching_loss(gen: VelocityFn, x0: torch.Tensor, context: torch.Tensor,
                        context_mask: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
                        t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                       t_sampling: str = "logit_normal", reduction: str = "mean") -> torch.Tensor:
+                       t_sampling: str = "logit_normal", t_mean: float = 0.0, t_std: float = 1.0,
+                       reduction: str = "mean") -> torch.Tensor:
     """MSE between gen's velocity and noise - x0 at x_t = (1 - t)·x0 + t·noise.
 
-    x0: [N, ...] clean data; context [N, L, D]; t [N] and noise like x0 are drawn from `generator` when not given.
+    x0: [N, ...] clean data; context [N, L, D]; t [N] and noise like x0 are drawn from `generator` when not given
+    (t from `sample_t(mode=t_sampling, mean=t_mean, std=t_std)`).
     reduction "mean" -> scalar, "none" -> per-sample loss [N] (for batched multi-LoRA training).
     """
     n = x0.shape[0]
     if t is None:
-        t = sample_t(n, generator=generator, device=x0.device, mode=t_sampling)
+        t = sample_t(n, generator=generator, device=x0.device, mode=t_sampling, mean=t_mean, std=t_std)
     if noise is None:
         noise = randn(x0.shape, generator, x0.device)
     t_b = t.view(n, *([1] * (x0.ndim - 1))).to(x0.dtype)

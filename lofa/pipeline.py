@@ -54,6 +54,42 @@ class Run:
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
 
+    # ------------------------------------------------------------------ several steps at once
+    def build(self, jobs: list[tuple[str, str]], workers: int | None = None) -> None:
+        """Make sure the artifacts `getattr(self, step)(key)` of `jobs` [(step, key), ...] exist, e.g.
+        `[("base", "actions"), ("evaluators", "styles")]`; independent jobs only (none may need another's output).
+
+        On the CPU each job runs in its own single-threaded worker process, `workers` at a time (default: one per
+        core): the mini models are too small for torch's intra-op threads to use two cores, two processes do.
+        On a GPU, or with one worker, the jobs run here in turn. Artifacts are loaded afterwards by the usual calls.
+        """
+        import os
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        import multiprocessing
+
+        from tqdm.auto import tqdm
+
+        for step, _ in jobs:
+            if step not in _BUILD_STEPS:
+                raise LofaError(f"Run.build: unknown step {step!r}; choose from {', '.join(_BUILD_STEPS)}")
+        if workers is None:
+            workers = (os.cpu_count() or 1) if self.device.type == "cpu" else 1
+        workers = min(workers, len(jobs))
+        if workers <= 1:
+            for step, key in tqdm(jobs, desc="build"):
+                getattr(self, step)(key)
+            return
+        args = (self.scale, str(self.device), self.seed, str(self.dir), self.overrides)
+        context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and state
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {pool.submit(_build_job, args, step, key): (step, key) for step, key in jobs}
+            bar = tqdm(total=len(jobs), desc=f"build ({workers} worker processes)")
+            for future in as_completed(futures):
+                future.result()  # re-raises a worker's error here
+                bar.update()
+                bar.set_postfix_str("/".join(futures[future]))
+            bar.close()
+
     # ------------------------------------------------------------------ steps
     @functools.cache
     def world(self, task: str):
@@ -198,6 +234,18 @@ class Run:
             raise LofaError(f"no Stage {stage} history for {setting}/{variant}; run run.hypernet({setting!r}, {stage}) "
                             "first")
         return pd.DataFrame(history)
+
+
+_BUILD_STEPS = ("base", "evaluators", "condition_encoder", "zoo")
+
+
+def _build_job(args: tuple, step: str, key: str) -> None:
+    """One `Run.build` job in a worker process (module level, so that spawn can import it)."""
+    torch.set_num_threads(1)
+    scale, device, seed, run_dir, overrides = args
+    run = Run(scale, device, seed, run_dir, overrides)
+    method = getattr(run, step)
+    method(key, progress=False) if step != "evaluators" else method(key)
 
 
 # Hypernetwork variants run.hypernet trains: the paper's two-stage LoFA.

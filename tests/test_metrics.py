@@ -184,6 +184,9 @@ def test_referee_recognises_fresh_renders(trained):
     right = table.set_index(["metric", "wrong"]).right
     assert right[("acc", "random case")] > 0.35  # chance: 1 / 24..32 at smoke
     assert right[("coarse_acc", "random case")] > 0.8
+    if world.modality == "video":  # ground-truth clips move; their first frame repeated does not
+        dynamic = table.set_index("metric").loc["dynamic"]
+        assert dynamic.right > 0.5 and dynamic.wrong_score == 0
 
 
 def test_cached_evaluators_load_and_score_identically(trained):
@@ -218,3 +221,22 @@ def test_score_keys_and_bad_input(trained):
     if world.task == "actions":
         with pytest.raises(LofaError):
             ev.score(x, ids, references=world.condition(ids, seed=0))
+
+
+@pytest.mark.parametrize("trained", ["identities"], indirect=True)  # one world suffices; it trains fastest
+def test_interrupted_training_resumes_missing_roles_only(trained, tmp_path):
+    import shutil
+
+    from lofa.metrics import train_evaluators
+
+    world, ev, out, _ = trained
+    folder = tmp_path / "ev"
+    shutil.copytree(out, folder)
+    (folder / "evaluators.json").unlink()  # as if killed while training the last role
+    (folder / "generic.safetensors").unlink()
+    before = (folder / "referee.safetensors").stat().st_mtime_ns
+    again = train_evaluators(world, ev.cfg, folder, seed=0)
+    assert (folder / "referee.safetensors").stat().st_mtime_ns == before
+    assert (folder / "evaluators.json").exists() and (folder / "generic.safetensors").exists()
+    x = world.render([0, 1], seed=SANITY_SEED + 30)
+    assert torch.allclose(again.generic_features(x), ev.generic_features(x), atol=1e-5)  # same seed, same net

@@ -1,5 +1,6 @@
-"""The hypernetwork's training data: triplets (condition C, LoRA ΔW, base weights W) from a LoRA zoo, and the
-flow-matching term of Stage II through the frozen base generator.
+"""The hypernetwork's training data: triplets (condition C, LoRA ΔW, base weights W) from a LoRA zoo, the
+flow-matching term of Stage II through the frozen base generator, and response maps of the zoo's LoRAs, of predicted
+LoRAs and of Stage I in one layout for evaluation.
 
     data = Triplets(world, zoo, gen, "text", cfg, text=TextEncoder())      # or "pose" / "image" with encoder=...
     batch_fn = data.batch_fn(batch_size=16, matrices=8)                    # for hypernet.train.fit (Stage I)
@@ -35,7 +36,7 @@ from lofa.hypernet.train import LoraBatch
 from lofa.hypernet.tokenizer import BaseWeights, TargetSpec
 
 KINDS = ("text", "pose", "image")
-_EVAL_SEED = 7_919  # offset of the "eval" condition seeds from the "train" ones
+_EVAL_SEED = 7_919  # seed component that sets the "eval" condition seeds apart from the "train" ones
 
 
 @dataclass
@@ -46,12 +47,16 @@ class TripletConfig:
     clips_per_case: int = 8          # renders (with fine captions) cached per case for the diffusion term
     clips_per_step: int = 2          # of those, drawn per LoRA and step
     t_sampling: str = "logit_normal"
+    t_mean: float = 0.8              # the base's distribution of t (BaseTrainConfig), as for the zoo's LoRAs
+    t_std: float = 0.8
     encode_chunk: int = 256          # conditions encoded per forward of the condition encoder
 
     PRESETS = {
         "smoke": {"views": 2, "clips_per_case": 2, "clips_per_step": 1},
         "mini": {"views": 4, "clips_per_case": 4, "clips_per_step": 1},
         "full": {},
+        "wan": {"t_mean": 0.0, "t_std": 1.0},
+        "paper": {"t_mean": 0.0, "t_std": 1.0},
     }
 
 
@@ -278,7 +283,8 @@ class DiffusionLoss:
         for i, case_id in enumerate(case_ids):
             x, context, mask = self.clips(case_id)
             pick = torch.randint(len(x), (k,), generator=g).to(x.device)
-            t = sample_t(k, generator=g, device=x.device, mode=self.cfg.t_sampling)
+            t = sample_t(k, generator=g, device=x.device, mode=self.cfg.t_sampling, mean=self.cfg.t_mean,
+                         std=self.cfg.t_std)
             noise = randn((k, *x.shape[1:]), g, x.device)
             lora = {}
             for name, (A, B, alpha) in pred.items():

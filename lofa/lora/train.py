@@ -41,6 +41,10 @@ class LoraTrainConfig:
     n_renders: int = 16             # renders of the case drawn once per LoRA; appearance differs in each
     prior_weight: float = 0.0       # DreamBooth prior preservation λ (0 = off)
     t_sampling: str = "logit_normal"
+    # the base's training distribution of t (BaseTrainConfig.t_mean / t_std): a LoRA refines the base's own
+    # denoising task; SD3's (0, 1) put most of an x0-predicting base's velocity loss at t -> 0 (weight 1 / t^2)
+    t_mean: float = 0.8
+    t_std: float = 0.8
     precision: str = "fp32"         # "bf16": autocast the generator's forward (fp32 master weights and loss)
     group_size: int = 32            # LoRAs per forward/backward in lofa.lora.batched
 
@@ -52,7 +56,7 @@ class LoraTrainConfig:
                  "precision": "bf16", "group_size": 64},
         # Wan2.1-1.3B at the paper's adapter shape; a LoRA there is trained alone or a few at a time.
         "wan": {"rank": 32, "alpha": 32.0, "steps": 2000, "batch_size": 1, "n_renders": 64, "lr": 1e-4,
-                "precision": "bf16", "group_size": 4},
+                "precision": "bf16", "group_size": 4, "t_mean": 0.0, "t_std": 1.0},
     }
 
     def __post_init__(self):
@@ -129,7 +133,8 @@ class CaseStream:
         parts = []
         for x, context, mask in self.pools:
             pick = torch.randint(len(x), (b,), generator=self.rng, device=x.device)
-            t = sample_t(b, generator=self.rng, device=x.device, mode=self.cfg.t_sampling).to(x.dtype)
+            t = sample_t(b, generator=self.rng, device=x.device, mode=self.cfg.t_sampling,
+                         mean=self.cfg.t_mean, std=self.cfg.t_std).to(x.dtype)
             noise = torch.randn((b, *x.shape[1:]), generator=self.rng, device=x.device, dtype=x.dtype)
             parts.append(dict(x0=x[pick], context=context[pick], mask=mask[pick], t=t, noise=noise))
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

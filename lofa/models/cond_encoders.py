@@ -133,18 +133,18 @@ def encoder_for_world(world, scale: str = "mini", overrides: dict | None = None)
 
 
 def world_pairs(world) -> PairsFn:
-    """pairs_fn for `train_condition_encoder`: two views of the same cases with independent appearance seeds.
+    """pairs_fn for `train_condition_encoder`: (condition, render) of the same cases at independent seeds.
 
-    Pose conditions (video-shaped) pair with another seed's pose condition of the same case; reference images
-    pair with a render of the same case (one random frame when the world renders video), so the encoder must
-    keep what the case is (style / identity) and drop content, pose and context.
+    A condition pairs with a render of its case: pose sequences [N, 3, T, H, W] with the rendered video (another
+    seed's pose condition is nearly identical — a random encoder already retrieves it — while the render
+    changes colours, size and place, so the encoder must keep the motion); reference images with one random
+    frame (styles) or image (identities) of a render, so the encoder keeps the style / identity and drops
+    content, pose and context.
     """
     def pairs(case_ids: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         a = world.condition(case_ids, seed=2 * seed)
-        if a.ndim == 5:
-            return a, world.condition(case_ids, seed=2 * seed + 1)
         b = world.render(case_ids, seed=2 * seed + 1)
-        if b.ndim == 5:
+        if a.ndim == 4 and b.ndim == 5:
             frames = torch.randint(b.shape[2], (b.shape[0],), generator=torch.Generator().manual_seed(seed))
             b = b[torch.arange(b.shape[0]), :, frames]
         return a, b
