@@ -56,8 +56,9 @@ class Run:
 
     # ------------------------------------------------------------------ several steps at once
     def build(self, jobs: list[tuple[str, str]], workers: int | None = None) -> None:
-        """Make sure the artifacts `getattr(self, step)(key)` of `jobs` [(step, key), ...] exist, e.g.
-        `[("base", "actions"), ("evaluators", "styles")]`; independent jobs only (none may need another's output).
+        """Make sure the artifacts of `jobs` [(step, key), ...] exist, e.g. `[("base", "actions"), ("evaluators",
+        "styles")]` or `[("stage2", "actions-text")]` (steps: `_BUILD_STEPS`); independent jobs only (none may need
+        another's output, and two jobs must not write one artifact: build shared upstream steps first).
 
         On the CPU each job runs in its own single-threaded worker process, `workers` at a time (default: one per
         core): the mini models are too small for torch's intra-op threads to use two cores, two processes do.
@@ -77,7 +78,7 @@ class Run:
         workers = min(workers, len(jobs))
         if workers <= 1:
             for step, key in tqdm(jobs, desc="build"):
-                getattr(self, step)(key)
+                _BUILD_STEPS[step](self, key)
             return
         args = (self.scale, str(self.device), self.seed, str(self.dir), self.overrides)
         context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and state
@@ -236,16 +237,23 @@ class Run:
         return pd.DataFrame(history)
 
 
-_BUILD_STEPS = ("base", "evaluators", "condition_encoder", "zoo")
+# Run.build's steps: name -> the call that makes (or loads) the artifact of one key (a task, or for the
+# hypernetwork stages a paper setting).
+_BUILD_STEPS = {
+    "base": lambda run, key: run.base(key, progress=False),
+    "evaluators": lambda run, key: run.evaluators(key),
+    "condition_encoder": lambda run, key: run.condition_encoder(key, progress=False),
+    "zoo": lambda run, key: run.zoo(key, progress=False),
+    "stage1": lambda run, key: run.hypernet(key, 1, progress=False),
+    "stage2": lambda run, key: run.hypernet(key, 2, progress=False),
+}
 
 
 def _build_job(args: tuple, step: str, key: str) -> None:
     """One `Run.build` job in a worker process (module level, so that spawn can import it)."""
     torch.set_num_threads(1)
     scale, device, seed, run_dir, overrides = args
-    run = Run(scale, device, seed, run_dir, overrides)
-    method = getattr(run, step)
-    method(key, progress=False) if step != "evaluators" else method(key)
+    _BUILD_STEPS[step](Run(scale, device, seed, run_dir, overrides), key)
 
 
 # Hypernetwork variants run.hypernet trains: the paper's two-stage LoFA.
