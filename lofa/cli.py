@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     lat.add_argument("--runs", type=int, default=20)
     lat.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode (no torch.compile)")
+    lat.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    lat.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash"],
+                     help="scaled-dot-product attention backend (auto: torch's choice)")
     lat.add_argument("--json-out", metavar="FILE")
     lat.set_defaults(func=_call("lofa.hypernet.bench:cli_bench_latency"))
     return p

@@ -389,3 +389,19 @@ def test_bench_latency_smoke_cpu(tmp_path, capsys):
     assert result["compiled_vs_eager_rel_error"] == 0.0  # compile is CUDA-only; CPU runs eager
     with pytest.raises(LofaError, match="at least 20"):
         cli_bench_latency(argparse.Namespace(preset="smoke", device="cpu", runs=5, compile=False, json_out=None))
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path is CUDA's (the CPU kernel uses erf GELU)")
+def test_fused_gelu_epilogue_is_the_mlp_function():
+    """MLP's GPU inference path (bias + tanh-GELU in the GEMM epilogue) computes what its training path computes."""
+    from lofa.hypernet.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(64, 4.0).cuda()
+    x = torch.randn(3, 50, 64, device="cuda")
+    with torch.no_grad():
+        fused = mlp(x)
+    with torch.enable_grad():
+        plain = mlp(x.requires_grad_())
+    assert torch.allclose(fused, plain, atol=1e-5)

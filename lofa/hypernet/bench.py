@@ -120,7 +120,24 @@ def _randomise_zero_inits(module: torch.nn.Module, generator: torch.Generator) -
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
 
 
+ATTENTION = ("auto", "cudnn", "flash")
+
+
 def cli_bench_latency(args) -> int:
+    """`lofa bench latency`: args.preset, device, runs, compile, compile_mode, attention (SDPA backend), json_out."""
+    attention = getattr(args, "attention", "auto")
+    if attention not in ATTENTION:
+        raise LofaError(f"unknown --attention {attention!r}; choose one of {', '.join(ATTENTION)}")
+    if attention == "auto":
+        return _bench(args)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[attention]
+    with sdpa_kernel([backend]):  # compiled graphs pick their attention kernel while tracing, inside this too
+        return _bench(args)
+
+
+def _bench(args) -> int:
     scale = getattr(args, "preset", "paper")
     device = torch.device(getattr(args, "device", "cuda"))
     runs = getattr(args, "runs", 20)
@@ -157,6 +174,7 @@ def cli_bench_latency(args) -> int:
     mask[:, :valid] = True
 
     def pipeline():
+        lofa.begin_step()
         cond, cond_mask = lofa.prepare_condition(tokens, mask)
         out = lofa._stage2_fn(cond, cond_mask, lofa._stage1_fn(cond, cond_mask))
         return out
@@ -169,9 +187,9 @@ def cli_bench_latency(args) -> int:
     out = pipeline()
     clock.sync()
     first_call_s = time.perf_counter() - t0
+    rel_err = _delta_rel_error(out, eager_out, spec, cfg)  # before the next call: CUDA graphs reuse out's memory
     for _ in range(2):
         pipeline()
-    rel_err = _delta_rel_error(out, eager_out, spec, cfg)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -189,6 +207,7 @@ def cli_bench_latency(args) -> int:
 
         t0 = time.perf_counter()
         mark(0)
+        lofa.begin_step()
         cond, cond_mask = lofa.prepare_condition(tokens, mask)
         features = lofa._stage1_fn(cond, cond_mask)
         mark(1)
@@ -221,7 +240,8 @@ def cli_bench_latency(args) -> int:
     shapes = sorted({t.shape for t in spec.targets})
     tok = lofa.stage2.backbone.tokenizer
     print(f"LoFA latency | preset {scale} | {name} | {str(dtype).replace('torch.', '')} | "
-          f"torch.compile {'on' + (f' ({compile_mode})' if compile_mode else '') if use_compile else 'off'}")
+          f"torch.compile {'on' + (f' ({compile_mode})' if compile_mode else '') if use_compile else 'off'} | "
+          f"attention {getattr(args, 'attention', 'auto')}")
     print(f"targets: {len(spec)} matrices {', '.join(f'{o}x{i}' for o, i in shapes)} -> {tok.seq_len} tokens each, "
           f"{len(spec) * tok.seq_len} per stage | condition {K} x {cfg.cond_dim}, {valid} valid -> {valid} keys")
     print(f"model: d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.depth} blocks, patch {cfg.patch}, rank "
@@ -244,7 +264,8 @@ def cli_bench_latency(args) -> int:
     if getattr(args, "json_out", None):
         write_json(args.json_out, {
             "preset": scale, "device": name, "dtype": str(dtype), "compile": use_compile,
-            "compile_mode": compile_mode, "runs": runs, "targets": len(spec), "tokens_per_matrix": tok.seq_len,
+            "compile_mode": compile_mode, "attention": getattr(args, "attention", "auto"), "runs": runs,
+            "targets": len(spec), "tokens_per_matrix": tok.seq_len,
             "condition_tokens": K, "valid_condition_tokens": valid, "params": {"stage1": n_params[0],
                                                                             "stage2": n_params[1]},
             "median_ms": {k: 1e3 * v for k, v in med.items()}, "prefix_ms": 1e3 * prefix_s,
@@ -275,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs")
+    p.add_argument("--attention", default="auto", choices=ATTENTION, help="SDPA backend (auto: torch's choice)")
     p.add_argument("--json-out", metavar="FILE")
     args = p.parse_args(argv)
     try:

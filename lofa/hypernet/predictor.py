@@ -161,7 +161,15 @@ class LoFA:
         """torch.compile the two condition-dependent passes (kwargs go to torch.compile)."""
         self._stage1_fn = torch.compile(self.stage1_features, **kwargs)
         self._stage2_fn = torch.compile(self.stage2_factors, **kwargs)
+        # these modes replay CUDA graphs whose outputs live in pooled memory: each prediction must open a new
+        # step, and results are copied out (predict_batch does) before the next one
+        self._cudagraphs = kwargs.get("mode") in ("reduce-overhead", "max-autotune")
         return self
+
+    def begin_step(self) -> None:
+        """Mark the start of one prediction (needed with CUDA graphs, see `compile`; a no-op otherwise)."""
+        if getattr(self, "_cudagraphs", False):
+            torch.compiler.cudagraph_mark_step_begin()
 
     def stage1_features(self, cond: torch.Tensor, cond_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Stage I's final token features [N, M, S, d] for a trimmed condition; None without Stage I."""
@@ -193,6 +201,7 @@ class LoFA:
     def predict_factors(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> Stage2Output:
         """Stage I -> Stage II for N conditions; padded factors A [N, M, r, GC·p], B [N, M, GR·p, r]."""
         cond, cond_mask = self.prepare_condition(tokens, mask)
+        self.begin_step()
         t0 = time.perf_counter()
         features = self._stage1_fn(cond, cond_mask)
         _sync(self.device)
