@@ -240,3 +240,20 @@ def test_interrupted_training_resumes_missing_roles_only(trained, tmp_path):
     assert (folder / "evaluators.json").exists() and (folder / "generic.safetensors").exists()
     x = world.render([0, 1], seed=SANITY_SEED + 30)
     assert torch.allclose(again.generic_features(x), ev.generic_features(x), atol=1e-5)  # same seed, same net
+
+
+@pytest.mark.parametrize("trained", ["identities"], indirect=True)
+def test_evaluators_of_another_version_get_a_clear_error(trained, tmp_path):
+    import json
+    import shutil
+
+    from lofa.metrics.evaluators import META_FILE, Evaluators
+
+    world, _, out, _ = trained
+    folder = tmp_path / "old"
+    shutil.copytree(out, folder)
+    meta = json.loads((folder / META_FILE).read_text())
+    del meta["curves"]
+    (folder / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(LofaError, match="another version of lofa"):
+        Evaluators.load(folder, world)

@@ -443,7 +443,12 @@ class Evaluators:
         if meta["task"] != world.task or len(world.cases) != meta["head_sizes"]["case"]:
             raise LofaError(f"evaluators in {out} were trained for task {meta['task']!r} with "
                             f"{meta['head_sizes']['case']} cases, not this {world.task!r} world; retrain them")
-        cfg = EvalConfig(**meta["config"])
+        try:
+            cfg = EvalConfig(**meta["config"])
+            meta["curves"], meta["fingerprint"]
+        except (KeyError, TypeError) as e:
+            raise LofaError(f"{out / META_FILE} was written by another version of lofa ({e}); delete {out} and "
+                            "retrain the evaluators") from None
         nets = {}
         for role in ROLES[meta["task"]]:
             net = _build(role, world, cfg, meta["head_sizes"])
