@@ -132,3 +132,11 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     mode = stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode)
     assert mode & stat.S_IRGRP and mode & stat.S_IROTH, oct(mode)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cache_key_follows_lazily_exported_names():
+    """lofa.models exports its names lazily; the cache key must still cover the modules behind them."""
+    from lofa.reproduce import lofa_sources
+
+    names = {p.relative_to(p.parents[1]).as_posix() for p in lofa_sources("from lofa.models import TextEncoder")}
+    assert {"models/text.py", "models/generator.py"} <= names
