@@ -139,6 +139,7 @@ def cli_bench_latency(args) -> int:
 
 def _bench(args) -> int:
     scale = getattr(args, "preset", "paper")
+    attention = getattr(args, "attention", "auto")
     device = torch.device(getattr(args, "device", "cuda"))
     runs = getattr(args, "runs", 20)
     compile_mode = getattr(args, "compile_mode", None)
@@ -241,7 +242,7 @@ def _bench(args) -> int:
     tok = lofa.stage2.backbone.tokenizer
     print(f"LoFA latency | preset {scale} | {name} | {str(dtype).replace('torch.', '')} | "
           f"torch.compile {'on' + (f' ({compile_mode})' if compile_mode else '') if use_compile else 'off'} | "
-          f"attention {getattr(args, 'attention', 'auto')}")
+          f"attention {attention}")
     print(f"targets: {len(spec)} matrices {', '.join(f'{o}x{i}' for o, i in shapes)} -> {tok.seq_len} tokens each, "
           f"{len(spec) * tok.seq_len} per stage | condition {K} x {cfg.cond_dim}, {valid} valid -> {valid} keys")
     print(f"model: d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.depth} blocks, patch {cfg.patch}, rank "
@@ -264,7 +265,7 @@ def _bench(args) -> int:
     if getattr(args, "json_out", None):
         write_json(args.json_out, {
             "preset": scale, "device": name, "dtype": str(dtype), "compile": use_compile,
-            "compile_mode": compile_mode, "attention": getattr(args, "attention", "auto"), "runs": runs,
+            "compile_mode": compile_mode, "attention": attention, "runs": runs,
             "targets": len(spec), "tokens_per_matrix": tok.seq_len,
             "condition_tokens": K, "valid_condition_tokens": valid, "params": {"stage1": n_params[0],
                                                                             "stage2": n_params[1]},
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs")
     p.add_argument("--attention", default="auto", choices=ATTENTION, help="SDPA backend (auto: torch's choice)")
     p.add_argument("--json-out", metavar="FILE")
     args = p.parse_args(argv)

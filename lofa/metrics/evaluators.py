@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
@@ -443,12 +443,12 @@ class Evaluators:
         if meta["task"] != world.task or len(world.cases) != meta["head_sizes"]["case"]:
             raise LofaError(f"evaluators in {out} were trained for task {meta['task']!r} with "
                             f"{meta['head_sizes']['case']} cases, not this {world.task!r} world; retrain them")
-        try:
-            cfg = EvalConfig(**meta["config"])
-            meta["curves"], meta["fingerprint"]
-        except (KeyError, TypeError) as e:
-            raise LofaError(f"{out / META_FILE} was written by another version of lofa ({e}); delete {out} and "
-                            "retrain the evaluators") from None
+        missing = {"config", "curves", "fingerprint"} - meta.keys()
+        unknown = set(meta.get("config", {})) - {f.name for f in fields(EvalConfig)}
+        if missing or unknown:
+            raise LofaError(f"{out / META_FILE} was written by another version of lofa (missing {sorted(missing)}, "
+                            f"unknown config fields {sorted(unknown)}); delete {out} and retrain the evaluators")
+        cfg = EvalConfig(**meta["config"])
         nets = {}
         for role in ROLES[meta["task"]]:
             net = _build(role, world, cfg, meta["head_sizes"])
