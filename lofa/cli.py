@@ -38,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--plot", metavar="FILE", help="save a figure of the response map")
     m.set_defaults(func=_call("lofa.analysis:cli_response_map"))
 
+    t = sub.add_parser("train", help="train the hypernetwork of one setting (runs under accelerate launch too)")
+    t.add_argument("--setting", required=True, help="a paper setting: actions-text, actions-pose, styles, identities")
+    t.add_argument("--stage", type=int, default=2, choices=[1, 2], help="1: Stage I only; 2: both stages")
+    t.add_argument("--scale", default="mini", choices=["smoke", "mini", "full", "wan", "paper"])
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--run-root", default="runs", help="artifacts in RUN_ROOT/<scale>/ (default: runs)")
+    t.add_argument("--overrides", metavar="YAML", help="config overrides, e.g. {Stage2TrainConfig: {steps: 300}}")
+    t.set_defaults(func=_call("lofa.pipeline:cli_train"))
+
     pr = sub.add_parser("predict", help="predict a LoRA from a condition with a trained LoFA checkpoint")
     pr.add_argument("--checkpoint", required=True, metavar="DIR")
     cond = pr.add_mutually_exclusive_group(required=True)

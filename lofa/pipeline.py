@@ -15,7 +15,9 @@ YAML file whose top-level keys are config class names, e.g. `LoraTrainConfig: {s
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -64,7 +66,6 @@ class Run:
         core): the mini models are too small for torch's intra-op threads to use two cores, two processes do.
         On a GPU, or with one worker, the jobs run here in turn. Artifacts are loaded afterwards by the usual calls.
         """
-        import os
         from concurrent.futures import ProcessPoolExecutor, as_completed
         import multiprocessing
 
@@ -181,8 +182,6 @@ class Run:
         the flow-matching term through the frozen base generator when lambda_diff > 0); each stage resumes from its
         checkpoints in stage1/ and stage2/, and a complete folder is only loaded.
         """
-        import os
-
         from lofa.hypernet import LoFA, Stage1, Stage2, save_pretrained
         from lofa.hypernet.data import DiffusionLoss
         from lofa.hypernet.predictor import CONFIG_FILE
@@ -198,7 +197,9 @@ class Run:
         if (out / CONFIG_FILE).exists():
             lofa = LoFA.from_pretrained(out, device=self.device, dtype=torch.float32)
             return lofa.stage1 if stage == 1 else lofa
-        data = self.triplets(setting)
+        launch = launched()
+        with launch.main_process_first() if launch else contextlib.nullcontext():
+            data = self.triplets(setting)  # under a multi-process launch the main process builds what is missing
         cfg = self.hypernet_config(setting)
         torch.manual_seed(self.seed)
         stage1 = Stage1(cfg, data.spec)
@@ -219,8 +220,11 @@ class Run:
             data.batch_fn(train2.batch_size, seed=self.seed + train2.seed + 1), train2, out / "stage2",
             device=str(self.device), progress=progress)
         encoder = data.encoder if data.encoder is not None else {"kind": "text", "max_length": data.text.max_length}
-        save_pretrained(out, stage2, stage1, condition_encoder=encoder,
-                        base=os.path.relpath(self.path("base", task, "generator"), out))
+        if launch is None or launch.is_main_process:
+            save_pretrained(out, stage2, stage1, condition_encoder=encoder,
+                            base=os.path.relpath(self.path("base", task, "generator"), out))
+        if launch is not None:
+            launch.wait_for_everyone()
         return LoFA.from_pretrained(out, device=self.device, dtype=torch.float32)
 
     def hypernet_history(self, setting: str, stage: int, variant: str = "lofa"):
@@ -235,6 +239,37 @@ class Run:
             raise LofaError(f"no Stage {stage} history for {setting}/{variant}; run run.hypernet({setting!r}, {stage}) "
                             "first")
         return pd.DataFrame(history)
+
+
+def launched():
+    """accelerate's PartialState under a multi-process launch (`accelerate launch`, torchrun), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    # cpu=True where there is no GPU: without it accelerate sets up a single-process state under torchrun
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def cli_train(args) -> int:
+    """`lofa train`: Stage I (--stage 1) or both stages of one setting, with whatever upstream artifacts are missing.
+
+    One process, or several under `accelerate launch --num_processes N $(which lofa) train ...`: each process
+    trains on its own batches (batch_fn(step, process_index)) and gradients are averaged; the main process builds
+    the upstream artifacts and writes the checkpoints and the predictor folder.
+    """
+    launch = launched()
+    device = args.device
+    if launch is not None:
+        device = str(launch.device)
+    elif device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = Run(args.scale, device, args.seed, Path(args.run_root) / args.scale, args.overrides)
+    run.hypernet(args.setting, args.stage)
+    if launch is None or launch.is_main_process:
+        print(f"trained {args.setting} (stage {args.stage}) in {run.path('hypernet', args.setting, 'lofa')}"
+              + (f" on {launch.num_processes} processes" if launch else ""))
+    return 0
 
 
 # Run.build's steps: name -> the call that makes (or loads) the artifact of one key (a task, or for the

@@ -146,6 +146,21 @@ def test_batched_training_equals_single_training():
     assert not torch.allclose(singles[0][0][name].B, singles[1][0][name].B)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_init_gives_every_case_one_initial_a(shared):
+    """shared_init: every LoRA of a zoo (one seed) starts from the same A, so their ΔW = B A are comparable;
+    without it each case draws its own A. The zoo seed still changes the shared A."""
+    from lofa.lora.train import CaseStream
+
+    world, text, cfg = StubWorld(), StubText(), tiny_config(shared_init=shared)
+    shapes = {"a": (5, 7), "b": (3, 9)}
+    inits = [CaseStream(world, text, c, cfg, seed, "cpu").init_factors(shapes) for c, seed in ((0, 7), (1, 7), (0, 8))]
+    for name in shapes:
+        assert inits[0][name][0].shape == (cfg.rank, shapes[name][1]) and not inits[0][name][1].any()
+        assert torch.equal(inits[0][name][0], inits[1][name][0]) == shared
+        assert not torch.equal(inits[0][name][0], inits[2][name][0])
+
+
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's CPU rms_norm under autocast
 def test_bf16_autocast_trains_both_ways():
     world, text = StubWorld(), StubText()

@@ -17,3 +17,26 @@ def test_build_in_worker_processes_writes_the_artifacts_the_run_then_loads(tmp_p
     for task in ("styles", "identities"):
         assert (tmp_path / "encoders" / task / "encoder.safetensors").exists()
         run.condition_encoder(task)  # loads, trains nothing
+
+
+def test_lofa_train_runs_as_two_processes(tmp_path):
+    """`lofa train` under a 2-process launch (torchrun on CPU: what `accelerate launch --multi_gpu` starts, one
+    process per GPU): the main process builds the upstream artifacts, both train, one predictor folder is written."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lofa.hypernet import LoFA
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lofa.cli", "train",
+           "--scale", "smoke", "--setting", "identities", "--run-root", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 2 processes" in r.stdout
+    out = tmp_path / "smoke" / "hypernet" / "identities" / "lofa"
+    for stage in ("stage1", "stage2"):
+        history = json.loads((out / stage / "history.json").read_text())
+        assert history and all(h["processes"] == 2 for h in history)
+    LoFA.from_pretrained(out, device="cpu")

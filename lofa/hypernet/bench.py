@@ -14,7 +14,6 @@ Stage II, and the fused merge W += (alpha / r) · B @ A. The condition-independe
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -292,21 +291,10 @@ def _delta_rel_error(out, ref, spec: TargetSpec, cfg: HyperConfig, n: int = 8) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lofa.hypernet.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="paper")
-    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--compile-mode", default=None,
-                   help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs")
-    p.add_argument("--attention", default="auto", choices=ATTENTION, help="SDPA backend (auto: torch's choice)")
-    p.add_argument("--json-out", metavar="FILE")
-    args = p.parse_args(argv)
-    try:
-        return cli_bench_latency(args)
-    except LofaError as e:
-        print(f"lofa bench latency: error: {e}", file=sys.stderr)
-        return 2
+    """`python -m lofa.hypernet.bench ARGS` = `lofa bench latency ARGS` (one argument parser, in lofa.cli)."""
+    from lofa.cli import main as cli_main
+
+    return cli_main(["bench", "latency", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

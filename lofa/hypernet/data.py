@@ -53,8 +53,10 @@ class TripletConfig:
 
     PRESETS = {
         "smoke": {"views": 2, "clips_per_case": 2, "clips_per_step": 1},
-        "mini": {"views": 4, "clips_per_case": 4, "clips_per_step": 1},
-        "full": {},
+        # as many renders per case as the per-case LoRAs saw (LoraTrainConfig.n_renders): Stage II's diffusion term
+        # is their training objective, amortised over cases
+        "mini": {"views": 4, "clips_per_case": 16, "clips_per_step": 1},
+        "full": {"clips_per_case": 32},
         "wan": {"t_mean": 0.0, "t_std": 1.0},
         "paper": {"t_mean": 0.0, "t_std": 1.0},
     }

@@ -47,6 +47,11 @@ class LoraTrainConfig:
     t_std: float = 0.8
     precision: str = "fp32"         # "bf16": autocast the generator's forward (fp32 master weights and loss)
     group_size: int = 32            # LoRAs per forward/backward in lofa.lora.batched
+    # Every LoRA of a zoo starts from one A (drawn from the zoo seed), not from its own random A. A short LoRA run
+    # moves A little, so ΔW = B A stays near the row space of its initial A: with per-case inits the zoo's ΔW lie
+    # in unrelated random subspaces and no hypernetwork can predict them from the condition (measured at mini:
+    # Stage II's L1 barely left the ΔW = 0 level). A shared init makes ΔW a function of the case.
+    shared_init: bool = True
 
     PRESETS = {
         "smoke": {"steps": 10, "n_renders": 4, "group_size": 8},
@@ -71,6 +76,11 @@ def case_seeds(seed: int, case_id: int) -> dict[str, int]:
     """Independent seeds of one LoRA (renders, prior renders, training stream, condition), from (seed, case)."""
     states = np.random.SeedSequence([seed, case_id]).generate_state(4)
     return dict(zip(("render", "prior", "stream", "condition"), (int(s) for s in states)))
+
+
+def shared_init_seed(seed: int) -> int:
+    """Seed of the initial A shared by every LoRA of a zoo (LoraTrainConfig.shared_init)."""
+    return int(np.random.SeedSequence([seed], spawn_key=(1,)).generate_state(1)[0])
 
 
 def init_factors(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator
@@ -121,8 +131,12 @@ class CaseStream:
         return self.cfg.batch_size * len(self.pools)
 
     def init_factors(self, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The LoRA's initial (A, B): the zoo's shared A (cfg.shared_init) or one from this case's stream."""
         dtype = self.pools[0][0].dtype
-        return {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in init_factors(shapes, self.cfg.rank, self.rng).items()}
+        g = self.rng
+        if self.cfg.shared_init:
+            g = torch.Generator(self.rng.device).manual_seed(shared_init_seed(self.seed))
+        return {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in init_factors(shapes, self.cfg.rank, g).items()}
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The next step's samples: x0 [S, ...], context [S, L, D], mask [S, L], t [S], noise [S, ...].
