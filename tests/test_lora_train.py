@@ -278,3 +278,23 @@ def test_grouped_lora_refuses_non_linear_targets():
         with grouped_lora(gen.net, {"blocks.0.attn1": (torch.zeros(1, 1, 32), torch.zeros(1, 32, 1))}, 1.0):
             pass
     assert dataclasses.is_dataclass(LoraTrainConfig) and set(LoraTrainConfig.PRESETS) >= {"smoke", "mini", "full"}
+
+
+def test_replicates_of_a_case_agree_more_than_different_cases():
+    """lofa.lora.replicates: two draws of one case's training stream (same renders, same init) give LoRAs closer to
+    each other than to other cases' LoRAs, but not identical ones."""
+    from lofa.lora.replicates import replicate_cosine
+
+    world, text = StubWorld(), StubText()
+    r = replicate_cosine(tiny_generator(), world, [0, 1, 2], tiny_config(steps=20, lr=3e-3), seed=3, text=text)
+    assert r["cases"] == 3
+    assert -1.0 <= r["other_case"] < r["same_case"] < 0.9999
+
+
+def test_replicates_cli_refuses_a_run_without_a_base(tmp_path, capsys):
+    from lofa.lora.replicates import main
+
+    assert main(["--run-dir", str(tmp_path / "none"), "--task", "identities"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no trained identities base" in err
+    assert not (tmp_path / "none").exists()

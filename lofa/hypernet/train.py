@@ -73,9 +73,9 @@ class Stage2TrainConfig(TrainConfig):
     batch_size: int = 2
 
     # lambda_diff 1, not the authors' 10: our L1 is relative to rms(W). What decides held-out quality is the volume
-    # of the diffusion term, not the L1: the zoo's ΔW are mostly training noise (two LoRAs of one case trained from
-    # one init on different streams: cosine 0.38; of two cases: 0.05, identities at mini), so the L1 alone can only
-    # learn their mean. Measured at mini (identities, GPU): 150 steps x 2 LoRAs (the old preset) left LoFA at the
+    # of the diffusion term, not the L1: much of a zoo LoRA's ΔW is training noise (identities at mini, shared init:
+    # cosine 0.58 between two LoRAs of one case trained on two draws of its stream, 0.07 between different cases;
+    # `python -m lofa.lora.replicates`), so the L1 alone mostly learns a mean. Measured at mini (identities, GPU): 150 steps x 2 LoRAs (the old preset) left LoFA at the
     # base's level on every metric; 1,200 steps x 8 LoRAs with lambda_diff 1 beat the base on held-out identities
     # (CLIP-I 0.24 vs 0.01, DINO 0.13 vs 0.05, coarse accuracy 0.47 vs 0.28), still far below per-case LoRAs.
     # mini is what 2 CPU cores afford in the pipeline's budget; full is the GPU preset.

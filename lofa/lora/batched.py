@@ -151,17 +151,18 @@ def _clip_per_lora(params: list[torch.Tensor], max_norm: float) -> None:
 
 
 def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed: int = 0, device="cpu", *,
-                     text=None, progress: bool = False) -> list[tuple[LoraWeights, dict]]:
+                     text=None, progress: bool = False, replicate: int = 0) -> list[tuple[LoraWeights, dict]]:
     """Train one LoRA per case in `case_ids`, all in one forward/backward per step; `gen` comes back unchanged.
 
     Same recipe, data and randomness per case as `train_lora`, so the same weights. Returns [(weights, metadata)]
     in case order; metadata's wall_time_s is this batch's wall time divided by its number of LoRAs.
+    replicate > 0 trains on another draw of the training stream (same renders, same init): see lofa.lora.replicates.
     """
     if not case_ids:
         return []
     text = _text_encoder(text, device)
     start = time.perf_counter()
-    streams = [CaseStream(world, text, c, cfg, seed, device, _dtype(gen)) for c in case_ids]
+    streams = [CaseStream(world, text, c, cfg, seed, device, _dtype(gen), replicate) for c in case_ids]
     targets = gen.lora_target_modules(cfg.include_ffn)
     shapes = {n: tuple(gen.net.get_submodule(n).weight.shape) for n in targets}
     inits = [s.init_factors(shapes) for s in streams]

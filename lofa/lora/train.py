@@ -103,13 +103,17 @@ class CaseStream:
     category with coarse captions. Captions are kept as token states [P, L, D] and masks [P, L].
     """
 
-    def __init__(self, world, text, case_id: int, cfg: LoraTrainConfig, seed: int, device, dtype=torch.float32):
+    def __init__(self, world, text, case_id: int, cfg: LoraTrainConfig, seed: int, device, dtype=torch.float32,
+                 replicate: int = 0):
         self.case = world.cases[case_id]
         self.task = world.task
         self.cfg = cfg
         self.seed = seed
         self.seeds = case_seeds(seed, case_id)
-        self.rng = torch.Generator(device).manual_seed(self.seeds["stream"])
+        stream = self.seeds["stream"]
+        if replicate:  # same renders and init, another draw of batches, t and noise (lofa.lora.replicates)
+            stream = int(np.random.SeedSequence([stream, replicate]).generate_state(1)[0])
+        self.rng = torch.Generator(device).manual_seed(stream)
         self.prompts = [world.prompt(case_id, v, "train") for v in range(world.n_prompts("train"))]
         self.pools = [self._pool(world, text, [case_id] * cfg.n_renders, self.seeds["render"], "fine", device, dtype)]
         if cfg.prior_weight > 0:

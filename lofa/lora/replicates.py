@@ -1,0 +1,85 @@
+"""How much of a per-case LoRA is its case, and how much is training noise.
+
+Trains each case's LoRA twice — same renders, same initial A (the zoo's shared init), two draws of the training
+stream (batches, t, noise) — and compares ΔW / rms(W) over all adapted matrices by cosine: between the two
+replicates of one case, and between LoRAs of different cases. A hypernetwork that regresses ΔW can at best predict
+the part replicates share; if replicates of one case are far apart, the L1 on ΔW mostly asks for their mean and the
+flow-matching term has to carry the case (see Stage2TrainConfig).
+
+    python -m lofa.lora.replicates --run-dir runs/mini --task identities [--cases 4] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+from lofa.errors import LofaError
+from lofa.lora.batched import train_lora_batch
+from lofa.lora.formats import LoraWeights
+
+
+def delta_vector(lora: LoraWeights, net) -> torch.Tensor:
+    """ΔW / rms(W) of every module of `lora`, flattened and concatenated (sorted by name) -> [Σ out·in]."""
+    parts = []
+    for name in sorted(lora):
+        w = net.get_submodule(name).weight.detach().float()
+        parts.append((lora[name].delta_w / w.pow(2).mean().sqrt().clamp_min(1e-12)).flatten().cpu())
+    return torch.cat(parts)
+
+
+def replicate_cosine(gen, world, case_ids: list[int], cfg, seed: int = 0, device="cpu", *, text=None
+                     ) -> dict[str, float]:
+    """{"same_case": mean cosine of a case's two replicates, "other_case": mean cosine between different cases
+    (same replicate), "cases": n} for LoRAs trained with recipe `cfg` (a LoraTrainConfig) on `gen`."""
+    if len(case_ids) < 2:
+        raise LofaError("replicate_cosine needs at least two cases (it also compares different cases)")
+    vectors = {}
+    for r in (0, 1):
+        for i, (weights, _) in enumerate(train_lora_batch(gen, world, case_ids, cfg, seed, device, text=text,
+                                                          replicate=r)):
+            vectors[(r, i)] = delta_vector(weights, gen.net)
+
+    def cos(a, b):
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    n = len(case_ids)
+    same = [cos(vectors[(0, i)], vectors[(1, i)]) for i in range(n)]
+    other = [cos(vectors[(r, i)], vectors[(r, j)]) for r in (0, 1) for i, j in itertools.combinations(range(n), 2)]
+    return {"same_case": sum(same) / n, "other_case": sum(other) / len(other), "cases": n}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lofa.lora.train import LoraTrainConfig
+    from lofa.pipeline import Run
+
+    p = argparse.ArgumentParser(prog="python -m lofa.lora.replicates", description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", required=True, help="a pipeline run folder holding the task's base generator")
+    p.add_argument("--scale", default="mini")
+    p.add_argument("--task", default="identities")
+    p.add_argument("--cases", type=int, default=4, help="train cases compared (the first of the world's train split)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        if not (Path(args.run_dir) / "base" / args.task / "summary.json").exists():
+            raise LofaError(f"no trained {args.task} base in {args.run_dir}; run the pipeline (notebook 02) first")
+        run = Run(args.scale, args.device, args.seed, args.run_dir)
+        cfg = run.config(LoraTrainConfig)
+        world = run.world(args.task)
+        result = replicate_cosine(run.base(args.task, progress=False), world, world.ids("train")[: args.cases],
+                                  cfg, args.seed, args.device)
+    except LofaError as e:
+        print(f"lofa.lora.replicates: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.task} ({args.scale}, rank {cfg.rank}, {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
+          f"shared init {cfg.shared_init}): cos(ΔW) between two replicates of one case {result['same_case']:.3f}, "
+          f"between different cases {result['other_case']:.3f} ({result['cases']} cases)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
