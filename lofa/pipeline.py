@@ -258,6 +258,11 @@ def cli_train(args) -> int:
     trains on its own batches (batch_fn(step, process_index)) and gradients are averaged; the main process builds
     the upstream artifacts and writes the checkpoints and the predictor folder.
     """
+    _setting(args.setting)  # bad input fails before anything is written
+    if args.overrides and not Path(args.overrides).is_file():
+        raise LofaError(f"overrides file {args.overrides} not found; give a YAML file of {{ConfigClass: {{field: value}}}}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise LofaError("--device cuda but no CUDA device is visible; use --device cpu or auto")
     launch = launched()
     device = args.device
     if launch is not None:

@@ -40,3 +40,15 @@ def test_lofa_train_runs_as_two_processes(tmp_path):
         history = json.loads((out / stage / "history.json").read_text())
         assert history and all(h["processes"] == 2 for h in history)
     LoFA.from_pretrained(out, device="cpu")
+
+
+@pytest.mark.parametrize("extra, message", [(["--setting", "nope"], "unknown setting 'nope'"),
+                                            (["--setting", "styles", "--overrides", "missing.yaml"],
+                                             "overrides file missing.yaml not found")])
+def test_lofa_train_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys, extra, message):
+    from lofa.cli import main
+
+    assert main(["train", "--run-root", str(tmp_path / "runs"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "runs").exists()
