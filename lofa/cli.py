@@ -9,6 +9,9 @@ import sys
 from lofa.errors import LofaError
 
 
+SCALES = ["smoke", "mini", "full", "wan", "paper"]
+
+
 def _call(target: str):
     module, func = target.split(":")
     return lambda args: getattr(importlib.import_module(module), func)(args)
@@ -20,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("reproduce", help="run the pipeline notebooks through papermill at a scale")
-    r.add_argument("--scale", default="mini", choices=["smoke", "mini", "full", "wan", "paper"])
+    r.add_argument("--scale", default="mini", choices=SCALES)
     r.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks (name or number)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--force", action="store_true", help="rerun notebooks even when their cache is valid")
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the hypernetwork of one setting (runs under accelerate launch too)")
     t.add_argument("--setting", required=True, help="a paper setting: actions-text, actions-pose, styles, identities")
     t.add_argument("--stage", type=int, default=2, choices=[1, 2], help="1: Stage I only; 2: both stages")
-    t.add_argument("--scale", default="mini", choices=["smoke", "mini", "full", "wan", "paper"])
+    t.add_argument("--scale", default="mini", choices=SCALES)
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--run-root", default="runs", help="artifacts in RUN_ROOT/<scale>/ (default: runs)")

@@ -258,17 +258,16 @@ def cli_train(args) -> int:
     trains on its own batches (batch_fn(step, process_index)) and gradients are averaged; the main process builds
     the upstream artifacts and writes the checkpoints and the predictor folder.
     """
+    from lofa.reproduce import resolve_device
+
     _setting(args.setting)  # bad input fails before anything is written
     if args.overrides and not Path(args.overrides).is_file():
-        raise LofaError(f"overrides file {args.overrides} not found; give a YAML file of {{ConfigClass: {{field: value}}}}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise LofaError("--device cuda but no CUDA device is visible; use --device cpu or auto")
+        raise LofaError(f"overrides file {args.overrides} not found; give a YAML file of "
+                        "{ConfigClass: {field: value}}")
+    device = resolve_device(args.device)
     launch = launched()
-    device = args.device
     if launch is not None:
-        device = str(launch.device)
-    elif device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(launch.device)  # this process's GPU (or the CPU), not cuda:0 for every process
     run = Run(args.scale, device, args.seed, Path(args.run_root) / args.scale, args.overrides)
     run.hypernet(args.setting, args.stage)
     if launch is None or launch.is_main_process:

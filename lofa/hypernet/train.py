@@ -75,10 +75,11 @@ class Stage2TrainConfig(TrainConfig):
     # lambda_diff 1, not the authors' 10: our L1 is relative to rms(W). What decides held-out quality is the volume
     # of the diffusion term, not the L1: much of a zoo LoRA's ΔW is training noise (identities at mini, shared init:
     # cosine 0.58 between two LoRAs of one case trained on two draws of its stream, 0.07 between different cases;
-    # `python -m lofa.lora.replicates`), so the L1 alone mostly learns a mean. Measured at mini (identities, GPU): 150 steps x 2 LoRAs (the old preset) left LoFA at the
-    # base's level on every metric; 1,200 steps x 8 LoRAs with lambda_diff 1 beat the base on held-out identities
-    # (CLIP-I 0.24 vs 0.01, DINO 0.13 vs 0.05, coarse accuracy 0.47 vs 0.28), still far below per-case LoRAs.
-    # mini is what 2 CPU cores afford in the pipeline's budget; full is the GPU preset.
+    # `python -m lofa.lora.replicates`), so the L1 alone mostly learns a mean. Measured at mini (identities, GPU):
+    # 150 steps x 2 LoRAs (the old preset) left LoFA at the base's level on every metric; 1,200 steps x 8 LoRAs
+    # with lambda_diff 1 beat the base on held-out identities (CLIP-I 0.24 vs 0.01, DINO 0.13 vs 0.05, coarse
+    # accuracy 0.47 vs 0.28), still far below per-case LoRAs. mini is what 2 CPU cores afford in the pipeline's
+    # budget; full is the GPU preset.
     PRESETS = {
         "smoke": {"steps": 10, "warmup_steps": 2, "checkpoint_every": 10, "lr": 2e-3, "lambda_diff": 1.0},
         "mini": {"steps": 400, "batch_size": 4, "warmup_steps": 40, "checkpoint_every": 100, "lr": 1e-3,
