@@ -25,16 +25,20 @@ from lofa.hypernet.config import HyperConfig
 from lofa.hypernet.tokenizer import BaseWeights, RMSNorm, TargetSpec, WeightTokenizer
 
 
-def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[B, L, d] -> [B, H, L, d/H]"""
-    B, L, d = x.shape
-    return x.view(B, L, n_heads, d // n_heads).transpose(1, 2)
+def _split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, L, d] -> [B, L, H, d/H] (a view)"""
+    return x.unflatten(-1, (n_heads, -1))
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, L, Dh] -> [B, L, H·Dh]"""
-    B, H, L, Dh = x.shape
-    return x.transpose(1, 2).reshape(B, L, H * Dh)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [B, Lq, H, Dh], k, v [B, Lk, H, Dh], key mask [B, Lk] or None -> [B, Lq, H·Dh].
+
+    SDPA gets [B, H, L, Dh] views of the [B, L, H, Dh] tensors: the cuDNN and flash kernels take those strides as
+    they are and lay their output out like the query, so no head transpose is ever copied on a GPU.
+    """
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=_key_mask(mask))
+    return o.transpose(1, 2).flatten(2)
 
 
 def _key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -53,9 +57,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, L, d], mask [B, L] or None -> [B, L, d]"""
-        q, k, v = (_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
-        o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=_key_mask(mask))
-        return self.out(_merge_heads(o))
+        q, k, v = (_split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.out(_attend(self.q_norm(q), self.k_norm(k), v, mask))
 
 
 class CrossAttention(nn.Module):
@@ -70,10 +73,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, Lq, d] attends to context [B, Lk, d] (mask [B, Lk] or None) -> [B, Lq, d]"""
-        q = _heads(self.q(x), self.n_heads)
-        k, v = (_heads(t, self.n_heads) for t in self.kv(context).chunk(2, dim=-1))
-        o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=_key_mask(mask))
-        return self.out(_merge_heads(o))
+        q = _split_heads(self.q(x), self.n_heads)
+        k, v = (_split_heads(t, self.n_heads) for t in self.kv(context).chunk(2, dim=-1))
+        return self.out(_attend(self.q_norm(q), self.k_norm(k), v, mask))
 
 
 class MLP(nn.Module):
