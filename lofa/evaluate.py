@@ -213,6 +213,18 @@ def summarize(per_case, metrics: Sequence[str], by: Sequence[str] = ("method",),
     return pd.DataFrame(rows)
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray, *, lower_is_better: bool = False, n_boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """Mean of a - b over paired per-case values [C] (same cases, prompts and noise seeds), a 95 % bootstrap
+    interval over cases, and the verdict for a: "better" / "worse" only when the interval excludes 0."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    mean, lo, hi = bootstrap_ci(d, n=n_boot, seed=seed)
+    up, down = ("worse", "better") if lower_is_better else ("better", "worse")
+    verdict = up if lo > 0 else (down if hi < 0 else "no significant difference")
+    return {"difference": mean, "ci_low": lo, "ci_high": hi, "cases": len(d), "verdict": verdict}
+
+
 def ratio_of_means(numerator: np.ndarray, denominator: np.ndarray, n_boot: int = 1000, seed: int = 0
                    ) -> tuple[float, float, float]:
     """mean(numerator) / mean(denominator) over paired per-case values [C], with a 95 % percentile-bootstrap

@@ -16,6 +16,7 @@ YAML file whose top-level keys are config class names, e.g. `LoraTrainConfig: {s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -176,7 +177,8 @@ class Run:
     def hypernet(self, setting: str, stage: int = 2, variant: str = "lofa", progress: bool = True):
         """LoFA for a paper setting: stage 1 -> the trained Stage I (response maps); stage 2 -> the `LoFA` predictor
         (Stage I, then Stage II initialised from it), saved with `save_pretrained` in runs/<scale>/hypernet/
-        <setting>/<variant>/ (`lofa predict --checkpoint` reads it).
+        <setting>/<variant>/ (`lofa predict --checkpoint` reads it). Variants (HYPERNET_VARIANTS) change Stage II's
+        training only; their Stage II starts from the one Stage I in <setting>/lofa/stage1 and sees the same batches.
 
         Trained on the zoo's train-split LoRAs with `TrainConfig` (Stage I) and `Stage2TrainConfig` (Stage II, with
         the flow-matching term through the frozen base generator when lambda_diff > 0); each stage resumes from its
@@ -206,11 +208,11 @@ class Run:
         train1 = self.config(TrainConfig)
         fit(stage1, Stage1Objective(data.base, train1, cfg.tau),
             data.batch_fn(train1.batch_size, train1.matrices_per_sample, seed=self.seed + train1.seed), train1,
-            out / "stage1", device=str(self.device), progress=progress)
+            self.path("hypernet", setting, "lofa", "stage1"), device=str(self.device), progress=progress)
         stage1.eval()
         if stage == 1:
             return stage1
-        train2 = self.config(Stage2TrainConfig)
+        train2 = dataclasses.replace(self.config(Stage2TrainConfig), **HYPERNET_VARIANTS[variant])
         diffusion = None
         if train2.lambda_diff:
             diffusion = DiffusionLoss(self.base(task), data.world, data.text or TextEncoder(self.device), data.cfg,
@@ -234,7 +236,8 @@ class Run:
 
         from lofa.io import read_json
 
-        history = read_json(self.path("hypernet", setting, variant, f"stage{stage}", "history.json"))
+        folder = "lofa" if stage == 1 else variant  # one Stage I serves every variant
+        history = read_json(self.path("hypernet", setting, folder, f"stage{stage}", "history.json"))
         if history is None:
             raise LofaError(f"no Stage {stage} history for {setting}/{variant}; run run.hypernet({setting!r}, {stage}) "
                             "first")
@@ -285,6 +288,7 @@ _BUILD_STEPS = {
     "zoo": lambda run, key: run.zoo(key, progress=False),
     "stage1": lambda run, key: run.hypernet(key, 1, progress=False),
     "stage2": lambda run, key: run.hypernet(key, 2, progress=False),
+    "stage2_recon_factors": lambda run, key: run.hypernet(key, 2, "recon_factors", progress=False),
 }
 
 
@@ -295,8 +299,9 @@ def _build_job(args: tuple, step: str, key: str) -> None:
     _BUILD_STEPS[step](Run(scale, device, seed, run_dir, overrides), key)
 
 
-# Hypernetwork variants run.hypernet trains: the paper's two-stage LoFA.
-HYPERNET_VARIANTS = ("lofa",)
+# Hypernetwork variants run.hypernet trains: the paper's two-stage LoFA (L1 on ΔW), and the same Stage II with the
+# L1 term on the factors A and B instead (the paper's wording; one Stage I shared by both) -> Stage2TrainConfig fields
+HYPERNET_VARIANTS = {"lofa": {}, "recon_factors": {"recon": "factors"}}
 
 
 def _setting(name: str) -> tuple[str, str, str]:

@@ -7,7 +7,8 @@ import torch
 
 from lofa.diffusion import sample
 from lofa.errors import LofaError
-from lofa.evaluate import (GenerateConfig, case_means, denoising_loss, eval_plan, generate, ratio_of_means,
+from lofa.evaluate import (GenerateConfig, case_means, denoising_loss, eval_plan, generate, paired_difference,
+                           ratio_of_means,
                            score_cases, summarize)
 from lofa.lora.formats import LoraFactor
 from lofa.lora.train import apply_lora
@@ -213,3 +214,14 @@ def test_base_competence_separates_coarse_from_fine():
         ev.generate = original_generate
     assert out["coarse_acc_base"] == 1.0 and out["coarse_acc_renders"] == 1.0
     assert out["exact_acc_base_heldout"] == 0.0 and out["exact_acc_renders_heldout"] == 1.0
+
+
+def test_paired_difference_calls_a_verdict_only_when_the_interval_excludes_zero():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=40)
+    better = paired_difference(base + 1.0 + 0.1 * rng.normal(size=40), base)
+    assert better["verdict"] == "better" and better["ci_low"] > 0 and better["cases"] == 40
+    assert paired_difference(base + 1.0, base, lower_is_better=True)["verdict"] == "worse"
+    assert paired_difference(base - 1.0, base, lower_is_better=True)["verdict"] == "better"
+    tie = paired_difference(np.r_[base, np.nan], np.r_[base + rng.normal(scale=1.0, size=40), 0.0])
+    assert tie["cases"] == 40 and tie["verdict"] == "no significant difference"

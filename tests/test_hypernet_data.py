@@ -2,6 +2,7 @@
 (a smoke world, a smoke generator and a zoo of random LoRAs written as real LoRA files; tiny CPU sizes)."""
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -200,3 +201,19 @@ def test_response_maps_of_loras_and_of_stage1(setup):
     torch.manual_seed(0)
     pred = stage1_maps(Stage1(cfg, data.spec).eval(), data, ids)
     assert pred.shape == maps.shape and pred.dtype == torch.bool
+
+
+def test_delta_l1_per_case_is_zero_for_the_zoo_lora_and_grows_with_the_error(setup):
+    from lofa.hypernet.data import delta_l1_per_case
+    from lofa.lora.formats import LoraFactor
+
+    _, _, zoo, data = setup
+    ids = data.heldout_ids[:2]
+    own = [zoo.load(c)[0] for c in ids]
+    assert np.allclose(delta_l1_per_case(data, ids, own), 0.0, atol=1e-7)
+    zero = [{n: LoraFactor(f.A, torch.zeros_like(f.B), f.alpha) for n, f in lora.items()} for lora in own]
+    swapped = delta_l1_per_case(data, ids, own[::-1])
+    l1_zero = delta_l1_per_case(data, ids, zero)
+    assert (l1_zero > 0).all() and (swapped > 0).all()
+    half = [{n: LoraFactor(f.A, f.B / 2, f.alpha) for n, f in lora.items()} for lora in own]
+    np.testing.assert_allclose(delta_l1_per_case(data, ids, half), l1_zero / 2, rtol=1e-4)

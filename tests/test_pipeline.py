@@ -52,3 +52,23 @@ def test_lofa_train_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_recon_factors_variant_trains_stage2_from_the_shared_stage1(tmp_path):
+    """The L1-on-factors ablation: its Stage II starts from the one Stage I (no second Stage I is trained), sees
+    the same batches, and differs from LoFA's only in the reconstruction term."""
+    import torch
+
+    run = Run("smoke", "cpu", 0, tmp_path)
+    lofa = run.hypernet("identities", 2, progress=False)
+    factors = run.hypernet("identities", 2, "recon_factors", progress=False)
+    assert not (tmp_path / "hypernet" / "identities" / "recon_factors" / "stage1").exists()
+    s1a, s1b = lofa.stage1.state_dict(), factors.stage1.state_dict()
+    assert all(torch.equal(s1a[k], s1b[k]) for k in s1a)
+    h_delta, h_factors = run.hypernet_history("identities", 2), run.hypernet_history("identities", 2, "recon_factors")
+    assert len(h_delta) == len(h_factors)
+    assert h_delta.recon.iloc[0] != pytest.approx(h_factors.recon.iloc[0], rel=1e-3)  # a different L1 term
+    w2a, w2b = lofa.stage2.state_dict(), factors.stage2.state_dict()
+    assert any(not torch.equal(w2a[k], w2b[k]) for k in w2a)
+    with pytest.raises(LofaError, match="unknown hypernetwork variant 'nope'"):
+        run.hypernet("identities", 2, "nope")

@@ -347,3 +347,20 @@ def stage1_maps(stage1, data: Triplets, case_ids: Sequence[int], split: str = "e
     logits = stage1(data.base.to(device), batch.targets, batch.cond, batch.cond_mask).logits
     R, C = map_size(data.spec)
     return (logits[..., :R, :C] > 0).cpu() & valid_entries(data.spec)
+
+
+@torch.no_grad()
+def delta_l1_per_case(data: Triplets, case_ids: Sequence[int], loras: Sequence[dict]) -> np.ndarray:
+    """Stage II's reconstruction measure on any cases: per case, the mean over targets of L1(ΔŴ − ΔW) / rms(W)
+    between a LoRA ({name: LoraFactor}, e.g. predicted) and the case's zoo LoRA -> [N] (0 = the zoo's ΔW)."""
+    from lofa.hypernet.losses import delta_l1
+
+    if len(loras) != len(case_ids):
+        raise LofaError(f"{len(loras)} LoRAs for {len(case_ids)} cases")
+    true, pred = data.batch(case_ids).loras, stack_loras(loras)
+    out = np.zeros(len(case_ids))
+    for j in range(len(case_ids)):
+        one = lambda f: tuple(x[j:j + 1] for x in f)  # noqa: E731
+        out[j] = np.mean([float(delta_l1(one(pred[t.name]), one(true[t.name]), data.base.rms[i]))
+                          for i, t in enumerate(data.spec.targets)])
+    return out
