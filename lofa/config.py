@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lofa.errors import LofaError
+
 SCALES = ("smoke", "mini", "full", "wan", "paper")
 
 T = TypeVar("T")
@@ -40,3 +42,17 @@ def preset(cls: type[T], scale: str = "mini", overrides: dict | str | Path | Non
 
 def as_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def resolve_device(device: str) -> str:
+    """A --device choice (auto, cpu, cuda) -> "cpu" or "cuda": auto takes the GPU when torch sees one; asking for
+    cuda without one is a one-line error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise LofaError(f"unknown device {device!r}; use auto, cpu or cuda")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LofaError("--device cuda asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    return device

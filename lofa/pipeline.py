@@ -261,7 +261,7 @@ def cli_train(args) -> int:
     trains on its own batches (batch_fn(step, process_index)) and gradients are averaged; the main process builds
     the upstream artifacts and writes the checkpoints and the predictor folder.
     """
-    from lofa.reproduce import resolve_device
+    from lofa.config import resolve_device
 
     _setting(args.setting)  # bad input fails before anything is written
     if args.overrides and not Path(args.overrides).is_file():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+from lofa.config import resolve_device
 from lofa.errors import LofaError
 from lofa.io import read_json, write_json
 
@@ -153,18 +154,6 @@ def device_description(device: str) -> str:
 
         return f"cuda ({torch.cuda.get_device_name(0)})"
     return f"cpu ({platform.processor() or platform.machine()})"
-
-
-def resolve_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda"):
-        raise LofaError(f"unknown device {device!r}; use auto, cpu or cuda")
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LofaError("--device cuda asked for but torch sees no CUDA GPU; use --device cpu or auto")
-    return device
 
 
 # ---------------------------------------------------------------- execution

@@ -18,6 +18,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from lofa.config import resolve_device
 from lofa.errors import LofaError
 from lofa.hypernet.config import HyperConfig
 from lofa.hypernet.model import Stage1, Stage2, Stage2Output, trim_condition
@@ -293,19 +294,11 @@ def _read_condition_file(path: str) -> torch.Tensor:
     return x.float()
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LofaError("--device cuda but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
-
-
 def cli_predict(args) -> int:
     """`lofa predict --checkpoint DIR (--prompt TEXT | --image FILE | --pose FILE) --out FILE.safetensors`."""
     from lofa.lora.formats import save_lora
 
-    device = _device(getattr(args, "device", "auto"))
+    device = torch.device(resolve_device(getattr(args, "device", "auto")))
     t0 = time.perf_counter()
     lofa = LoFA.from_pretrained(args.checkpoint, device=device)
     if lofa.base is None:
