@@ -405,3 +405,30 @@ def test_fused_gelu_epilogue_is_the_mlp_function():
     with torch.enable_grad():
         plain = mlp(x.requires_grad_())
     assert torch.allclose(fused, plain, atol=1e-5)
+
+
+def test_attention_is_per_head_softmax_attention_with_key_mask():
+    """SelfAttention / CrossAttention against attention written out head by head (catches head mixing in the
+    [B, L, H, Dh] layout the modules hand to SDPA), masked keys excluded."""
+    from lofa.hypernet.model import CrossAttention, SelfAttention
+
+    torch.manual_seed(0)
+    d, H = 24, 3
+    for module in (SelfAttention(d, H, qk_norm=True), CrossAttention(d, H, qk_norm=True)):
+        x, ctx = torch.randn(2, 5, d), torch.randn(2, 7, d)
+        mask = torch.ones(2, 7 if isinstance(module, CrossAttention) else 5, dtype=torch.bool)
+        mask[1, -2:] = False
+        if isinstance(module, SelfAttention):
+            out = module(x, mask)
+            q, k, v = module.qkv(x).chunk(3, dim=-1)
+        else:
+            out = module(x, ctx, mask)
+            q, (k, v) = module.q(x), module.kv(ctx).chunk(2, dim=-1)
+        heads = []
+        for h in range(H):
+            sl = slice(h * d // H, (h + 1) * d // H)
+            qh, kh = module.q_norm(q[..., sl]), module.k_norm(k[..., sl])
+            scores = qh @ kh.transpose(1, 2) / (d // H) ** 0.5
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+            heads.append(scores.softmax(-1) @ v[..., sl])
+        torch.testing.assert_close(out, module.out(torch.cat(heads, dim=-1)), atol=1e-5, rtol=1e-5)
