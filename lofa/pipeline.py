@@ -139,16 +139,17 @@ class Run:
         return enc.eval()
 
     @functools.cache
-    def zoo(self, task: str, progress: bool = True):
+    def zoo(self, task: str, progress: bool = True, shard: tuple[int, int] | None = None):
         """One LoRA per selected case (`ZooConfig`): every held-out case — held-out LoRAs are the per-case
-        baseline — and train cases up to the scale's cap."""
+        baseline — and train cases up to the scale's cap. shard=(i, n) trains the i-th of n shares and returns
+        None (`build_zoo`; `Run.build` steps "zoo_shard", key "task:i/n"); the plain call then completes it."""
         from lofa.lora.train import LoraTrainConfig
         from lofa.lora.zoo import ZooConfig, build_zoo, select_cases
 
         world = self.world(task)
         case_ids = select_cases(world, self.config(ZooConfig).max_cases, self.seed)
         return build_zoo(world, self.base(task), self.config(LoraTrainConfig), self.path("zoo", task), self.device,
-                         seed=self.seed, case_ids=case_ids, progress=progress)
+                         seed=self.seed, case_ids=case_ids, progress=progress, shard=shard)
 
     # ------------------------------------------------------------------ the LoFA hypernetwork (notebooks 05, 06)
     @functools.cache
@@ -286,6 +287,7 @@ _BUILD_STEPS = {
     "evaluators": lambda run, key: run.evaluators(key),
     "condition_encoder": lambda run, key: run.condition_encoder(key, progress=False),
     "zoo": lambda run, key: run.zoo(key, progress=False),
+    "zoo_shard": lambda run, key: run.zoo(_zoo_shard(key)[0], False, _zoo_shard(key)[1]),
     "stage1": lambda run, key: run.hypernet(key, 1, progress=False),
     "stage2": lambda run, key: run.hypernet(key, 2, progress=False),
     "stage2_recon_factors": lambda run, key: run.hypernet(key, 2, "recon_factors", progress=False),
@@ -310,6 +312,16 @@ def _setting(name: str) -> tuple[str, str, str]:
         if setting[0] == name:
             return setting
     raise LofaError(f"unknown setting {name!r}; choose one of {', '.join(s[0] for s in SETTINGS)}")
+
+
+def _zoo_shard(key: str) -> tuple[str, tuple[int, int]]:
+    """ "actions:0/2" -> ("actions", (0, 2))"""
+    try:
+        task, share = key.split(":")
+        i, n = (int(x) for x in share.split("/"))
+    except ValueError:
+        raise LofaError(f"zoo_shard key {key!r}: write TASK:I/N, e.g. actions:0/2") from None
+    return task, (i, n)
 
 
 def _check_task(task: str) -> None:

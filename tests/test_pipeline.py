@@ -72,3 +72,12 @@ def test_recon_factors_variant_trains_stage2_from_the_shared_stage1(tmp_path):
     assert any(not torch.equal(w2a[k], w2b[k]) for k in w2a)
     with pytest.raises(LofaError, match="unknown hypernetwork variant 'nope'"):
         run.hypernet("identities", 2, "nope")
+
+
+def test_zoo_shard_keys_are_parsed_or_refused_in_one_line(tmp_path):
+    from lofa.pipeline import _zoo_shard
+
+    assert _zoo_shard("styles:1/3") == ("styles", (1, 3))
+    for bad in ("styles", "styles:1", "styles:a/2"):
+        with pytest.raises(LofaError, match="write TASK:I/N"):
+            _zoo_shard(bad)

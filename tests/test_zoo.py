@@ -19,9 +19,9 @@ from test_lora_train import StubText, StubWorld, one_thread, tiny_config, tiny_g
 TESTS = Path(__file__).resolve().parent
 
 
-def _build(zoo_dir, n_cases=6, **cfg):
+def _build(zoo_dir, n_cases=6, shard=None, **cfg):
     return build_zoo(StubWorld(n_cases), tiny_generator(), tiny_config(**{"steps": 2, "group_size": 4, **cfg}),
-                     zoo_dir, seed=0, text=StubText(), progress=False)
+                     zoo_dir, seed=0, text=StubText(), progress=False, shard=shard)
 
 
 def _check_consistent(zoo_dir, n_cases):
@@ -132,3 +132,23 @@ def test_kill_during_collection_then_rerun_completes(tmp_path):
         assert (zoo_dir / entry["file"]).stat().st_mtime_ns == mtimes[c]
     assert len({final[c]["run_id"] for c in final if c not in done} - {e["run_id"] for e in done.values()}) == 1
     assert all(torch.isfinite(torch.tensor(e["final_loss"])) for e in final.values())
+
+
+def test_shards_side_by_side_give_the_zoo_one_call_gives(tmp_path):
+    """Two shard calls (either order, the second started after the first finished) then one plain call: the same
+    LoRAs, bit for bit, as a single unsharded build, and the index only appears with the plain call."""
+    n = 10  # group_size 4 -> groups [0-3], [4-7], [8, 9]: shard 0 takes two of them, shard 1 one
+    _build(tmp_path / "one", n_cases=n)
+    assert _build(tmp_path / "sharded", n_cases=n, shard=(1, 2)) is None
+    assert not (tmp_path / "sharded" / INDEX).exists()
+    assert sorted(p.name for p in (tmp_path / "sharded" / "loras").iterdir()) == [
+        f"case_{c:05d}.safetensors" for c in range(4, 8)]
+    assert _build(tmp_path / "sharded", n_cases=n, shard=(0, 2)) is None
+    assert len(list((tmp_path / "sharded" / "loras").iterdir())) == n
+    zoo = _build(tmp_path / "sharded", n_cases=n)
+    _check_consistent(tmp_path / "sharded", n)
+    for c in range(n):
+        (a, _), (b, _) = Zoo(tmp_path / "one").load(c), zoo.load(c)
+        assert all(torch.equal(a[k].A, b[k].A) and torch.equal(a[k].B, b[k].B) for k in a)
+    with pytest.raises(LofaError, match=r"shard \(2, 2\)"):
+        _build(tmp_path / "bad", n_cases=n, shard=(2, 2))

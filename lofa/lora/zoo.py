@@ -102,12 +102,13 @@ def _check_same_zoo(found: dict, expected: dict, where: Path) -> None:
                         f"another zoo folder or delete this one")
 
 
-def _reconcile(zoo_dir: Path, header: dict) -> dict[int, dict]:
-    """Index entries {case_id: entry} rebuilt from the valid LoRA files; damaged files and temp leftovers go."""
+def _reconcile(zoo_dir: Path, header: dict, clean: bool = True) -> dict[int, dict]:
+    """Index entries {case_id: entry} rebuilt from the valid LoRA files; damaged files and (clean=True) temp
+    leftovers go. A shard passes clean=False: a temp file may be another shard's write in progress."""
     lora_dir = zoo_dir / LORA_DIR
     lora_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in [*zoo_dir.glob(".*.tmp"), *lora_dir.glob(".*.tmp")]:  # a killed atomic write's temp file
-        leftover.unlink()
+    for leftover in [*zoo_dir.glob(".*.tmp"), *lora_dir.glob(".*.tmp")] if clean else []:
+        leftover.unlink()  # a killed atomic write's temp file
     index = read_json(zoo_dir / INDEX)
     if index is not None:
         _check_same_zoo(index, header, zoo_dir / INDEX)
@@ -131,28 +132,40 @@ def _write_index(zoo_dir: Path, header: dict, entries: dict[int, dict]) -> None:
 
 
 def build_zoo(world, gen, cfg: LoraTrainConfig, zoo_dir: str | os.PathLike, device="cpu", seed: int = 0, *,
-              case_ids: list[int] | None = None, text=None, batched: bool = True, progress: bool = True) -> "Zoo":
+              case_ids: list[int] | None = None, text=None, batched: bool = True, progress: bool = True,
+              shard: tuple[int, int] | None = None) -> "Zoo | None":
     """Train one LoRA per case (default: every case of `world`) into `zoo_dir`, resuming what is already there.
 
     gen: the base `lofa.models.Generator` (moved to `device`); batched: `cfg.group_size` LoRAs per
     forward/backward (`lofa.lora.batched`) instead of one peft LoRA at a time — the same weights either way.
     Rerun after an interruption with the same arguments to finish the rest.
+
+    shard=(i, n): train only groups i, i + n, ... of the groups a fresh unsharded call forms (so every LoRA comes
+    out as it would there) and write no index; n processes can share a zoo that way. A final unsharded call
+    trains what is left, if anything, and writes the index; until then the zoo is incomplete and returns None.
     """
     zoo_dir = Path(zoo_dir)
     gen.to(device)
     case_ids = [c.id for c in world.cases] if case_ids is None else list(case_ids)
     header = {"task": world.task, "seed": seed, "config": asdict(cfg),
               "base": base_fingerprint(gen, gen.lora_target_modules(cfg.include_ffn))}
-    entries = _reconcile(zoo_dir, header)
-    _write_index(zoo_dir, header, entries)
+    if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
+        raise LofaError(f"shard {shard!r}: give (i, n) with 0 <= i < n")
+    entries = _reconcile(zoo_dir, header, clean=shard is None)
+    if shard is None:
+        _write_index(zoo_dir, header, entries)
+    chunk = cfg.group_size if batched else 1
     todo = [c for c in case_ids if c not in entries]
+    if shard is None:
+        groups = [todo[start:start + chunk] for start in range(0, len(todo), chunk)]
+    else:  # groups of the whole case list, so a shard's share does not depend on how far the others have got
+        groups = [case_ids[start:start + chunk] for start in range(0, len(case_ids), chunk)][shard[0]::shard[1]]
+        groups = [g for g in ([c for c in group if c not in entries] for group in groups) if g]
     run_id = uuid.uuid4().hex[:12]
     text = _text_encoder(text, device)
-    chunk = cfg.group_size if batched else 1
     with tqdm(total=len(case_ids), initial=len(case_ids) - len(todo), desc=f"LoRA zoo ({world.task})",
               unit="LoRA", disable=not progress) as bar:
-        for start in range(0, len(todo), chunk):
-            ids = todo[start:start + chunk]
+        for ids in groups:
             if batched:
                 results = train_lora_batch(gen, world, ids, cfg, seed, device, text=text)
             else:
@@ -163,10 +176,11 @@ def build_zoo(world, gen, cfg: LoraTrainConfig, zoo_dir: str | os.PathLike, devi
                 save_lora(zoo_dir / LORA_DIR / lora_filename(info["case_id"]), weights, meta,
                           prefix=PIPELINE_PREFIX[gen.kind])
                 entries[info["case_id"]] = {**meta, "file": f"{LORA_DIR}/{lora_filename(info['case_id'])}"}
-            _write_index(zoo_dir, header, entries)
+            if shard is None:
+                _write_index(zoo_dir, header, entries)
             bar.update(len(ids))
             bar.set_postfix(final_loss=f"{sum(i['final_loss'] for _, i in results) / len(results):.4f}")
-    return Zoo(zoo_dir)
+    return Zoo(zoo_dir) if shard is None else None
 
 
 class Zoo:
