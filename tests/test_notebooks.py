@@ -14,3 +14,19 @@ def test_pipeline_runs_at_smoke_scale():
     for spec in specs:
         for out in spec.outputs:
             assert (run_dir / out).exists(), f"{spec.name} did not produce {out}"
+
+
+def test_notebooks_are_valid_nbformat_with_a_parameters_cell():
+    """Every notebook validates (cell ids included: a missing id is a warning now, an error in future nbformat)
+    and its first code cell is the papermill `parameters` cell."""
+    import warnings
+
+    import nbformat
+
+    for path in sorted((reproduce.REPO_DIR / "notebooks").glob("*.ipynb")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            nb = nbformat.read(path, as_version=4)
+            nbformat.validate(nb)
+        first = next(c for c in nb.cells if c.cell_type == "code")
+        assert "parameters" in first.metadata.get("tags", []), path.name
