@@ -287,7 +287,7 @@ _BUILD_STEPS = {
     "evaluators": lambda run, key: run.evaluators(key),
     "condition_encoder": lambda run, key: run.condition_encoder(key, progress=False),
     "zoo": lambda run, key: run.zoo(key, progress=False),
-    "zoo_shard": lambda run, key: run.zoo(_zoo_shard(key)[0], False, _zoo_shard(key)[1]),
+    "zoo_shard": lambda run, key: _build_zoo_shard(run, *_zoo_shard(key)),
     "stage1": lambda run, key: run.hypernet(key, 1, progress=False),
     "stage2": lambda run, key: run.hypernet(key, 2, progress=False),
     "stage2_recon_factors": lambda run, key: run.hypernet(key, 2, "recon_factors", progress=False),
@@ -322,6 +322,10 @@ def _zoo_shard(key: str) -> tuple[str, tuple[int, int]]:
     except ValueError:
         raise LofaError(f"zoo_shard key {key!r}: write TASK:I/N, e.g. actions:0/2") from None
     return task, (i, n)
+
+
+def _build_zoo_shard(run: Run, task: str, shard: tuple[int, int]) -> None:
+    run.zoo(task, progress=False, shard=shard)
 
 
 def _check_task(task: str) -> None:

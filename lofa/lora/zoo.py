@@ -152,11 +152,10 @@ def build_zoo(world, gen, cfg: LoraTrainConfig, zoo_dir: str | os.PathLike, devi
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise LofaError(f"shard {shard!r}: give (i, n) with 0 <= i < n")
     entries = _reconcile(zoo_dir, header, clean=shard is None)
-    if shard is None:
-        _write_index(zoo_dir, header, entries)
     chunk = cfg.group_size if batched else 1
     todo = [c for c in case_ids if c not in entries]
     if shard is None:
+        _write_index(zoo_dir, header, entries)
         groups = [todo[start:start + chunk] for start in range(0, len(todo), chunk)]
     else:  # groups of the whole case list, so a shard's share does not depend on how far the others have got
         groups = [case_ids[start:start + chunk] for start in range(0, len(case_ids), chunk)][shard[0]::shard[1]]
