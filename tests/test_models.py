@@ -92,6 +92,27 @@ def test_fast_rope_processor_matches_diffusers():
     assert torch.allclose(fast, g(x, t, context, mask), atol=1e-5)
 
 
+@pytest.mark.parametrize("positions", [0, 3])
+def test_position_channels_give_tokens_their_place(positions, tmp_path):
+    # RoPE is relative: on a uniform input every token sees the same thing and the DiT paints every patch alike;
+    # (t, y, x) input planes are the only absolute position signal
+    torch.manual_seed(0)
+    g = Generator.build("video_dit", "smoke", {"zero_init_output": False, "position_channels": positions}).eval()
+    assert g.net.config.in_channels == 3 + positions and g.net.config.out_channels == 3
+    x = torch.full((1, 3, 4, 16, 16), 0.2)
+    _, t, context, _ = _inputs(g)
+    with torch.no_grad():
+        v = g(x, t[:1], context[:1])
+    pt, ph, pw = g.config.patch_size
+    patches = v.unfold(2, pt, pt).unfold(3, ph, ph).unfold(4, pw, pw).reshape(1, 3, -1, pt * ph * pw)
+    spread = (patches - patches[:, :, :1]).abs().max().item()
+    assert (spread > 1e-3) == bool(positions), spread
+    g.save(tmp_path / "g")
+    loaded = Generator.load(tmp_path / "g").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t[:1], context[:1]), v)
+
+
 def test_wan_preset_is_wan21_1_3b():
     from lofa.config import preset
     from lofa.models import VideoDiTConfig
@@ -225,3 +246,20 @@ def test_contrastive_training_learns_case_identity():
                                    eval_ids=list(range(16)), progress=False)
     assert sum(hist["loss"][-5:]) / 5 < 0.7 * sum(hist["loss"][:5]) / 5
     assert hist["retrieval"]["after"] >= hist["retrieval"]["before"] + 0.25  # chance: 1 / 16
+
+
+def test_task_overrides_change_one_worlds_base_only(tmp_path):
+    from lofa.errors import LofaError
+    from lofa.io import read_json
+    from lofa.models.train_base import train_base
+
+    special = {"steps": 4, "model_overrides": {"patch_size": (1, 4, 4), "position_channels": 3}}
+    cfg = _base_cfg(task_overrides={FakeWorld.task: special})
+    gen = train_base(FakeWorld(), cfg, tmp_path / "a", progress=False)
+    assert gen.config.position_channels == 3 and len(read_json(tmp_path / "a" / "loss.json")["loss"]) == 4
+    assert read_json(tmp_path / "a" / "summary.json")["config"]["task_overrides"] == {}
+    assert train_base(FakeWorld(), cfg, tmp_path / "a", progress=False).config.position_channels == 3  # loads
+    other = _base_cfg(task_overrides={"some_other_task": special})
+    assert other.for_task(FakeWorld.task) == dataclasses.replace(other, task_overrides={})
+    with pytest.raises(LofaError, match="unknown field"):
+        _base_cfg(task_overrides={FakeWorld.task: {"stepz": 4}}).for_task(FakeWorld.task)

@@ -117,13 +117,31 @@ class Generator(nn.Module):
             # content. Zero tokens still receive attention (through the text projection's bias), as in Wan.
             if context_mask is not None:
                 context = context * context_mask.unsqueeze(-1).to(context.dtype)
-            out = self.net(x_t, t * TIMESTEP_SCALE, context, return_dict=False)[0]
+            out = self.net(self._with_positions(x_t), t * TIMESTEP_SCALE, context, return_dict=False)[0]
         else:
             out = self.net(x_t, t * TIMESTEP_SCALE, context, encoder_attention_mask=context_mask,
                            return_dict=False)[0]
         if self.config.prediction == "velocity":
             return out
         return (x_t - out) / t.clamp_min(X0_T_MIN).view(n, *([1] * (x_t.ndim - 1))).to(out.dtype)
+
+    def _with_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, T, H, W] -> [N, C + P, T, H, W] with P = config.position_channels coordinate planes in [-1, 1].
+
+        Wan's only position signal is RoPE, which is relative: a token learns where it sits in the frame only
+        through the image content, and at t ≈ 1 there is none. At Wan's scale training overcomes that; a
+        from-scratch miniature did not (measured: the mini DiT, 1,000 steps on 8 fixed clips, sampled them back
+        with MSE 0.13 without the planes, 0.05 with them), so a config may hand the patch embedding absolute
+        (t, y, x) planes, the way Wan's image-to-video model takes extra input channels. The mini actions base
+        uses them (BaseTrainConfig.task_overrides).
+        """
+        p = self.config.position_channels
+        if not p:
+            return x
+        n, _, t, h, w = x.shape
+        axes = [torch.linspace(-1, 1, k, device=x.device, dtype=x.dtype) for k in (t, h, w)]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))[3 - p:]  # the last p of (t, y, x)
+        return torch.cat([x, grid.expand(n, -1, -1, -1, -1)], 1)
 
     def lora_target_modules(self, include_ffn: bool = False) -> list[str]:
         """Full module names (in `.net`) of the paper's LoRA targets, in network order.

@@ -29,6 +29,7 @@ class VideoDiTConfig:
     rope_max_seq_len: int = 1024
     zero_init_output: bool = True  # DiT-style: start from a zero output so early training is stable
     prediction: str = "x0"         # what the net outputs: "x0" (pixel-space models) or "velocity" (Wan); see Generator
+    position_channels: int = 0     # extra input channels carrying (t, y, x) coordinates; see Generator.forward
 
     PRESETS = {
         "smoke": {"num_layers": 2, "num_heads": 2, "head_dim": 32, "ffn_dim": 128},
@@ -41,6 +42,8 @@ class VideoDiTConfig:
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)  # JSON / YAML round trips give lists
+        if self.position_channels not in (0, 1, 2, 3):
+            raise ValueError(f"position_channels must be 0-3 (t, y, x planes); got {self.position_channels}")
 
     @property
     def width(self) -> int:
@@ -58,7 +61,7 @@ def make_video_dit(cfg: VideoDiTConfig):
         patch_size=cfg.patch_size,
         num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_channels,
+        in_channels=cfg.in_channels + cfg.position_channels,
         out_channels=cfg.out_channels,
         text_dim=cfg.text_dim,
         freq_dim=cfg.freq_dim,
