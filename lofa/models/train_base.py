@@ -49,11 +49,9 @@ class BaseTrainConfig:
     text_length: int = 32
     checkpoint_every: int = 200
     # {task: {field: value}}: fields that differ for one world's base (replaced, not merged; they win over the
-    # fields above). Mini actions: the Wan DiT's only position signal is RoPE, which is relative, and this small
-    # from-scratch model needed absolute (t, y, x) input planes (VideoDiTConfig.position_channels) and 6,000
-    # steps to draw which limb moves. Measured on an H100, mini world, coarse-caption samples recognised as the
-    # right body part: without the planes 0.17 / 0.18 / 0.60 at 2k / 4k / 8k steps, with them 0.22 / 0.97 / 0.97
-    # at 2k / 6k / 8k.
+    # fields above). Mini actions needs the position planes (see Generator._with_positions) and 6,000 steps: on an
+    # H100, coarse accuracy without the planes 0.17 / 0.18 / 0.60 at 2k / 4k / 8k steps, with them 0.22 / 0.97 /
+    # 0.97 at 2k / 6k / 8k.
     task_overrides: dict = field(default_factory=dict)
 
     PRESETS = {
@@ -62,7 +60,6 @@ class BaseTrainConfig:
         "full": {"model_scale": "full", "steps": 20000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 500,
                  "ema_decay": 0.999, "checkpoint_every": 1000},
     }
-
 
     def for_task(self, task: str) -> "BaseTrainConfig":
         """This config with `task_overrides[task]` applied; the result carries no task_overrides of its own."""

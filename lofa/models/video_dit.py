@@ -29,7 +29,7 @@ class VideoDiTConfig:
     rope_max_seq_len: int = 1024
     zero_init_output: bool = True  # DiT-style: start from a zero output so early training is stable
     prediction: str = "x0"         # what the net outputs: "x0" (pixel-space models) or "velocity" (Wan); see Generator
-    position_channels: int = 0     # extra input channels carrying (t, y, x) coordinates; see Generator.forward
+    position_channels: int = 0     # extra input channels carrying (t, y, x) coordinates; see Generator._with_positions
 
     PRESETS = {
         "smoke": {"num_layers": 2, "num_heads": 2, "head_dim": 32, "ffn_dim": 128},
