@@ -40,6 +40,21 @@ def preset(cls: type[T], scale: str = "mini", overrides: dict | str | Path | Non
     return cls(**fields)
 
 
+def for_task(cfg: T, task: str) -> T:
+    """`cfg` with `cfg.task_overrides[task]` applied; the result carries no task_overrides of its own.
+
+    A config with a `task_overrides: {task: {field: value}}` field gives one world a recipe of its own (e.g. more
+    LoRA steps for identities) while the preset stays one dataclass per scale. Unknown field names are refused.
+    """
+    fields = cfg.task_overrides.get(task, {})
+    allowed = {f.name for f in dataclasses.fields(cfg)} - {"task_overrides"}
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise LofaError(f"{type(cfg).__name__}.task_overrides[{task!r}] has unknown field(s) {unknown}; valid "
+                        f"fields: {sorted(allowed)}")
+    return dataclasses.replace(cfg, **fields, task_overrides={})
+
+
 def as_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 

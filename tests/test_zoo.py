@@ -152,3 +152,14 @@ def test_shards_side_by_side_give_the_zoo_one_call_gives(tmp_path):
         assert all(torch.equal(a[k].A, b[k].A) and torch.equal(a[k].B, b[k].B) for k in a)
     with pytest.raises(LofaError, match=r"shard \(2, 2\)"):
         _build(tmp_path / "bad", n_cases=n, shard=(2, 2))
+
+
+def test_zoo_trains_the_recipe_of_its_world(tmp_path):
+    """task_overrides give one world its own steps; the index stores the resolved recipe, and resuming accepts it."""
+    special = {"identities": {"steps": 3}, "styles": {"steps": 7}}  # StubWorld is an identities world
+    zoo = _build(tmp_path / "zoo", n_cases=2, task_overrides=special)
+    assert zoo.config.steps == 3 and zoo.config.task_overrides == {}
+    assert [e["steps"] for e in zoo] == [3, 3]
+    assert len(_build(tmp_path / "zoo", n_cases=2, task_overrides=special)) == 2  # same recipe: nothing refused
+    with pytest.raises(LofaError, match="unknown field"):
+        _build(tmp_path / "other", n_cases=2, task_overrides={"identities": {"stepz": 3}})

@@ -160,6 +160,7 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
     """
     if not case_ids:
         return []
+    cfg = cfg.for_task(world.task)
     text = _text_encoder(text, device)
     start = time.perf_counter()
     streams = [CaseStream(world, text, c, cfg, seed, device, _dtype(gen), replicate) for c in case_ids]

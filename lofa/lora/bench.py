@@ -46,7 +46,8 @@ def run(task: str = "actions", scale: str = "mini", device: str = "cpu", n_batch
     torch.manual_seed(seed)
     gen = (Generator.load(base, device) if base else
            Generator.build(KINDS[world.modality], scale, {"zero_init_output": False}).to(device))
-    cfg = preset(LoraTrainConfig, scale, {"steps": steps} if steps else None)
+    cfg = preset(LoraTrainConfig, scale).for_task(task)  # the world's recipe, then this benchmark's steps
+    cfg = dataclasses.replace(cfg, steps=steps or cfg.steps)
     n_batched = min(n_batched or cfg.group_size, len(world.cases))
     n_single = min(n_single or (4 if torch.device(device).type == "cpu" else 8), n_batched)
     cfg = dataclasses.replace(cfg, group_size=n_batched)
@@ -54,7 +55,7 @@ def run(task: str = "actions", scale: str = "mini", device: str = "cpu", n_batch
     text = TextEncoder(device)
     text.encode([world.prompt(c, 0) for c in cases])  # load the text model outside the timings
 
-    warm = preset(LoraTrainConfig, scale, {"steps": 2})
+    warm = dataclasses.replace(cfg, steps=2)
     train_lora(gen, world, cases[0], warm, seed, device, text=text)
     train_lora_batch(gen, world, cases[:2], warm, seed, device, text=text)
     _sync(device)

@@ -145,6 +145,7 @@ def build_zoo(world, gen, cfg: LoraTrainConfig, zoo_dir: str | os.PathLike, devi
     trains what is left, if anything, and writes the index; until then the zoo is incomplete and returns None.
     """
     zoo_dir = Path(zoo_dir)
+    cfg = cfg.for_task(world.task)
     gen.to(device)
     case_ids = [c.id for c in world.cases] if case_ids is None else list(case_ids)
     header = {"task": world.task, "seed": seed, "config": asdict(cfg),

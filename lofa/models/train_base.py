@@ -8,7 +8,6 @@ written atomically, so an interrupted run continues where it stopped and ends bi
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lofa.config import as_dict
+from lofa.config import as_dict, for_task
 from lofa.diffusion import condition_dropout, flow_matching_loss
 from lofa.errors import LofaError
 from lofa.io import read_json, save_torch, write_json
@@ -62,13 +61,8 @@ class BaseTrainConfig:
     }
 
     def for_task(self, task: str) -> "BaseTrainConfig":
-        """This config with `task_overrides[task]` applied; the result carries no task_overrides of its own."""
-        fields = self.task_overrides.get(task, {})
-        allowed = {f.name for f in dataclasses.fields(self)} - {"task_overrides"}
-        unknown = sorted(set(fields) - allowed)
-        if unknown:
-            raise LofaError(f"BaseTrainConfig.task_overrides[{task!r}] has unknown field(s) {unknown}")
-        return dataclasses.replace(self, **fields, task_overrides={})
+        """This config with `task_overrides[task]` applied (`lofa.config.for_task`)."""
+        return for_task(self, task)
 
 
 def _lr_factor(step: int, cfg: BaseTrainConfig) -> float:

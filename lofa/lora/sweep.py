@@ -1,0 +1,135 @@
+"""The LoRA recipe sweep: how often samples from a case's LoRA are recognised as that exact case, as a fraction of
+how often ground-truth renders of it are (issue 4's target: >= 0.5), for several recipes on every task.
+
+    python -m lofa.lora.sweep --run-dir runs/mini [--scale mini] [--device cuda] [--tasks actions ...]
+                              [--steps 100 200 400 800] [--knobs] [--cases 48] [--per-case 2] --out FILE.csv
+
+The protocol is notebook 03's section 3 on the run's own bases and evaluators (trained if missing): the zoo's
+selection of cases (every held-out case, then train cases up to `--cases`), `--per-case` samples each with the case's
+train phrasings and fixed noise seeds, scored by the ground-truth-trained referee; the ratio's interval is a
+bootstrap over cases. A point is the task's recipe at this scale (`LoraTrainConfig` preset, its task_overrides
+resolved) with the steps changed, or with `--knobs` one other knob moved: lr x 2.5, rank x 2, batch x 4.
+The CSV is rewritten atomically after every point and finished points are skipped on a rerun, so an interrupted
+sweep resumes. Several processes can split a sweep (different --tasks / --steps, different --out) on one GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from lofa.errors import LofaError
+from lofa.io import atomic_path
+
+# Seeds of the scored samples: notebook 03's, so a sweep point equal to the preset scores the zoo's own protocol.
+SAMPLE_SEED, GT_SEED, REF_SEED, DENOISE_SEED = 7_000_000, 8_000_000, 9_000_000, 10_000_000
+
+
+def points(cfg, steps: list[int], knobs: bool) -> dict[str, dict]:
+    """Sweep points {label: overrides of the task's recipe `cfg`}."""
+    out = {f"{s} steps": {"steps": s} for s in steps}
+    if knobs:
+        out.update({"lr x 2.5": {"lr": cfg.lr * 2.5}, "rank x 2": {"rank": cfg.rank * 2, "alpha": cfg.alpha * 2},
+                    "batch x 4": {"batch_size": cfg.batch_size * 4}})
+    return out
+
+
+def sweep_task(run, task: str, labels: dict[str, dict], n_cases: int, per_case: int, done: set, seed: int = 0,
+               progress: bool = True):
+    """Yield one result row per sweep point of `task` not in `done` ({(task, label)})."""
+    from lofa.evaluate import GenerateConfig, denoising_loss, eval_plan, generate, ratio_of_means, score_cases
+    from lofa.lora.batched import train_lora_batch
+    from lofa.lora.train import LoraTrainConfig
+    from lofa.lora.zoo import ZooConfig, select_cases
+    from lofa.models import TextEncoder
+
+    todo = {k: v for k, v in labels.items() if (task, k) not in done}
+    if not todo:
+        return
+    world, gen, ev = run.world(task), run.base(task, progress=progress), run.evaluators(task)
+    recipe = run.config(LoraTrainConfig).for_task(task)
+    text = TextEncoder(run.device)
+    zoo_cases = select_cases(world, run.config(ZooConfig).max_cases, seed)
+    cases = select_cases(world, n_cases, seed, among=zoo_cases)
+    off = 100_000 * seed
+    ids, prompts, seeds = eval_plan(world, cases, per_case, seed=SAMPLE_SEED + off)
+    gen_cfg = run.config(GenerateConfig)
+
+    def per_case_acc(samples):
+        s = score_cases(ev, world, ids, samples, prompts, reference_seed=REF_SEED + off)
+        return s.groupby("case_id").acc.mean().reindex(cases).to_numpy(), float(s.coarse_acc.mean())
+
+    gt_acc, _ = per_case_acc(world.render(ids, seed=GT_SEED + off))
+    base_acc, _ = per_case_acc(generate(gen, world, ids, None, prompts, seeds, cfg=gen_cfg, text=text,
+                                        progress=False))
+    base_denoise = float(np.mean(denoising_loss(gen, world, ids, None, prompts, DENOISE_SEED + off, text=text)))
+    for label, overrides in tqdm(todo.items(), desc=f"LoRA sweep ({task})", disable=not progress):
+        cfg = dataclasses.replace(recipe, **overrides, group_size=len(cases))
+        start = time.perf_counter()
+        trained = train_lora_batch(gen, world, cases, cfg, seed, run.device, text=text)
+        train_s = time.perf_counter() - start
+        loras = {info["case_id"]: w for w, info in trained}
+        routed = [loras[c] for c in ids]
+        acc, coarse = per_case_acc(generate(gen, world, ids, routed, prompts, seeds, cfg=gen_cfg, text=text,
+                                            progress=False))
+        ratio, lo, hi = ratio_of_means(acc, gt_acc, seed=seed)
+        denoise = float(np.mean(denoising_loss(gen, world, ids, routed, prompts, DENOISE_SEED + off, text=text)))
+        yield {"task": task, "point": label, "preset": dataclasses.replace(cfg, group_size=recipe.group_size) == recipe,
+               "steps": cfg.steps, "lr": cfg.lr, "rank": cfg.rank,
+               "batch_size": cfg.batch_size, "cases": len(cases), "samples per case": per_case,
+               "gt acc": gt_acc.mean(), "base acc": base_acc.mean(), "LoRA acc": acc.mean(), "ratio": ratio,
+               "ratio ci_low": lo, "ratio ci_high": hi, "LoRA coarse acc": coarse,
+               "denoise reduction": 1 - denoise / base_denoise,
+               "final loss": float(np.mean([info["final_loss"] for _, info in trained])),
+               "cost (LoRA-steps x batch, x preset)": cfg.steps * cfg.batch_size / (recipe.steps * recipe.batch_size),
+               "train s": train_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lofa.config import resolve_device
+    from lofa.lora.train import LoraTrainConfig
+    from lofa.pipeline import TASKS, Run
+
+    p = argparse.ArgumentParser(prog="python -m lofa.lora.sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", required=True, help="a pipeline run folder (runs/<scale>): its bases and evaluators")
+    p.add_argument("--scale", default="mini")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--steps", nargs="*", type=int, default=[100, 200, 400, 800], help="step counts (may be none)")
+    p.add_argument("--knobs", action="store_true", help="also lr x 2.5, rank x 2, batch x 4 at the preset's steps")
+    p.add_argument("--cases", type=int, default=48, help="every held-out case of the zoo's selection, then train "
+                   "cases up to this many (notebook 03's QUALITY_CASES)")
+    p.add_argument("--per-case", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="FILE.csv")
+    args = p.parse_args(argv)
+    try:
+        if min(args.steps, default=1) < 1 or args.cases < 1 or args.per_case < 1:
+            raise LofaError("--steps, --cases and --per-case must be positive")
+        run = Run(args.scale, resolve_device(args.device), args.seed, args.run_dir)
+        out = Path(args.out)
+        table = pd.read_csv(out) if out.exists() else pd.DataFrame()
+        done = set(zip(table.task, table.point)) if len(table) else set()
+        for task in args.tasks:
+            labels = points(run.config(LoraTrainConfig).for_task(task), args.steps, args.knobs)
+            for row in sweep_task(run, task, labels, args.cases, args.per_case, done, args.seed):
+                table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+                with atomic_path(out) as tmp:
+                    table.to_csv(tmp, index=False, float_format="%.4g")
+                print(f"{task:10s} {row['point']:10s} ratio {row['ratio']:.2f} [{row['ratio ci_low']:.2f}, "
+                      f"{row['ratio ci_high']:.2f}]  LoRA {row['LoRA acc']:.2f}  ground truth {row['gt acc']:.2f}  "
+                      f"base {row['base acc']:.2f}  train {row['train s']:.0f} s", flush=True)
+    except LofaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+import pandas as pd
+
+from lofa.lora.sweep import main, points
+from lofa.lora.train import LoraTrainConfig
+
+
+def test_points_move_one_knob_of_the_tasks_recipe():
+    cfg = LoraTrainConfig(steps=100, lr=2e-3, rank=4, alpha=4.0, batch_size=2)
+    p = points(cfg, [50, 200], knobs=True)
+    assert p == {"50 steps": {"steps": 50}, "200 steps": {"steps": 200}, "lr x 2.5": {"lr": 5e-3},
+                 "rank x 2": {"rank": 8, "alpha": 8.0}, "batch x 4": {"batch_size": 8}}
+    assert list(points(cfg, [], knobs=False)) == []
+
+
+def test_finished_points_are_skipped_without_touching_models(tmp_path, capsys):
+    """A rerun resumes: points already in the CSV are not retrained (the run folder has no base to load)."""
+    out = tmp_path / "sweep.csv"
+    pd.DataFrame([{"task": "identities", "point": "7 steps", "ratio": 0.5}]).to_csv(out, index=False)
+    before = out.read_text()
+    assert main(["--run-dir", str(tmp_path / "run"), "--scale", "smoke", "--device", "cpu", "--tasks", "identities",
+                 "--steps", "7", "--out", str(out)]) == 0
+    assert out.read_text() == before and not (tmp_path / "run" / "base").exists()
+
+
+def test_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["--run-dir", str(tmp_path), "--steps", "0", "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and not (tmp_path / "s.csv").exists()
