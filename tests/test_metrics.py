@@ -177,6 +177,10 @@ def test_right_case_beats_wrong_case_on_every_evaluator(trained):
     assert expected <= set(table.metric), table
     per_sample = table[~table.metric.str.startswith("acc:")]
     assert (per_sample.margin > 0).all(), per_sample
+    paired = table[~table.metric.isin(["fvd", "fid", "face_div"])]
+    assert paired.right_wins.between(0, 1).all() and table.right_wins.isna().sum() == len(table) - len(paired)
+    if world.modality == "video":  # a small absolute margin, but render by render: shuffling breaks nearly every clip
+        assert table.set_index("metric").loc["smoothness"].right_wins > 0.8
 
 
 def test_referee_recognises_fresh_renders(trained):
