@@ -14,6 +14,13 @@ def test_pipeline_runs_at_smoke_scale():
     for spec in specs:
         for out in spec.outputs:
             assert (run_dir / out).exists(), f"{spec.name} did not produce {out}"
+    # every figure and table a notebook writes is declared, so the manifest lists it (a table's .md twin goes with
+    # its .csv)
+    figures = run_dir / "figures"
+    declared = {o[len("figures/"):] for spec in specs for o in spec.outputs if o.startswith("figures/")}
+    written = {p.name for p in figures.iterdir() if p.name != "manifest.json"}
+    twins = {n for n in written if n.endswith(".md") and n[:-3] + ".csv" in declared}
+    assert written - twins <= declared, f"written but not declared: {sorted(written - twins - declared)}"
 
 
 def test_notebooks_are_valid_nbformat_with_a_parameters_cell():
