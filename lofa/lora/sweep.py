@@ -40,20 +40,20 @@ def points(cfg, steps: list[int], knobs: bool) -> dict[str, dict]:
     return out
 
 
-def sweep_task(run, task: str, labels: dict[str, dict], n_cases: int, per_case: int, done: set, seed: int = 0,
+def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_case: int, done: set, seed: int = 0,
                progress: bool = True):
-    """Yield one result row per sweep point of `task` not in `done` ({(task, label)})."""
+    """Yield one result row per sweep point of `task` (`points`) not in `done` ({(task, label)})."""
     from lofa.evaluate import GenerateConfig, denoising_loss, eval_plan, generate, ratio_of_means, score_cases
     from lofa.lora.batched import train_lora_batch
     from lofa.lora.train import LoraTrainConfig
     from lofa.lora.zoo import ZooConfig, select_cases
     from lofa.models import TextEncoder
 
-    todo = {k: v for k, v in labels.items() if (task, k) not in done}
+    recipe = run.config(LoraTrainConfig).for_task(task)
+    todo = {k: v for k, v in points(recipe, steps, knobs).items() if (task, k) not in done}
     if not todo:
         return
     world, gen, ev = run.world(task), run.base(task, progress=progress), run.evaluators(task)
-    recipe = run.config(LoraTrainConfig).for_task(task)
     text = TextEncoder(run.device)
     zoo_cases = select_cases(world, run.config(ZooConfig).max_cases, seed)
     cases = select_cases(world, n_cases, seed, among=zoo_cases)
@@ -93,7 +93,6 @@ def sweep_task(run, task: str, labels: dict[str, dict], n_cases: int, per_case: 
 
 def main(argv: list[str] | None = None) -> int:
     from lofa.config import resolve_device
-    from lofa.lora.train import LoraTrainConfig
     from lofa.pipeline import TASKS, Run
 
     p = argparse.ArgumentParser(prog="python -m lofa.lora.sweep", description=__doc__.split("\n\n")[0])
@@ -117,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         table = pd.read_csv(out) if out.exists() else pd.DataFrame()
         done = set(zip(table.task, table.point)) if len(table) else set()
         for task in args.tasks:
-            labels = points(run.config(LoraTrainConfig).for_task(task), args.steps, args.knobs)
-            for row in sweep_task(run, task, labels, args.cases, args.per_case, done, args.seed):
+            for row in sweep_task(run, task, args.steps, args.knobs, args.cases, args.per_case, done, args.seed):
                 table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
                 with atomic_path(out) as tmp:
                     table.to_csv(tmp, index=False, float_format="%.4g")

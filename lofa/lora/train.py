@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lofa.diffusion import flow_matching_loss, sample_t
 from lofa.config import for_task
+from lofa.diffusion import flow_matching_loss, sample_t
 from lofa.errors import LofaError
 from lofa.lora.formats import LoraFactor, LoraWeights, check_compatible
 

@@ -680,10 +680,9 @@ def evaluator_sanity_table(world, evaluators: Evaluators, seed: int, n: int = 12
 
     def summary(metric, kind, right_score, wrong_score):
         r, w = np.asarray(right_score, dtype=float), np.asarray(wrong_score, dtype=float)
+        margin = w.mean() - r.mean() if metric in ("fvd", "fid") else r.mean() - w.mean()  # > 0: right is better
         wins = float(np.mean(r > w)) if r.ndim == 1 else float("nan")  # per-render scores only
-        return metric, kind, r.mean(), w.mean(), wins
+        return metric, kind, r.mean(), w.mean(), margin, wins
 
-    df = pd.DataFrame([summary(*row) for row in rows], columns=["metric", "wrong", "right", "wrong_score", "right_wins"])
-    lower_better = df.metric.isin(["fvd", "fid"])
-    df["margin"] = np.where(lower_better, df.wrong_score - df.right, df.right - df.wrong_score)
-    return df[["metric", "wrong", "right", "wrong_score", "margin", "right_wins"]]
+    return pd.DataFrame([summary(*row) for row in rows],
+                        columns=["metric", "wrong", "right", "wrong_score", "margin", "right_wins"])
