@@ -1,6 +1,9 @@
 import pandas as pd
 
-from lofa.lora.sweep import main, points
+import pytest
+
+from lofa.errors import LofaError
+from lofa.lora.sweep import main, parse_set, points
 from lofa.lora.train import LoraTrainConfig
 
 
@@ -10,6 +13,25 @@ def test_points_move_one_knob_of_the_tasks_recipe():
     assert p == {"50 steps": {"steps": 50}, "200 steps": {"steps": 200}, "lr x 2.5": {"lr": 5e-3},
                  "rank x 2": {"rank": 8, "alpha": 8.0}, "batch x 4": {"batch_size": 8}}
     assert list(points(cfg, [], knobs=False)) == []
+
+
+def test_fixed_fields_go_under_every_point_and_into_its_label():
+    cfg = LoraTrainConfig(steps=100, batch_size=2, include_ffn=False)
+    p = points(cfg, [400], knobs=True, fixed={"include_ffn": True, "batch_size": 8})
+    assert p["400 steps | include_ffn=True, batch_size=8"] == {"include_ffn": True, "batch_size": 8, "steps": 400}
+    # knobs move from the fixed recipe: batch x 4 of 8, not of the preset's 2
+    assert p["batch x 4 | include_ffn=True, batch_size=8"]["batch_size"] == 32
+
+
+def test_set_items_are_parsed_as_yaml_scalars_and_checked():
+    assert parse_set(["include_ffn=true", "batch_size=8", "lr=1e-3"], LoraTrainConfig) == \
+        {"include_ffn": True, "batch_size": 8, "lr": 1e-3}
+    with pytest.raises(LofaError, match="no field 'ffn'"):
+        parse_set(["ffn=true"], LoraTrainConfig)
+    with pytest.raises(LofaError, match="not of type int"):
+        parse_set(["rank=four"], LoraTrainConfig)
+    with pytest.raises(LofaError, match="FIELD=VALUE"):
+        parse_set(["include_ffn"], LoraTrainConfig)
 
 
 def test_finished_points_are_skipped_without_touching_models(tmp_path, capsys):
@@ -23,6 +45,7 @@ def test_finished_points_are_skipped_without_touching_models(tmp_path, capsys):
 
 
 def test_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys):
-    assert main(["--run-dir", str(tmp_path), "--steps", "0", "--out", str(tmp_path / "s.csv")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and err.count("\n") == 1 and not (tmp_path / "s.csv").exists()
+    for bad in (["--steps", "0"], ["--set", "rnak=8"]):
+        assert main(["--run-dir", str(tmp_path), *bad, "--out", str(tmp_path / "s.csv")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and err.count("\n") == 1 and not (tmp_path / "s.csv").exists()

@@ -2,13 +2,15 @@
 how often ground-truth renders of it are (issue 4's target: >= 0.5), for several recipes on every task.
 
     python -m lofa.lora.sweep --run-dir runs/mini [--scale mini] [--device cuda] [--tasks actions ...]
-                              [--steps 100 200 400 800] [--knobs] [--cases 48] [--per-case 2] --out FILE.csv
+                              [--steps 100 200 400 800] [--knobs] [--set FIELD=VALUE ...] [--cases 48]
+                              [--per-case 2] --out FILE.csv
 
 The protocol is notebook 03's section 3 on the run's own bases and evaluators (trained if missing): the zoo's
 selection of cases (every held-out case, then train cases up to `--cases`), `--per-case` samples each with the case's
 train phrasings and fixed noise seeds, scored by the ground-truth-trained referee; the ratio's interval is a
 bootstrap over cases. A point is the task's recipe at this scale (`LoraTrainConfig` preset, its task_overrides
 resolved) with the steps changed, or with `--knobs` one other knob moved: lr x 2.5, rank x 2, batch x 4.
+`--set` changes the recipe under every point (e.g. `--set include_ffn=true batch_size=8`); the labels say so.
 The CSV is rewritten atomically after every point and finished points are skipped on a rerun, so an interrupted
 sweep resumes. Several processes can split a sweep (different --tasks / --steps, different --out) on one GPU.
 """
@@ -31,18 +33,49 @@ from lofa.io import atomic_path
 SAMPLE_SEED, GT_SEED, REF_SEED, DENOISE_SEED = 7_000_000, 8_000_000, 9_000_000, 10_000_000
 
 
-def points(cfg, steps: list[int], knobs: bool) -> dict[str, dict]:
-    """Sweep points {label: overrides of the task's recipe `cfg`}."""
+def points(cfg, steps: list[int], knobs: bool, fixed: dict | None = None) -> dict[str, dict]:
+    """Sweep points {label: overrides of the task's recipe `cfg`}; `fixed` ({field: value}) goes under every point
+    (knobs move from the recipe with `fixed` applied) and is named in every label."""
+    fixed = fixed or {}
+    cfg = dataclasses.replace(cfg, **fixed)
     out = {f"{s} steps": {"steps": s} for s in steps}
     if knobs:
         out.update({"lr x 2.5": {"lr": cfg.lr * 2.5}, "rank x 2": {"rank": cfg.rank * 2, "alpha": cfg.alpha * 2},
                     "batch x 4": {"batch_size": cfg.batch_size * 4}})
+    suffix = ", ".join(f"{k}={v}" for k, v in fixed.items())
+    return {(f"{k} | {suffix}" if suffix else k): {**fixed, **v} for k, v in out.items()}
+
+
+def parse_set(items: list[str], cfg_cls) -> dict:
+    """["include_ffn=true", "batch_size=8", "lr=1e-3"] -> {"include_ffn": True, "batch_size": 8, "lr": 0.001}: each
+    value converted to the type of the field's default; an unknown field or a value of the wrong kind is a
+    LofaError."""
+    import yaml
+
+    defaults = cfg_cls()
+    fields = {f.name for f in dataclasses.fields(cfg_cls)} - {"task_overrides", "group_size"}
+    out = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        if not eq or not text:
+            raise LofaError(f"--set takes FIELD=VALUE, not {item!r}")
+        if name not in fields:
+            raise LofaError(f"--set: {cfg_cls.__name__} has no field {name!r}; fields: {', '.join(sorted(fields))}")
+        kind = type(getattr(defaults, name))
+        value = yaml.safe_load(text) if kind is bool else text
+        try:
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError
+            out[name] = kind(value)
+        except ValueError:
+            raise LofaError(f"--set {name}: {text!r} is not of type {kind.__name__}") from None
     return out
 
 
 def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_case: int, done: set, seed: int = 0,
-               progress: bool = True):
-    """Yield one result row per sweep point of `task` (`points`) not in `done` ({(task, label)})."""
+               progress: bool = True, fixed: dict | None = None):
+    """Yield one result row per sweep point of `task` (`points`, with `fixed` under each) not in `done`
+    ({(task, label)})."""
     from lofa.evaluate import GenerateConfig, denoising_loss, eval_plan, generate, ratio_of_means, score_cases
     from lofa.lora.batched import train_lora_batch
     from lofa.lora.train import LoraTrainConfig
@@ -50,7 +83,7 @@ def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_
     from lofa.models import TextEncoder
 
     recipe = run.config(LoraTrainConfig).for_task(task)
-    todo = {k: v for k, v in points(recipe, steps, knobs).items() if (task, k) not in done}
+    todo = {k: v for k, v in points(recipe, steps, knobs, fixed).items() if (task, k) not in done}
     if not todo:
         return
     world, gen, ev = run.world(task), run.base(task, progress=progress), run.evaluators(task)
@@ -81,8 +114,8 @@ def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_
         ratio, lo, hi = ratio_of_means(acc, gt_acc, seed=seed)
         denoise = float(np.mean(denoising_loss(gen, world, ids, routed, prompts, DENOISE_SEED + off, text=text)))
         yield {"task": task, "point": label, "preset": dataclasses.replace(cfg, group_size=recipe.group_size) == recipe,
-               "steps": cfg.steps, "lr": cfg.lr, "rank": cfg.rank,
-               "batch_size": cfg.batch_size, "cases": len(cases), "samples per case": per_case,
+               "steps": cfg.steps, "lr": cfg.lr, "rank": cfg.rank, "batch_size": cfg.batch_size,
+               "include_ffn": cfg.include_ffn, "cases": len(cases), "samples per case": per_case,
                "gt acc": gt_acc.mean(), "base acc": base_acc.mean(), "LoRA acc": acc.mean(), "ratio": ratio,
                "ratio ci_low": lo, "ratio ci_high": hi, "LoRA coarse acc": coarse,
                "denoise reduction": 1 - denoise / base_denoise,
@@ -102,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--steps", nargs="*", type=int, default=[100, 200, 400, 800], help="step counts (may be none)")
     p.add_argument("--knobs", action="store_true", help="also lr x 2.5, rank x 2, batch x 4 at the preset's steps")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="LoraTrainConfig fields changed under every point, e.g. include_ffn=true batch_size=8")
     p.add_argument("--cases", type=int, default=48, help="every held-out case of the zoo's selection, then train "
                    "cases up to this many (notebook 03's QUALITY_CASES)")
     p.add_argument("--per-case", type=int, default=2)
@@ -111,16 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if min(args.steps, default=1) < 1 or args.cases < 1 or args.per_case < 1:
             raise LofaError("--steps, --cases and --per-case must be positive")
+        from lofa.lora.train import LoraTrainConfig
+
+        fixed = parse_set(args.set, LoraTrainConfig)
         run = Run(args.scale, resolve_device(args.device), args.seed, args.run_dir)
         out = Path(args.out)
         table = pd.read_csv(out) if out.exists() else pd.DataFrame()
         done = set(zip(table.task, table.point)) if len(table) else set()
         for task in args.tasks:
-            for row in sweep_task(run, task, args.steps, args.knobs, args.cases, args.per_case, done, args.seed):
+            for row in sweep_task(run, task, args.steps, args.knobs, args.cases, args.per_case, done, args.seed,
+                                   fixed=fixed):
                 table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
                 with atomic_path(out) as tmp:
                     table.to_csv(tmp, index=False, float_format="%.4g")
-                print(f"{task:10s} {row['point']:10s} ratio {row['ratio']:.2f} [{row['ratio ci_low']:.2f}, "
+                print(f"{task:10s} {row['point']:24s} ratio {row['ratio']:.2f} [{row['ratio ci_low']:.2f}, "
                       f"{row['ratio ci_high']:.2f}]  LoRA {row['LoRA acc']:.2f}  ground truth {row['gt acc']:.2f}  "
                       f"base {row['base acc']:.2f}  train {row['train s']:.0f} s", flush=True)
     except LofaError as e:
