@@ -244,19 +244,36 @@ def ratio_of_means(numerator: np.ndarray, denominator: np.ndarray, n_boot: int =
     return float(num.mean() / den.mean()), float(lo), float(hi)
 
 
+def same_coarse_others(world, ids: Sequence[int], rng: np.random.Generator) -> list[int]:
+    """For each training case id, a random *other* training case of its coarse category (itself only when its
+    category has no other training case)."""
+    by_coarse: dict[int, list[int]] = {}
+    for c in world.ids("train"):
+        by_coarse.setdefault(world.cases[c].coarse, []).append(int(c))
+    out = []
+    for i in ids:
+        pool = by_coarse[world.cases[i].coarse]
+        others = [j for j in pool if j != i] or pool
+        out.append(int(rng.choice(others)))
+    return out
+
+
 def base_competence(gen, world, evaluators, *, n: int, seed: int, cfg: GenerateConfig | None = None, text=None,
                     progress: bool = True) -> dict:
     """Is the base a competent generator of its world at the coarse level, and *not* at the fine level?
 
     Three checks (the mini-worlds acceptance): (1) samples for coarse captions of `n` random training cases are
     recognised as the right coarse category; (2) their Fréchet distance to ground-truth renders of the same
-    cases, beside the distance between two render sets (the floor); (3) samples for the held-out cases'
-    reserved fine prompts are recognised as their exact case, beside ground-truth renders of those cases.
+    cases, beside two floors: renders of the same cases at other seeds, and renders of *other* training cases
+    of the same coarse categories — all a coarse caption tells the base, so the distance a perfect
+    coarse-level generator would reach; (3) samples for the held-out cases' reserved fine prompts are
+    recognised as their exact case, beside ground-truth renders of those cases.
     Seeds seed, seed + 1, ... must lie outside the evaluators' training seeds. Returns a dict of scalars.
     """
     rng = np.random.default_rng(seed)
     train = world.ids("train")
     ids = [int(i) for i in rng.choice(train, size=n, replace=len(train) < n)]
+    others = same_coarse_others(world, ids, rng)
     real, captions = world.sample(ids, seed, level="coarse")
     seeds = [seed + 1 + i for i in range(n)]
     coarse = generate(gen, world, ids, None, captions, seeds, cfg=cfg, text=text, progress=progress)
@@ -270,6 +287,7 @@ def base_competence(gen, world, evaluators, *, n: int, seed: int, cfg: GenerateC
         "coarse_acc_renders": float(evaluators.score(real, ids)["coarse_acc"].mean()),
         "fd_base_vs_renders": evaluators.frechet(coarse, real),
         "fd_renders_vs_renders": evaluators.frechet(world.render(ids, seed + 3), real),
+        "fd_other_cases_vs_renders": evaluators.frechet(world.render(others, seed + 4), real),
         "exact_acc_base_heldout": float(evaluators.score(fine, heldout)["acc"].mean()),
         "exact_acc_renders_heldout": float(evaluators.score(gt_fine, heldout)["acc"].mean()),
         "coarse_acc_base_heldout_fine": float(evaluators.score(fine, heldout)["coarse_acc"].mean()),

@@ -214,6 +214,23 @@ def test_base_competence_separates_coarse_from_fine():
         ev.generate = original_generate
     assert out["coarse_acc_base"] == 1.0 and out["coarse_acc_renders"] == 1.0
     assert out["exact_acc_base_heldout"] == 0.0 and out["exact_acc_renders_heldout"] == 1.0
+    # the 'generator' draws other cases of the right category, exactly what the fairer floor renders
+    assert out["fd_base_vs_renders"] > 0 and out["fd_other_cases_vs_renders"] > 0
+
+
+def test_same_coarse_others_are_other_training_cases_of_the_category():
+    from lofa.evaluate import same_coarse_others
+    from lofa.worlds import make_world
+
+    world = make_world("actions", "smoke")
+    train = world.ids("train")
+    ids = [int(i) for i in train] * 3
+    others = same_coarse_others(world, ids, np.random.default_rng(0))
+    for i, j in zip(ids, others):
+        assert j in train and world.cases[j].coarse == world.cases[i].coarse
+        alone = sum(world.cases[k].coarse == world.cases[i].coarse for k in train) == 1
+        assert (j == i) == alone
+    assert len(set(others)) > 1
 
 
 def test_paired_difference_calls_a_verdict_only_when_the_interval_excludes_zero():
