@@ -29,8 +29,6 @@ from tqdm.auto import tqdm
 from lofa.errors import LofaError
 from lofa.io import atomic_path
 
-# Seeds of the scored samples: notebook 03's, so a sweep point equal to the preset scores the zoo's own protocol.
-SAMPLE_SEED, GT_SEED, REF_SEED, DENOISE_SEED = 7_000_000, 8_000_000, 9_000_000, 10_000_000
 
 
 def points(cfg, steps: list[int], knobs: bool, fixed: dict | None = None) -> dict[str, dict]:
@@ -79,7 +77,7 @@ def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_
     from lofa.evaluate import GenerateConfig, denoising_loss, eval_plan, generate, ratio_of_means, score_cases
     from lofa.lora.batched import train_lora_batch
     from lofa.lora.train import LoraTrainConfig
-    from lofa.lora.zoo import ZooConfig, select_cases
+    from lofa.lora.zoo import ZooConfig, quality_seeds, select_cases
     from lofa.models import TextEncoder
 
     recipe = run.config(LoraTrainConfig).for_task(task)
@@ -90,18 +88,19 @@ def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_
     text = TextEncoder(run.device)
     zoo_cases = select_cases(world, run.config(ZooConfig).max_cases, seed)
     cases = select_cases(world, n_cases, seed, among=zoo_cases)
-    off = 100_000 * seed
-    ids, prompts, seeds = eval_plan(world, cases, per_case, seed=SAMPLE_SEED + off)
+    # notebook 03's seeds, so a sweep point equal to the preset scores the zoo's own protocol
+    sample_seed, gt_seed, ref_seed, denoise_seed = quality_seeds(seed)
+    ids, prompts, seeds = eval_plan(world, cases, per_case, seed=sample_seed)
     gen_cfg = run.config(GenerateConfig)
 
     def per_case_acc(samples):
-        s = score_cases(ev, world, ids, samples, prompts, reference_seed=REF_SEED + off)
+        s = score_cases(ev, world, ids, samples, prompts, reference_seed=ref_seed)
         return s.groupby("case_id").acc.mean().reindex(cases).to_numpy(), float(s.coarse_acc.mean())
 
-    gt_acc, _ = per_case_acc(world.render(ids, seed=GT_SEED + off))
+    gt_acc, _ = per_case_acc(world.render(ids, seed=gt_seed))
     base_acc, _ = per_case_acc(generate(gen, world, ids, None, prompts, seeds, cfg=gen_cfg, text=text,
                                         progress=False))
-    base_denoise = float(np.mean(denoising_loss(gen, world, ids, None, prompts, DENOISE_SEED + off, text=text)))
+    base_denoise = float(np.mean(denoising_loss(gen, world, ids, None, prompts, denoise_seed, text=text)))
     for label, overrides in tqdm(todo.items(), desc=f"LoRA sweep ({task})", disable=not progress):
         cfg = dataclasses.replace(recipe, **overrides, group_size=len(cases))
         start = time.perf_counter()
@@ -112,7 +111,7 @@ def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_
         acc, coarse = per_case_acc(generate(gen, world, ids, routed, prompts, seeds, cfg=gen_cfg, text=text,
                                             progress=False))
         ratio, lo, hi = ratio_of_means(acc, gt_acc, seed=seed)
-        denoise = float(np.mean(denoising_loss(gen, world, ids, routed, prompts, DENOISE_SEED + off, text=text)))
+        denoise = float(np.mean(denoising_loss(gen, world, ids, routed, prompts, denoise_seed, text=text)))
         yield {"task": task, "point": label, "preset": dataclasses.replace(cfg, group_size=recipe.group_size) == recipe,
                "steps": cfg.steps, "lr": cfg.lr, "rank": cfg.rank, "batch_size": cfg.batch_size,
                "include_ffn": cfg.include_ffn, "cases": len(cases), "samples per case": per_case,

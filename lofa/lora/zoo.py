@@ -50,6 +50,13 @@ class ZooConfig:
     PRESETS = {"smoke": {}, "mini": {"max_cases": 120}, "full": {}}
 
 
+def quality_seeds(seed: int = 0) -> tuple[int, int, int, int]:
+    """Seeds of a zoo's quality check (notebook 03, `python -m lofa.lora.sweep`): LoRA / base samples, ground-truth
+    renders, reference images, denoising noise; a run seed moves all four by 100,000 · seed. Far from the base's
+    (500,000 +) and the evaluators' (900,000,000 +) seed ranges."""
+    return tuple(s + 100_000 * seed for s in (7_000_000, 8_000_000, 9_000_000, 10_000_000))
+
+
 def select_cases(world, max_cases: int | None = None, seed: int = 0, among: list[int] | None = None) -> list[int]:
     """Case ids (sorted) that get a LoRA: every held-out case, then train cases up to `max_cases` in total.
 
