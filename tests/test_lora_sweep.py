@@ -1,5 +1,4 @@
 import pandas as pd
-
 import pytest
 
 from lofa.errors import LofaError
@@ -23,7 +22,7 @@ def test_fixed_fields_go_under_every_point_and_into_its_label():
     assert p["batch x 4 | include_ffn=True, batch_size=8"]["batch_size"] == 32
 
 
-def test_set_items_are_parsed_as_yaml_scalars_and_checked():
+def test_set_items_are_typed_from_the_fields_defaults_and_checked():
     assert parse_set(["include_ffn=true", "batch_size=8", "lr=1e-3"], LoraTrainConfig) == \
         {"include_ffn": True, "batch_size": 8, "lr": 1e-3}
     with pytest.raises(LofaError, match="no field 'ffn'"):

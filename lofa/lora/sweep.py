@@ -30,7 +30,6 @@ from lofa.errors import LofaError
 from lofa.io import atomic_path
 
 
-
 def points(cfg, steps: list[int], knobs: bool, fixed: dict | None = None) -> dict[str, dict]:
     """Sweep points {label: overrides of the task's recipe `cfg`}; `fixed` ({field: value}) goes under every point
     (knobs move from the recipe with `fixed` applied) and is named in every label."""
@@ -60,13 +59,13 @@ def parse_set(items: list[str], cfg_cls) -> dict:
         if name not in fields:
             raise LofaError(f"--set: {cfg_cls.__name__} has no field {name!r}; fields: {', '.join(sorted(fields))}")
         kind = type(getattr(defaults, name))
-        value = yaml.safe_load(text) if kind is bool else text
         try:
-            if kind is bool and not isinstance(value, bool):
-                raise ValueError
-            out[name] = kind(value)
+            value = yaml.safe_load(text) if kind is bool else kind(text)  # bool("false") would be True
         except ValueError:
-            raise LofaError(f"--set {name}: {text!r} is not of type {kind.__name__}") from None
+            value = None
+        if not isinstance(value, kind):
+            raise LofaError(f"--set {name}: {text!r} is not of type {kind.__name__}")
+        out[name] = value
     return out
 
 
