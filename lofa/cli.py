@@ -33,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--publish", action="store_true", help="copy the figures and manifest to figures/<scale>/")
     r.set_defaults(func=_call("lofa.reproduce:cli_reproduce"))
 
+    pt = sub.add_parser("pretrain", help="train the base generator and evaluators of a task and write the shipped "
+                        "folder data/pretrained/<scale>/<task>/ (weights, config, manifest with sha256)")
+    pt.add_argument("--scale", default="mini", choices=SCALES)
+    pt.add_argument("--task", required=True, help="actions, styles, identities, or all")
+    pt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--run-root", default="runs", help="training artifacts in RUN_ROOT/<scale>/ (default: runs)")
+    pt.add_argument("--overrides", metavar="YAML", help="recipe overrides, e.g. {BaseTrainConfig: {steps: 4000}}")
+    pt.add_argument("--retrain", action="store_true", help="train from scratch even if the run folder has models")
+    pt.add_argument("--out", metavar="DIR", help="write DIR/<task>/ instead of data/pretrained/<scale>/<task>/")
+    pt.set_defaults(func=_call("lofa.models.pretrained:cli_pretrain"))
+
     m = sub.add_parser("response-map", help="response map |ΔW/W| > τ of a LoRA file against its base model")
     m.add_argument("--base", required=True, help="diffusers model folder or one .safetensors file")
     m.add_argument("--lora", required=True, help="LoRA .safetensors (diffusers/peft, Wan/DiffSynth or kohya)")

@@ -258,6 +258,12 @@ def same_coarse_others(world, ids: Sequence[int], rng: np.random.Generator) -> l
     return out
 
 
+def competence_seed(seed: int) -> int:
+    """First noise / render seed of the base-competence check of a run with seed `seed` (notebook 02 and
+    `lofa pretrain`); the check uses seed .. seed + n + held-out cases + 4, outside every training stream."""
+    return 500_000 + seed
+
+
 def base_competence(gen, world, evaluators, *, n: int, seed: int, cfg: GenerateConfig | None = None, text=None,
                     progress: bool = True) -> dict:
     """Is the base a competent generator of its world at the coarse level, and *not* at the fine level?

@@ -36,8 +36,9 @@ class Run:
     """The artifacts of one pipeline run at one scale. Cheap to build; every artifact is loaded lazily."""
 
     def __init__(self, scale: str = "mini", device: str = "cpu", seed: int = 0, run_dir: str | Path | None = None,
-                 overrides: str | Path | dict | None = None):
+                 overrides: str | Path | dict | None = None, pretrained: bool = True):
         self.scale, self.device, self.seed = scale, torch.device(device), seed
+        self.pretrained = pretrained  # install shipped bases and evaluators whose recipe matches (lofa.models.pretrained)
         self.dir = Path(run_dir) if run_dir else Path("runs") / scale
         if isinstance(overrides, (str, Path)):
             import yaml
@@ -82,7 +83,7 @@ class Run:
             for step, key in tqdm(jobs, desc="build"):
                 _BUILD_STEPS[step](self, key)
             return
-        args = (self.scale, str(self.device), self.seed, str(self.dir), self.overrides)
+        args = (self.scale, str(self.device), self.seed, str(self.dir), self.overrides, self.pretrained)
         context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and state
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = {pool.submit(_build_job, args, step, key): (step, key) for step, key in jobs}
@@ -104,19 +105,28 @@ class Run:
 
     @functools.cache
     def base(self, task: str, progress: bool = True):
-        """The base generator of `task`, trained from scratch on coarse captions (issue: mini worlds)."""
-        from lofa.models.train_base import BaseTrainConfig, train_base
+        """The base generator of `task`, trained on coarse captions: the shipped one (data/pretrained/) when
+        its recipe and seed match this run's, else trained here (or resumed, or loaded from the run folder)."""
+        from lofa.models import pretrained
+        from lofa.models.train_base import BaseTrainConfig, is_complete, record, train_base
 
-        return train_base(self.world(task), self.config(BaseTrainConfig), self.path("base", task), self.device,
-                          seed=self.seed, progress=progress)
+        cfg, out = self.config(BaseTrainConfig).for_task(task), self.path("base", task)
+        if self.pretrained and not is_complete(out, cfg, self.seed):
+            pretrained.install_base(self.scale, task, out, record(cfg), self.seed)
+        return train_base(self.world(task), cfg, out, self.device, seed=self.seed, progress=progress)
 
     @functools.cache
     def evaluators(self, task: str):
-        """Evaluators trained on ground-truth renders only, with their own seed stream (seed + 10_000)."""
-        from lofa.metrics.evaluators import EvalConfig, train_evaluators
+        """Evaluators trained on ground-truth renders only, with their own seed stream (seed + 10_000): the
+        shipped ones when world, config and seed match, else trained here."""
+        from lofa.metrics.evaluators import EvalConfig, fingerprint, is_complete, train_evaluators
+        from lofa.models import pretrained
 
-        return train_evaluators(self.world(task), self.config(EvalConfig), self.path("evaluators", task),
-                                self.device, seed=self.seed + 10_000)
+        world, cfg, out, seed = self.world(task), self.config(EvalConfig), self.path("evaluators", task), \
+            self.seed + 10_000
+        if self.pretrained and not is_complete(out, world, cfg, seed):
+            pretrained.install_evaluators(self.scale, task, out, fingerprint(world, cfg, seed))
+        return train_evaluators(world, cfg, out, self.device, seed=seed)
 
     @functools.cache
     def condition_encoder(self, task: str, progress: bool = True):
@@ -297,8 +307,8 @@ _BUILD_STEPS = {
 def _build_job(args: tuple, step: str, key: str) -> None:
     """One `Run.build` job in a worker process (module level, so that spawn can import it)."""
     torch.set_num_threads(1)
-    scale, device, seed, run_dir, overrides = args
-    _BUILD_STEPS[step](Run(scale, device, seed, run_dir, overrides), key)
+    scale, device, seed, run_dir, overrides, pretrained = args
+    _BUILD_STEPS[step](Run(scale, device, seed, run_dir, overrides, pretrained), key)
 
 
 # Hypernetwork variants run.hypernet trains: the paper's two-stage LoFA (L1 on ΔW), and the same Stage II with the

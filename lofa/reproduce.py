@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -128,6 +129,10 @@ def cache_key(spec: NotebookSpec, params: dict, upstream: list[str]) -> str:
 
 # ---------------------------------------------------------------- provenance
 def git_commit() -> str:
+    """HEAD of the checkout (with -dirty for uncommitted changes); a copy without .git, such as a device
+    machine's, reports $LOFA_COMMIT when set."""
+    if not (REPO_DIR / ".git").exists() and os.environ.get("LOFA_COMMIT"):
+        return os.environ["LOFA_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(REPO_DIR), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10)

@@ -189,12 +189,18 @@ def prompts_identify_cases(world) -> bool:
     return True
 
 
-def _fingerprint(world, cfg: EvalConfig, seed: int) -> str:
+def fingerprint(world, cfg: EvalConfig, seed: int) -> str:
     """Identifies (world config and cases, evaluator config, seed): cached weights are reused only on a match."""
     blob = json.dumps({"task": world.task, "world": repr(getattr(world, "cfg", None)), "world_seed":
                        getattr(world, "seed", None), "cases": [c.name for c in world.cases], "cfg": as_dict(cfg),
                        "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_complete(out_dir: str | Path, world, cfg: EvalConfig, seed: int) -> bool:
+    """Whether `out_dir` holds finished evaluators of (world, cfg, seed) (evaluators.json is written last)."""
+    meta = read_json(Path(out_dir) / META_FILE)
+    return meta is not None and meta.get("fingerprint") == fingerprint(world, cfg, seed)
 
 
 def _build(role: str, world, cfg: EvalConfig, head_sizes: dict[str, int]) -> torch.nn.Module:
@@ -340,9 +346,8 @@ def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path |
     if world.task not in ROLES:
         raise LofaError(f"no evaluators for task {world.task!r}; expected one of {sorted(ROLES)}")
     out = Path(out_dir) if out_dir is not None else None
-    fp = _fingerprint(world, cfg, seed)
-    meta = read_json(out / META_FILE) if out is not None else None
-    if meta is not None and meta.get("fingerprint") == fp:
+    fp = fingerprint(world, cfg, seed)
+    if out is not None and is_complete(out, world, cfg, seed):
         return Evaluators.load(out, world, device)
 
     vocab = attribute_vocab(world)

@@ -25,7 +25,8 @@ def _load(device: torch.device):
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a weight-loading bar per process is noise in notebooks
         try:
-            model = AutoModel.from_pretrained(path, local_files_only=True)
+            # float32 whatever the file's dtype, so every machine computes the same token states
+            model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()

@@ -72,9 +72,16 @@ def _lr_factor(step: int, cfg: BaseTrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _config_record(cfg: BaseTrainConfig) -> dict:
+def record(cfg: BaseTrainConfig) -> dict:
     """The config as summary.json stores it (JSON turns tuples into lists), for completeness checks."""
     return json.loads(json.dumps(as_dict(cfg)))
+
+
+def is_complete(out_dir: str | Path, cfg: BaseTrainConfig, seed: int) -> bool:
+    """Whether `out_dir` holds a finished base of (`cfg` resolved for its task, `seed`): summary.json is
+    written last."""
+    summary = read_json(Path(out_dir) / "summary.json")
+    return summary is not None and summary["config"] == record(cfg) and summary["seed"] == seed
 
 
 def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device = "cpu", seed: int = 0,
@@ -88,8 +95,7 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
     out_dir = Path(out_dir)
     device = torch.device(device)
     cfg = cfg.for_task(world.task)
-    summary = read_json(out_dir / "summary.json")
-    if summary is not None and summary["config"] == _config_record(cfg) and summary["seed"] == seed:
+    if is_complete(out_dir, cfg, seed):
         return Generator.load(out_dir / "generator", device=device).eval()
 
     kind = KIND_BY_MODALITY.get(world.modality)

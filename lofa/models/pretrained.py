@@ -1,0 +1,205 @@
+"""The shipped pretrained models: base generators and evaluators under data/pretrained/<scale>/<task>/.
+
+The paper never trains its base model (Wan2.1, SDXL) or its scorers (I3D, CLIP, ArcFace, DINO, CSD); neither does
+the pipeline. `lofa pretrain` trains them once on a GPU and writes one folder per (scale, task):
+
+    base/generator/        the base Generator (diffusers folder: config.json + safetensors)
+    base/summary.json      its training record (config, seed, device, wall time), as `train_base` writes it
+    base/loss.json         its loss curve
+    evaluators/            <role>.safetensors + evaluators.json, as `train_evaluators` writes them
+    manifest.json          command, commit, device, wall time, quality numbers, and the sha256 of every file above
+
+`Run.base` and `Run.evaluators` install a folder into the run directory when its recorded config and seed equal
+the run's (an override that changes the recipe trains instead), after checking every file against the manifest:
+a missing, truncated or altered file is a one-line `LofaError` naming it and the command that remakes it, raised
+before anything is copied.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from lofa.errors import LofaError
+from lofa.io import read_json, write_json
+
+MANIFEST = "manifest.json"
+# Where the shipped folders live: data/pretrained/ of the checkout (the package is installed editable), or
+# $LOFA_PRETRAINED (tests point it at a temporary folder).
+_DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "data" / "pretrained"
+
+
+def root() -> Path:
+    return Path(os.environ.get("LOFA_PRETRAINED", _DEFAULT_ROOT))
+
+
+def folder(scale: str, task: str) -> Path:
+    return root() / scale / task
+
+
+def remake_command(scale: str, task: str) -> str:
+    return f"lofa pretrain --scale {scale} --task {task} --device cuda"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(scale: str, task: str) -> dict:
+    """Check every file of the shipped folder against its manifest; returns the manifest.
+
+    Raises LofaError naming the first missing, truncated or altered file (or an unreadable manifest).
+    """
+    where = folder(scale, task)
+    remake = remake_command(scale, task)
+    try:
+        manifest = read_json(where / MANIFEST)
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise LofaError(f"{where / MANIFEST} is missing or unreadable; restore it (git checkout -- {where}) or "
+                        f"remake the folder with `{remake}`")
+    for name, record in sorted(manifest["files"].items()):
+        path = where / name
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != record["bytes"]:
+            problem = f"is truncated or altered ({path.stat().st_size} bytes, manifest says {record['bytes']})"
+        elif sha256(path) != record["sha256"]:
+            problem = "is altered (sha256 differs from the manifest)"
+        else:
+            continue
+        raise LofaError(f"shipped model file {path} {problem}; restore it (git checkout -- {path}) or remake the "
+                        f"folder with `{remake}`")
+    return manifest
+
+
+def _shipped(scale: str, task: str, part: str) -> Path | None:
+    """The shipped `part` folder ("base" or "evaluators") of (scale, task), or None when nothing is shipped."""
+    where = folder(scale, task)
+    if not where.exists():
+        return None
+    verify(scale, task)
+    return where / part
+
+
+def install_base(scale: str, task: str, out_dir: Path, config_record: dict, seed: int) -> bool:
+    """Copy the shipped base of (scale, task) into `out_dir` when it was trained with `config_record` (the
+    resolved BaseTrainConfig as summary.json stores it) and `seed`. Returns whether it did."""
+    src = _shipped(scale, task, "base")
+    if src is None:
+        return False
+    summary = read_json(src / "summary.json")
+    if summary["config"] != config_record or summary["seed"] != seed:
+        return False
+    _copy_tree(src, Path(out_dir))
+    return True
+
+
+def install_evaluators(scale: str, task: str, out_dir: Path, fingerprint: str) -> bool:
+    """Copy the shipped evaluators of (scale, task) into `out_dir` when their fingerprint (world, config, seed)
+    is `fingerprint`. Returns whether it did."""
+    src = _shipped(scale, task, "evaluators")
+    if src is None:
+        return False
+    from lofa.metrics.evaluators import META_FILE
+
+    if read_json(src / META_FILE)["fingerprint"] != fingerprint:
+        return False
+    _copy_tree(src, Path(out_dir))
+    return True
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    """Replace `dest` by a copy of `src`, atomically (a half-copied folder never takes its name)."""
+    from lofa.models.generator import atomic_dir
+
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+
+def export(run, task: str, dest: Path, quality: dict, command: str) -> dict:
+    """Write the shipped folder of `task` from `run`'s trained base and evaluators to `dest` (atomically);
+    returns its manifest."""
+    from lofa.models.generator import atomic_dir
+    from lofa.reproduce import device_description, git_commit, package_versions
+
+    base_dir, eval_dir = run.path("base", task), run.path("evaluators", task)
+    summary = read_json(base_dir / "summary.json")
+    evaluators = read_json(eval_dir / "evaluators.json")
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(base_dir, tmp / "base", ignore=shutil.ignore_patterns("checkpoint.pt", ".*"))
+        shutil.copytree(eval_dir, tmp / "evaluators", ignore=shutil.ignore_patterns(".*"))
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            size = path.stat().st_size
+            if size > 16 * 2**20:
+                raise LofaError(f"{path.relative_to(tmp)} is {size / 2**20:.1f} MiB; shipped files must stay under "
+                                "16 MiB: make the model smaller")
+            files[str(path.relative_to(tmp))] = {"sha256": sha256(path), "bytes": size}
+        manifest = {
+            "scale": run.scale, "task": task, "seed": run.seed, "command": command, "commit": git_commit(),
+            "device": device_description(str(run.device)), "created": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                                     time.gmtime()),
+            "versions": package_versions(),
+            "base": {"config": summary["config"], "steps": summary["config"]["steps"], "wall_s": summary["wall_s"],
+                     "parameters": summary["parameters"], "final_loss": summary["final_loss"]},
+            "evaluators": {"config": evaluators["config"], "fingerprint": evaluators["fingerprint"],
+                           "train_seconds": evaluators["train_seconds"]},
+            "quality": quality, "files": files}
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def quality_numbers(run, task: str) -> dict:
+    """Notebook 02's base-competence check of the run's base with its evaluators (same n, seed and sampler),
+    plus the Fréchet distance as a multiple of the other-cases floor."""
+    from lofa.evaluate import GenerateConfig, base_competence, competence_seed
+    from lofa.models.text import TextEncoder
+
+    n = 16 if run.scale == "smoke" else 128
+    check = base_competence(run.base(task, progress=False), run.world(task), run.evaluators(task), n=n,
+                            seed=competence_seed(run.seed), cfg=run.config(GenerateConfig),
+                            text=TextEncoder(run.device), progress=False)
+    check.pop("samples")
+    check["fd_over_other_cases_floor"] = check["fd_base_vs_renders"] / check["fd_other_cases_vs_renders"]
+    return check
+
+
+def cli_pretrain(args) -> int:
+    """`lofa pretrain`: train (or resume) the base generator and evaluators of one task at one scale, measure
+    notebook 02's quality numbers, and write the shipped folder (default data/pretrained/<scale>/<task>/)."""
+    from lofa.config import resolve_device
+    from lofa.pipeline import TASKS, Run
+
+    tasks = TASKS if args.task == "all" else (args.task,)
+    for task in tasks:
+        if task not in TASKS:
+            raise LofaError(f"unknown task {task!r}; choose one of {', '.join(TASKS)} or all")
+    if args.overrides and not Path(args.overrides).is_file():
+        raise LofaError(f"overrides file {args.overrides} not found; give a YAML file of "
+                        "{ConfigClass: {field: value}}")
+    device = resolve_device(args.device)
+    run = Run(args.scale, device, args.seed, Path(args.run_root) / args.scale, args.overrides, pretrained=False)
+    command = "lofa " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("lofa") else \
+        f"lofa pretrain --scale {args.scale} --task {args.task} --device {args.device}"
+    for task in tasks:
+        if args.retrain:
+            for part in ("base", "evaluators"):
+                shutil.rmtree(run.path(part, task), ignore_errors=True)
+        run.base(task)
+        run.evaluators(task)
+        quality = quality_numbers(run, task)
+        dest = Path(args.out) / task if args.out else folder(args.scale, task)
+        export(run, task, dest, quality, command)
+        print(f"{task}: wrote {dest}  coarse accuracy {quality['coarse_acc_base']:.2f}, Fréchet distance "
+              f"{quality['fd_base_vs_renders']:.2f} = {quality['fd_over_other_cases_floor']:.1f}x the other-cases "
+              f"floor, held-out exact-case accuracy {quality['exact_acc_base_heldout']:.2f}")
+    return 0
