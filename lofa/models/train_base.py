@@ -55,7 +55,9 @@ class BaseTrainConfig:
 
     PRESETS = {
         "smoke": {"model_scale": "smoke", "steps": 20, "batch_size": 4, "warmup_steps": 5, "checkpoint_every": 10},
-        "mini": {"task_overrides": {"actions": {"steps": 6000, "model_overrides": {"position_channels": 3}}}},
+        "mini": {"batch_size": 32, "steps": 4000, "warmup_steps": 200, "ema_decay": 0.999,
+                 "task_overrides": {"actions": {"model_overrides": {"position_channels": 3}},
+                                    "identities": {"batch_size": 64}}},
         "full": {"model_scale": "full", "steps": 20000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 500,
                  "ema_decay": 0.999, "checkpoint_every": 1000},
     }
