@@ -36,6 +36,11 @@ class NotebookSpec:
     path: Path
     outputs: list[str] = field(default_factory=list)
     depends: list[str] | None = None  # None = every earlier notebook
+    minutes: dict[str, float] = field(default_factory=dict)  # expected wall minutes per scale (2 CPU cores)
+
+    def expected_minutes(self, scale: str) -> float:
+        """What the progress bar counts this notebook as: its measured minutes at `scale`, else 1."""
+        return float(self.minutes.get(scale, 1.0))
 
     @property
     def name(self) -> str:
@@ -51,7 +56,7 @@ def discover(nb_dir: Path) -> list[NotebookSpec]:
     specs = []
     for path in sorted(Path(nb_dir).glob("*.ipynb")):
         meta = json.loads(path.read_text()).get("metadata", {}).get("lofa", {})
-        specs.append(NotebookSpec(path, list(meta.get("outputs", [])), meta.get("depends")))
+        specs.append(NotebookSpec(path, list(meta.get("outputs", [])), meta.get("depends"), meta.get("minutes", {})))
     return specs
 
 
@@ -129,9 +134,9 @@ def cache_key(spec: NotebookSpec, params: dict, upstream: list[str]) -> str:
 
 # ---------------------------------------------------------------- provenance
 def git_commit() -> str:
-    """HEAD of the checkout (with -dirty for uncommitted changes); a copy without .git, such as a device
-    machine's, reports $LOFA_COMMIT when set."""
-    if not (REPO_DIR / ".git").exists() and os.environ.get("LOFA_COMMIT"):
+    """HEAD of the checkout (with -dirty for uncommitted changes), or $LOFA_COMMIT when set: a copy of the tree
+    on another machine (a device lease) may carry no .git, or a stale one."""
+    if os.environ.get("LOFA_COMMIT"):
         return os.environ["LOFA_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(REPO_DIR), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -169,8 +174,11 @@ def execute(spec: NotebookSpec, params: dict, out_path: Path, log_output: bool =
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        # The kernel's own log (ipykernel warns that its local TCP sockets are unencrypted on every start) would
+        # land in the user's terminal; notebook errors travel through the kernel protocol and stay visible.
         papermill.execute_notebook(str(spec.path), str(out_path), parameters=params, kernel_name="python3",
-                                   progress_bar=False, log_output=log_output, cwd=str(REPO_DIR))
+                                   progress_bar=False, log_output=log_output, cwd=str(REPO_DIR),
+                                   extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except papermill.PapermillExecutionError as e:
         cell, first_line = _source_cell(spec.path, e.cell_index)
         raise NotebookFailed(f"notebook {spec.name} failed in cell {cell} (`{first_line}`): {e.ename}: "
@@ -229,14 +237,19 @@ def run(scale: str = "mini", only: list[str] | None = None, device: str = "auto"
     from tqdm.auto import tqdm
 
     results = []
-    bar = tqdm(total=len(selected), desc=f"lofa reproduce [{scale}]", unit="notebook", disable=not progress)
-    for spec in (s for s in specs if s.name in selected):
-        bar.set_postfix_str(spec.name)
+    # The bar counts expected minutes, not notebooks: the notebooks' costs differ by a factor of 100, so a bar
+    # of notebooks would promise an ETA of seconds before the zoo's half hour.
+    todo = [s for s in specs if s.name in selected]
+    bar = tqdm(total=round(sum(s.expected_minutes(scale) for s in todo), 1), desc=f"lofa reproduce [{scale}]",
+               unit="min", bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} expected min [{elapsed}<{remaining}] "
+               "{postfix}", disable=not progress)
+    for spec in todo:
+        bar.set_postfix_str(f"{spec.name} (about {spec.expected_minutes(scale):.1f} min)")
         state = read_json(cache_dir / f"{spec.name}.json", {})
         done = state.get("key") == keys[spec.name] and all((run_dir / o).exists() for o in spec.outputs)
         if done and not force:
             results.append(StepResult(spec.name, "cached", 0.0, spec.outputs))
-            bar.update()
+            bar.update(spec.expected_minutes(scale))
             continue
         _check_upstream(spec, specs, keys, cache_dir, selected)
         t0 = time.time()
@@ -249,7 +262,7 @@ def run(scale: str = "mini", only: list[str] | None = None, device: str = "auto"
         _record_manifest(run_dir, spec, params, seconds)
         write_json(cache_dir / f"{spec.name}.json", {"key": keys[spec.name], "seconds": seconds})
         results.append(StepResult(spec.name, "ran", seconds, spec.outputs))
-        bar.update()
+        bar.update(spec.expected_minutes(scale))
     bar.close()
     return results
 

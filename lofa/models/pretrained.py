@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -188,8 +187,8 @@ def cli_pretrain(args) -> int:
                         "{ConfigClass: {field: value}}")
     device = resolve_device(args.device)
     run = Run(args.scale, device, args.seed, Path(args.run_root) / args.scale, args.overrides, pretrained=False)
-    command = "lofa " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("lofa") else \
-        f"lofa pretrain --scale {args.scale} --task {args.task} --device {args.device}"
+    command = f"lofa pretrain --scale {args.scale} --task {args.task} --device {args.device}" + \
+        (f" --seed {args.seed}" if args.seed else "") + (f" --overrides {args.overrides}" if args.overrides else "")
     for task in tasks:
         if args.retrain:
             for part in ("base", "evaluators"):
