@@ -1,0 +1,218 @@
+"""Reference predictors: what a LoFA number means only next to.
+
+A predicted LoRA is worth something only where it beats what needs no hypernetwork at all:
+- `mean_lora`: the condition-blind reference, one LoRA for every condition: the mean ΔW of the training LoRAs.
+- `nearest_lora`: retrieval, the training LoRA whose condition lies closest in the hypernetwork's own condition
+  space (pooled condition tokens, cosine similarity). A hypernetwork that only memorised its zoo ties with it.
+- `oracle_lora`: the training LoRA of the case that shares the most ground-truth attributes with the query; the best
+  retrieval can do, and only a known world can give it (an upper reference, not a method).
+- `mean_train_map`: Stage I's condition-blind reference, the entry-wise mean response map of the training LoRAs.
+
+Every LoRA comes back as the zoo returns one, `(LoraWeights, info)` like `Zoo.load`, so `lofa.evaluate.generate`
+and `save_lora` take it as they take a per-case LoRA. Only TRAIN-split LoRAs and conditions are ever used: a held-out
+case's own LoRA is what these references are scored against.
+
+    lora, info = mean_lora(data.zoo)                          # info["relative_error"]: the SVD truncation's
+    tokens, mask = data.conditions("eval").get([case])        # a held-out case's reserved condition
+    lora, info = nearest_lora(data, tokens, mask)             # info["case_id"], info["similarity"]
+    lora, info = oracle_lora(data.world, data.zoo, case)      # info["case_id"], info["matches"]
+    ref = mean_train_map(data)                                # [M, R, C] in [0, 1]; ref > 0.5: majority map
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lofa.errors import LofaError
+from lofa.hypernet.data import ConditionBank, Triplets, lora_maps, map_size
+from lofa.lora.formats import LoraFactor, LoraWeights
+from lofa.lora.zoo import Zoo
+
+# Cosine similarities this close count as equal, so that one condition stored for two cases (float rounding of the
+# same embedding in two rows) is a tie, broken by the lower case id.
+TIE_TOLERANCE = 1e-9
+
+
+# --- the mean LoRA ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def mean_lora(zoo: Zoo, rank: int | None = None, device="cpu") -> tuple[LoraWeights, dict]:
+    """The mean ΔW of the zoo's train-split LoRAs, per module, factored back into a LoRA of rank `rank`.
+
+    ΔW̄ = mean_c (alpha_c / r_c) · B_c @ A_c, [out, in] per module. A mean of rank-r products generally has rank up to
+    N·r, so it is cut to the best rank-k approximation (truncated SVD, optimal in Frobenius norm), k = `rank`
+    (default: the zoo's rank), at most min(out, in) per module.
+
+    Returns (weights {module_name: LoraFactor(A [k, in], B [out, k], alpha = k)}, info) with info:
+    "rank" (the k asked for), "cases" (the train case ids averaged), "relative_error" (‖ΔW̄ − B A‖_F / ‖ΔW̄‖_F over
+    all modules together) and "module_errors" ({module_name: the same per module}).
+    """
+    case_ids = zoo.case_ids("train")
+    if not case_ids:
+        raise LofaError(f"the zoo at {zoo.dir} has no train-split LoRA to average; build the zoo first")
+    rank = zoo.config.rank if rank is None else int(rank)
+    if rank < 1:
+        raise LofaError(f"mean_lora: rank must be a positive integer, not {rank}")
+    total: dict[str, Tensor] = {}
+    for case in case_ids:
+        weights, _ = zoo.load(case)
+        if total and set(weights) != set(total):
+            raise LofaError(f"the zoo's LoRA of case {case} adapts other modules than case {case_ids[0]}'s; "
+                            "a mean LoRA needs one set of modules")
+        for name, factor in weights.items():
+            # float64: a mean over thousands of LoRAs, and the exact-rank case should reproduce it to rounding
+            d = factor.delta_rows(dtype=torch.float64)
+            total[name] = d if name not in total else total[name].add_(d)
+    weights, errors = {}, {}
+    tail_energy, energy = 0.0, 0.0
+    for name, summed in total.items():
+        factor, tail, full = _truncate(summed / len(case_ids), rank)
+        weights[name] = LoraFactor(factor.A.to(device), factor.B.to(device), factor.alpha)
+        errors[name] = (tail / full) ** 0.5 if full > 0 else 0.0
+        tail_energy, energy = tail_energy + tail, energy + full
+    info = {"rank": rank, "cases": case_ids, "module_errors": errors,
+            "relative_error": (tail_energy / energy) ** 0.5 if energy > 0 else 0.0}
+    return weights, info
+
+
+def _truncate(delta_w: Tensor, rank: int) -> tuple[LoraFactor, float, float]:
+    """Best rank-k LoRA of ΔW [out, in] (float32 factors, scale 1) with the squared Frobenius norms of what the cut
+    drops and of ΔW."""
+    U, S, Vh = torch.linalg.svd(delta_w, full_matrices=False)
+    k = min(rank, S.numel())
+    # √S on both sides keeps A and B at one scale, as a trained LoRA's are, so neither factor is ill-conditioned
+    root = S[:k].sqrt()
+    factor = LoraFactor(A=(root[:, None] * Vh[:k]).float(), B=(U[:, :k] * root).float(), alpha=float(k))
+    energy = S.square()
+    return factor, float(energy[k:].sum()), float(energy.sum())
+
+
+# --- retrieval by condition ------------------------------------------------------------------------------------
+def pool_condition(tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over the valid tokens of each condition: tokens [N, K, Dc], mask [N, K] bool (None: all valid) -> [N, Dc].
+
+    The hypernetwork hears a condition as its token sequence; one vector per condition is its masked mean (MiniLM's
+    own sentence pooling), and padding never counts.
+    """
+    if tokens.ndim != 3:
+        raise LofaError(f"condition tokens must be [N, K, Dc], not {list(tokens.shape)}")
+    if mask is None:
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    if mask.shape != tokens.shape[:2]:
+        raise LofaError(f"condition mask {list(mask.shape)} does not match tokens {list(tokens.shape)}")
+    counts = mask.sum(1)
+    if (counts == 0).any():
+        raise LofaError(f"condition {int((counts == 0).nonzero()[0])} has no valid token; its mask is all False")
+    weights = mask.to(torch.float64).unsqueeze(-1)
+    return (tokens.to(torch.float64) * weights).sum(1) / counts.to(torch.float64).unsqueeze(-1)
+
+
+def nearest_cases(bank: ConditionBank, candidates: Sequence[int], tokens: Tensor, mask: Tensor | None = None
+                  ) -> tuple[list[int], Tensor]:
+    """For each query condition, the candidate case with a condition of highest cosine similarity.
+
+    bank: conditions tokens [C, V, K, Dc] of (at least) the candidates; every view of a candidate is an entry, as a
+    retrieval index of all the conditions trained on would hold them. tokens [N, K', Dc], mask [N, K'] (any K').
+    Returns (case ids [N], similarity [N] float64); ties (within TIE_TOLERANCE) go to the lowest case id.
+    """
+    candidates = sorted(set(int(c) for c in candidates))
+    if not candidates:
+        raise LofaError("nearest_cases: no candidate cases to retrieve from")
+    missing = [c for c in candidates if c not in bank.row]
+    if missing:
+        raise LofaError(f"the condition bank has no condition for case {missing[0]}; build it with every candidate")
+    if tokens.shape[-1] != bank.dim:
+        raise LofaError(f"query conditions have width {tokens.shape[-1]}, the bank's {bank.dim}; encode the query "
+                        "with the bank's condition encoder")
+    rows = torch.tensor([bank.row[c] for c in candidates])
+    views = bank.views
+    index = pool_condition(bank.tokens[rows].flatten(0, 1), bank.mask[rows].flatten(0, 1))   # [candidates·V, Dc]
+    owner = torch.tensor(candidates).repeat_interleave(views)                               # case of each entry
+    query = pool_condition(tokens.cpu(), None if mask is None else mask.cpu())
+    sim = torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(index, dim=1).T  # [N, entries]
+    best = sim.max(dim=1).values
+    ids = []
+    for i in range(len(query)):
+        # entries are in ascending case order, so the first entry within the tolerance is the lowest-id tie
+        ids.append(int(owner[int((sim[i] >= best[i] - TIE_TOLERANCE).nonzero()[0])]))
+    return ids, best
+
+
+@torch.no_grad()
+def nearest_lora(data: Triplets, tokens: Tensor, mask: Tensor | None = None, device="cpu"
+                 ) -> tuple[LoraWeights, dict]:
+    """The train-split LoRA whose train-split condition is most cosine-similar to the query (pooled tokens).
+
+    tokens [K, Dc] or [1, K, Dc], mask [K] / [1, K] (None: all valid), in the setting's condition space (MiniLM
+    token states for text, the condition encoder's tokens for pose / image), e.g. `data.conditions("eval").get([c])`.
+    Returns (the zoo's LoRA of that case, info {"case_id", "similarity"}).
+    """
+    if tokens.ndim == 2:
+        tokens, mask = tokens[None], None if mask is None else mask[None]
+    if tokens.ndim != 3 or tokens.shape[0] != 1:
+        raise LofaError(f"nearest_lora takes one condition [K, Dc] or [1, K, Dc], not {list(tokens.shape)}; use "
+                        "nearest_cases for many")
+    ids, sim = nearest_cases(data.conditions("train"), data.train_ids, tokens, mask)
+    weights, _ = data.zoo.load(ids[0], device)
+    return weights, {"case_id": ids[0], "similarity": float(sim[0])}
+
+
+# --- the oracle: retrieval by ground truth ---------------------------------------------------------------------
+def attribute_matches(world, a: int, b: int) -> int:
+    """How many ground-truth attributes (component -> value, `Case.attrs`) cases a and b share."""
+    attrs_a, attrs_b = world.cases[a].attrs, world.cases[b].attrs
+    return sum(1 for k, v in attrs_a.items() if k in attrs_b and attrs_b[k] == v)
+
+
+def oracle_case(world, case_id: int, candidates: Sequence[int]) -> tuple[int, int]:
+    """The candidate closest to case `case_id` by the world's ground truth -> (case id, shared attributes).
+
+    The case itself when it is a candidate; otherwise the most shared attribute values, then the same coarse
+    category, then the lowest id.
+    """
+    candidates = sorted(set(int(c) for c in candidates))
+    if not candidates:
+        raise LofaError("oracle_case: no candidate cases")
+    n_attrs = len(world.cases[case_id].attrs)
+    if case_id in candidates:
+        return case_id, n_attrs
+    coarse = world.cases[case_id].coarse
+
+    def closeness(c: int) -> tuple[int, int, int]:
+        return -attribute_matches(world, case_id, c), int(world.cases[c].coarse != coarse), c
+
+    best = min(candidates, key=closeness)
+    return best, attribute_matches(world, case_id, best)
+
+
+@torch.no_grad()
+def oracle_lora(world, zoo: Zoo, case_id: int, device="cpu") -> tuple[LoraWeights, dict]:
+    """The train-split LoRA of the case nearest to `case_id` by ground-truth attributes (`oracle_case`).
+
+    Returns (the zoo's LoRA of that case, info {"case_id", "matches" (shared attributes), "attributes" (of the
+    query), "same_coarse"}). Candidates: cases with a LoRA that both the zoo and the world put in the train split.
+    """
+    candidates = [c for c in zoo.case_ids("train") if world.cases[c].split == "train"]
+    best, matches = oracle_case(world, case_id, candidates)
+    weights, _ = zoo.load(best, device)
+    return weights, {"case_id": best, "matches": matches, "attributes": len(world.cases[case_id].attrs),
+                     "same_coarse": world.cases[best].coarse == world.cases[case_id].coarse}
+
+
+# --- Stage I's reference ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def mean_train_map(data: Triplets, tau: float = 0.02, chunk: int = 8) -> Tensor:
+    """The mean response map of the train-split LoRAs, in Stage I's layout: [M, R, C] float32 in [0, 1].
+
+    Entry (t, i, j) is the fraction of training LoRAs whose map R = |ΔW| > τ·|W| (`lora_maps`, Stage I's own
+    target) is active at entry (i, j) of target t; the `map_size` padding is 0. `mean_train_map(data) > 0.5` is the
+    entry-wise majority vote, a bool map [M, R, C] that `map_metrics` scores against a true map as it scores
+    `stage1_maps`. chunk: LoRAs per map computation (memory: chunk × M × R × C booleans).
+    """
+    ids = data.train_ids
+    total = torch.zeros(len(data.spec), *map_size(data.spec))
+    for start in range(0, len(ids), chunk):
+        maps, _ = lora_maps(data.base, data.batch(ids[start:start + chunk]).loras, tau)
+        total += maps.sum(0)
+    return total / len(ids)

@@ -1,0 +1,210 @@
+"""Reference predictors (lofa.baselines.reference) on a real smoke run of the styles setting: its base generator,
+its zoo of trained per-case LoRAs and its reference-image condition bank (built once, ~20 s on one core)."""
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lofa.analysis import response_map
+from lofa.baselines import (mean_lora, mean_train_map, nearest_cases, nearest_lora, oracle_case, oracle_lora,
+                            pool_condition)
+from lofa.errors import LofaError
+from lofa.evaluate import GenerateConfig, generate
+from lofa.hypernet.data import ConditionBank
+from lofa.lora.formats import LoraFactor, load_lora, save_lora
+from lofa.lora.zoo import PIPELINE_PREFIX, Zoo
+from lofa.pipeline import Run
+from lofa.worlds import Case
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds waiting, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return Run("smoke", "cpu", 0, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def data(run):
+    return run.triplets("styles")
+
+
+def _mean_delta(zoo, case_ids):
+    """{module: mean ΔW [out, in]} of these cases' LoRAs, float64, the plain way."""
+    total = {}
+    for case in case_ids:
+        weights, _ = zoo.load(case)
+        for name, f in weights.items():
+            total[name] = total.get(name, 0) + (f.alpha / f.rank) * (f.B.double() @ f.A.double())
+    return {name: t / len(case_ids) for name, t in total.items()}
+
+
+def _delta(weights):
+    return {name: f.scale * (f.B.double() @ f.A.double()) for name, f in weights.items()}
+
+
+def _frobenius_error(approx, exact):
+    err = sum(float((approx[n] - exact[n]).square().sum()) for n in exact)
+    return (err / sum(float(exact[n].square().sum()) for n in exact)) ** 0.5
+
+
+def test_mean_lora_is_the_training_mean_up_to_its_stated_truncation_error(data):
+    zoo = data.zoo
+    exact = _mean_delta(zoo, zoo.case_ids("train"))
+    weights, info = mean_lora(zoo)
+    assert info["cases"] == zoo.case_ids("train") and info["rank"] == zoo.config.rank
+    assert set(weights) == set(exact) and all(f.rank == zoo.config.rank for f in weights.values())
+    # 21 rank-4 LoRAs average to more than rank 4: the cut loses something, and says exactly how much
+    stated = info["relative_error"]
+    assert 1e-3 < stated < 1 and stated == pytest.approx(_frobenius_error(_delta(weights), exact), rel=1e-4)
+    for name, err in info["module_errors"].items():
+        one = {name: exact[name]}
+        assert err == pytest.approx(_frobenius_error({name: _delta(weights)[name]}, one), rel=1e-4, abs=1e-7)
+    # a higher rank loses less; the full rank (and anything above it, clipped per module) loses nothing
+    assert mean_lora(zoo, rank=8)[1]["relative_error"] < stated
+    full, info_full = mean_lora(zoo, rank=10_000)
+    assert info_full["relative_error"] < 1e-6
+    for name, d in _delta(full).items():
+        assert full[name].rank == min(exact[name].shape)
+        torch.testing.assert_close(d, exact[name], rtol=0, atol=1e-5 * float(exact[name].abs().max()))
+    with pytest.raises(LofaError, match="positive integer"):
+        mean_lora(zoo, rank=0)
+
+
+def _rewrite(zoo_dir, case, factor):
+    """Scale one case's LoRA file by `factor` (same metadata, same name)."""
+    path = zoo_dir / Zoo(zoo_dir)[case]["file"]
+    weights, meta = load_lora(path)
+    save_lora(path, {n: LoraFactor(f.A, f.B * factor, f.alpha) for n, f in weights.items()}, meta,
+              prefix=PIPELINE_PREFIX["video_dit"])
+
+
+def test_mean_lora_uses_only_training_split_loras(data, tmp_path):
+    copy = tmp_path / "zoo"
+    shutil.copytree(data.zoo.dir, copy)
+    before, _ = mean_lora(Zoo(copy), rank=10_000)
+    _rewrite(copy, data.zoo.case_ids("heldout")[0], 10.0)
+    after, _ = mean_lora(Zoo(copy), rank=10_000)
+    for name in before:
+        torch.testing.assert_close(_delta(after)[name], _delta(before)[name])
+    # ...while a training LoRA's change shows (so the check above could have failed)
+    _rewrite(copy, data.zoo.case_ids("train")[0], 10.0)
+    changed, _ = mean_lora(Zoo(copy), rank=10_000)
+    assert max(float((_delta(changed)[n] - _delta(before)[n]).abs().max()) for n in before) > 1e-4
+
+
+def test_nearest_lora_finds_a_training_case_by_its_own_condition_and_never_a_heldout_one(data):
+    bank = data.conditions("train")
+    for case in data.train_ids[:5]:
+        for view in range(bank.views):
+            tokens, mask = bank.get([case], [view])
+            weights, info = nearest_lora(data, tokens[0], mask[0])
+            assert info["case_id"] == case and info["similarity"] == pytest.approx(1.0, abs=1e-6)
+    expected, _ = data.zoo.load(data.train_ids[4])
+    assert all(torch.equal(weights[n].A, expected[n].A) and torch.equal(weights[n].B, expected[n].B)
+               for n in expected)
+    # a held-out case's own condition is in the bank, but its LoRA is what the reference is scored against
+    for case in data.heldout_ids:
+        tokens, mask = bank.get([case])
+        _, info = nearest_lora(data, tokens, mask)
+        assert info["case_id"] in data.train_ids and info["similarity"] < 1 - 1e-6
+    # the reserved (eval-seed) condition of a held-out case retrieves a training case as well
+    tokens, mask = data.conditions("eval").get(data.heldout_ids[:1])
+    assert nearest_lora(data, tokens, mask)[1]["case_id"] in data.train_ids
+    with pytest.raises(LofaError, match="one condition"):
+        nearest_lora(data, *data.conditions("eval").get(data.heldout_ids[:2]))
+
+
+def test_nearest_cases_pools_only_valid_tokens_and_breaks_ties_by_lowest_id():
+    # cases 7 and 3 store the same condition, case 5 another; padded tokens hold junk that must not count
+    tokens = torch.zeros(3, 1, 3, 2)
+    mask = torch.tensor([True, True, False]).expand(3, 1, 3).clone()
+    tokens[0, 0, :2] = torch.tensor([[1.0, 0.0], [1.0, 0.2]])   # case 7
+    tokens[1, 0, :2] = torch.tensor([[0.0, 1.0], [0.0, 1.0]])   # case 5
+    tokens[2, 0, :2] = tokens[0, 0, :2]                          # case 3
+    tokens[:, 0, 2] = torch.tensor([[0.0, 50.0], [50.0, 0.0], [0.0, 50.0]])
+    bank = ConditionBank([7, 5, 3], tokens, mask)
+    query = torch.tensor([[[2.0, 0.2], [0.0, 0.0], [-9.0, 9.0]]])  # = case 7's mean direction over its 2 tokens
+    ids, sim = nearest_cases(bank, [7, 5, 3], query, torch.tensor([[True, False, False]]))
+    assert ids == [3] and float(sim[0]) == pytest.approx(1.0)
+    assert nearest_cases(bank, [7, 5], query, torch.tensor([[True, False, False]]))[0] == [7]
+    # unmasked, the junk token pulls the query towards case 5
+    assert nearest_cases(bank, [7, 5, 3], query)[0] == [5]
+    torch.testing.assert_close(pool_condition(tokens[:, 0], mask[:, 0])[0], torch.tensor([1.0, 0.1]).double())
+    with pytest.raises(LofaError, match="no valid token"):
+        pool_condition(query, torch.zeros(1, 3, dtype=torch.bool))
+    with pytest.raises(LofaError, match="no condition for case 9"):
+        nearest_cases(bank, [9], query)
+
+
+def test_oracle_lora_returns_the_case_itself_or_the_training_case_sharing_most_attributes(data):
+    world, zoo = data.world, data.zoo
+    for case in data.train_ids:
+        _, info = oracle_lora(world, zoo, case)
+        assert info["case_id"] == case and info["matches"] == info["attributes"] == len(world.cases[case].attrs)
+    for case in data.heldout_ids:
+        weights, info = oracle_lora(world, zoo, case)
+        query = world.cases[case].attrs
+        shared = {c: sum(world.cases[c].attrs[k] == v for k, v in query.items()) for c in data.train_ids}
+        best = max(shared.values())
+        assert info["case_id"] in data.train_ids and info["matches"] == shared[info["case_id"]] == best
+        assert best < len(query)  # held out: an unseen combination, no training case has all of it
+        tied = [c for c in data.train_ids if shared[c] == best]
+        same = [c for c in tied if world.cases[c].coarse == world.cases[case].coarse]
+        assert info["case_id"] == min(same or tied) and info["same_coarse"] == bool(same)
+        expected, _ = zoo.load(info["case_id"])
+        assert all(torch.equal(weights[n].B, expected[n].B) for n in expected)
+
+
+def test_oracle_case_prefers_more_shared_attributes_then_the_coarse_category_then_the_lowest_id():
+    def case(i, coarse, **attrs):
+        return Case(i, f"c{i}", attrs, coarse, "train")
+
+    world = SimpleNamespace(cases=[case(0, 1, a=1, b=1, c=1), case(1, 0, a=1, b=1, c=2), case(2, 0, a=1, b=2, c=2),
+                                   case(3, 1, a=1, b=2, c=2), case(4, 0, a=2, b=1, c=1), case(5, 1, a=1, b=1, c=9)])
+    assert oracle_case(world, 0, [1, 2, 3, 4, 5]) == (5, 2)   # 1 and 5 share two; 5 has 0's coarse category
+    assert oracle_case(world, 0, [1, 2, 3, 4]) == (1, 2)
+    assert oracle_case(world, 0, [4, 3, 2]) == (4, 2)         # 4 shares b and c
+    assert oracle_case(world, 0, [3, 2]) == (3, 1)            # a tie in attributes; 3 has 0's coarse category
+    assert oracle_case(world, 1, [5, 0, 2]) == (2, 2)         # a three-way tie; only 2 has 1's coarse category
+    assert oracle_case(world, 1, [5, 0]) == (0, 2)            # a tie in both: the lowest id
+    assert oracle_case(world, 2, [2, 3]) == (2, 3)            # a candidate case is its own oracle
+
+
+def test_mean_train_map_is_the_mean_of_the_training_response_maps(data):
+    ref = mean_train_map(data, chunk=5)
+    assert ref.dtype == torch.float32 and ref.shape[0] == len(data.spec)
+    assert ref.min() >= 0 and ref.max() <= 1
+    assert ((ref > 0) & (ref < 1)).any()  # the training LoRAs disagree somewhere: not a trivial map
+    # the same maps through the analysis module's |ΔW/W| > τ, one zoo file at a time
+    loras = [data.zoo.load(c)[0] for c in data.train_ids]
+    for t, target in enumerate(data.spec.targets):
+        o, i = target.shape
+        w = data.base[t]
+        maps = torch.stack([response_map(lora[target.name].delta_w, w) for lora in loras]).float()
+        torch.testing.assert_close(ref[t, :o, :i], maps.mean(0))
+        assert not ref[t, o:].any() and not ref[t, :, i:].any()  # map_size padding
+    # chunking does not matter, and τ is honoured
+    torch.testing.assert_close(mean_train_map(data, chunk=64), ref)
+    assert mean_train_map(data, tau=0.5).sum() < ref.sum()
+
+
+def test_reference_loras_sample_through_generate(run, data):
+    gen, world = run.base("styles"), data.world
+    case = data.heldout_ids[0]
+    tokens, mask = data.conditions("eval").get([case])
+    loras = [mean_lora(data.zoo)[0], nearest_lora(data, tokens, mask)[0], oracle_lora(world, data.zoo, case)[0]]
+    cfg = GenerateConfig(steps=2, batch=4)
+    prompt = world.prompt(case, 0)
+    x = generate(gen, world, [case] * 3, loras, [prompt] * 3, [5] * 3, cfg=cfg, progress=False)
+    base = generate(gen, world, [case], None, [prompt], [5], cfg=cfg, progress=False)
+    assert x.shape == (3, *world.shape) and torch.isfinite(x).all()
+    assert all(float((x[i] - base[0]).abs().max()) > 1e-4 for i in range(3))  # each LoRA changed the sample
