@@ -48,9 +48,8 @@ class BaseTrainConfig:
     text_length: int = 32
     checkpoint_every: int = 200
     # {task: {field: value}}: fields that differ for one world's base (replaced, not merged; they win over the
-    # fields above). Mini actions needs the position planes (see Generator._with_positions) and 6,000 steps: on an
-    # H100, coarse accuracy without the planes 0.17 / 0.18 / 0.60 at 2k / 4k / 8k steps, with them 0.22 / 0.97 /
-    # 0.97 at 2k / 6k / 8k.
+    # fields above). Actions bases need the position planes (see Generator._with_positions): without them a mini
+    # base did not learn where the figure is (coarse accuracy 0.17-0.60 after 2k-8k steps).
     task_overrides: dict = field(default_factory=dict)
 
     PRESETS = {
@@ -59,7 +58,8 @@ class BaseTrainConfig:
                  "task_overrides": {"actions": {"model_overrides": {"position_channels": 3}},
                                     "identities": {"batch_size": 64}}},
         "full": {"model_scale": "full", "steps": 20000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 500,
-                 "ema_decay": 0.999, "checkpoint_every": 1000},
+                 "ema_decay": 0.999, "checkpoint_every": 1000,
+                 "task_overrides": {"actions": {"model_overrides": {"position_channels": 3}}}},
     }
 
     def for_task(self, task: str) -> "BaseTrainConfig":

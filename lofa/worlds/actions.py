@@ -1,10 +1,13 @@
 """Actions world (paper: personalized human-action video, MotionX). Stick-figure people with a jointed skeleton —
 torso, head, two arms with elbows, two legs with knees — perform parameterised actions in short clips.
 
-An action is a combination of components: body part × motion × speed × level × amplitude (× direction at `full`).
-A motion drives the proximal joint (shoulder / hip, or the torso's lean) with one waveform and the distal joint
-(elbow / knee, or the torso's crouch) with another; speed is the number of cycles per clip, level the joint's base
-angle, amplitude the angular range, direction the starting phase. Coarse class = body part: the base model only
+An action is a combination of components: body part × motion × speed × level × amplitude (× direction × tempo at
+`full`). A motion drives the proximal joint (shoulder / hip, or the torso's lean) with one waveform and the distal
+joint (elbow / knee, or the torso's crouch) with another; speed is the number of cycles per clip, level the joint's
+base angle, amplitude the angular range, direction the starting phase, tempo how the pace changes over the clip
+(steady, speeding up or slowing down: the motion's phase runs along t + k·t·(1 − t), k = 0, −1, +1, so the same
+cycles are spread over the frames differently). Tempo is off unless `tempos` lists values (only `full` does): the
+cases then have no "tempo" attribute and render exactly as before. Coarse class = body part: the base model only
 learns *which* part moves, the LoRA has to learn *how*.
 
 Appearance varies per sample: figure and background colours (always contrasting), size, position, ground height,
@@ -17,12 +20,12 @@ the action) unless `pose_jitter` > 0 adds a seeded shift and rescale, an augment
 Speed (one CPU thread; see base.single_threaded): 256 mini clips (8 × 32 × 32) render in ≈ 0.5 s and their pose
 conditions in ≈ 0.55 s on the 2-core dev machine under load 4.7 (0.78 s on an H100 host's CPU core). A small 3D CNN
 trained on renders names the exact case of fresh renders 100 % of the time at mini (216 cases) and 99.97 % at
-full (1024 cases). Gallery: python tests/test_worlds.py.
+full when full had 1024 cases (before tempo; not re-measured at 3072). Gallery: python tests/test_worlds.py.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Sequence
 
 import torch
@@ -61,6 +64,7 @@ LEVEL_ANGLE = {"arm": (25.0, 80.0, 135.0, 168.0), "leg": (12.0, 35.0, 58.0, 80.0
 LEVEL_CROUCH = (0.8, 0.4, 0.0, -0.3)              # torso: crouch depth (negative = up on the toes)
 AMPLITUDES = {"small": 0.5, "large": 1.0}
 DIRECTIONS = {"up": 0.0, "down": 0.5}             # starting phase in cycles
+TEMPOS = {"steady": 0.0, "speeding_up": -1.0, "slowing_down": 1.0}   # k of the time warp t + k t (1 - t)
 SWING = {"arm": 50.0, "leg": 35.0}                # proximal range (degrees) at amplitude 1
 FLEX = {"arm": 110.0, "leg": 80.0}                # distal range (degrees) at amplitude 1
 LEAN, CROUCH = 30.0, 0.6                          # torso: lean range (degrees) and crouch range at amplitude 1
@@ -86,14 +90,23 @@ class ActionsConfig:
     directions: tuple = ("up",)
     heldout_fraction: float = 0.2
     pose_jitter: float = 0.0           # condition: seeded shift (canvas units) and relative scale; 0 = canonical
+    tempos: tuple = field(default=(), repr=False)   # () = no tempo component (every clip steady); see __repr__
 
     PRESETS: ClassVar[dict] = {
         "smoke": {"height": 16, "width": 16, "parts": ("left_arm", "right_arm", "left_leg"),
                   "motions": ("swing", "bend"), "levels": ("low", "high"), "amplitudes": ("large",)},  # 24 cases
         "mini": {},                                                                       # 216 cases
         "full": {"parts": tuple(PARTS), "motions": tuple(MOTIONS), "levels": tuple(LEVELS),
-                 "directions": tuple(DIRECTIONS)},                                        # 1024 cases
+                 "directions": tuple(DIRECTIONS), "tempos": tuple(TEMPOS)},
+        # full: 8 parts x 4 motions x 2 speeds x 4 levels x 2 amplitudes x 2 directions x 3 tempos = 3072 cases
+        # (2457 train / 615 held out)
     }
+
+    def __repr__(self) -> str:
+        """The dataclass repr, plus `tempos` only when set: the repr fingerprints the shipped mini evaluators
+        (lofa.metrics.evaluators.fingerprint), so a preset without tempo must print exactly as before it existed."""
+        shown = [f for f in fields(self) if f.repr or getattr(self, f.name) != f.default]
+        return f"{type(self).__name__}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
 
 
 # prompt phrases: entries 0-1 train synonyms, 2 reserved for eval (see base.pick)
@@ -139,6 +152,11 @@ AMPLITUDE_WORDS = {"small": ["with small movements", "in a small range", "only a
                    "large": ["with big movements", "through a wide range", "with a large sweep"]}
 DIRECTION_WORDS = {"up": ["starting upward", "beginning with an upward move", "opening upward"],
                    "down": ["starting downward", "beginning with a downward move", "opening downward"]}
+# kept to 1-2 word pieces: before tempo, full prompts already reached 35 tokens, over the text encoder's default
+# max_length of 32 (lofa.models.text), which cuts the tail of a prompt
+TEMPO_WORDS = {"steady": ["steadily", "evenly", "uniformly"],
+               "speeding_up": ["speeding up", "accelerating", "ever faster"],
+               "slowing_down": ["slowing down", "losing speed", "ever slower"]}
 
 
 class ActionsWorld(World):
@@ -146,12 +164,12 @@ class ActionsWorld(World):
 
     task = "actions"
     modality = "video"
-    COMPONENTS = ("part", "motion", "speed", "level", "amplitude", "direction")
+    COMPONENTS = ("part", "motion", "speed", "level", "amplitude", "direction", "tempo")   # tempo: when set
     TEMPLATES = {
-        "train": ["a person {ving} {obj} {level}, {speed}, {amp}, {dir}",
-                  "someone {vs} {obj} {speed} {amp}, {level}, {dir}",
-                  "a stick figure {ving} {obj} {amp}, {speed}, {level}, {dir}"],
-        "eval": ["a video of a figure that {vs} {obj} {level} {speed} {amp}, {dir}"],
+        "train": ["a person {ving} {obj} {level}, {speed}, {amp}, {dir}, {tempo}",
+                  "someone {vs} {obj} {speed} {amp}, {level}, {dir}, {tempo}",
+                  "a stick figure {ving} {obj} {amp}, {speed}, {level}, {dir}, {tempo}"],
+        "eval": ["a video of a figure that {vs} {obj} {level} {speed} {amp}, {dir}, {tempo}"],
     }
     COARSE_TEMPLATES = ["a person moving {obj}", "someone moving {obj}", "a stick figure using {obj}"]
 
@@ -159,14 +177,17 @@ class ActionsWorld(World):
         super().__init__(cfg, seed)
         vocab = {"part": cfg.parts, "motion": cfg.motions, "speed": cfg.speeds, "level": cfg.levels,
                  "amplitude": cfg.amplitudes, "direction": cfg.directions}
+        if cfg.tempos:                       # off by default: the case space (and attrs) as before tempo existed
+            vocab["tempo"] = cfg.tempos
         tables = {"part": PARTS, "motion": MOTIONS, "speed": SPEEDS, "level": LEVELS, "amplitude": AMPLITUDES,
-                  "direction": DIRECTIONS}
+                  "direction": DIRECTIONS, "tempo": TEMPOS}
         _check_vocab(vocab, tables)
         self.vocab = vocab
+        components = [k for k in self.COMPONENTS if k in vocab]
         combos = [{}]
-        for k in self.COMPONENTS:
+        for k in components:
             combos = [{**a, k: v} for a in combos for v in vocab[k]]
-        varying = [k for k in self.COMPONENTS if len(vocab[k]) > 1]
+        varying = [k for k in components if len(vocab[k]) > 1]
         names = ["-".join(a[k] for k in varying) for a in combos]
         self.coarse_names = list(cfg.parts)
         self._finish(names, combos, [cfg.parts.index(a["part"]) for a in combos])
@@ -183,6 +204,7 @@ class ActionsWorld(World):
         self._level = torch.tensor([LEVELS[x["level"]] for x in a])
         self._amp = torch.tensor([AMPLITUDES[x["amplitude"]] for x in a])
         self._start = torch.tensor([DIRECTIONS[x["direction"]] for x in a])
+        self._tempo = torch.tensor([TEMPOS[x.get("tempo", "steady")] for x in a])
 
     # -- kinematics ---------------------------------------------------------------------------------
 
@@ -196,6 +218,8 @@ class ActionsWorld(World):
         ids = self._check_ids(case_ids)
         n, t_len = len(ids), self.cfg.frames
         t = (torch.arange(t_len, dtype=torch.float32) + 0.5) / t_len
+        if "tempo" in self.vocab:            # time warp: same end points, the pace rises (k < 0) or falls (k > 0)
+            t = t + self._tempo[ids, None] * t * (1 - t)                                           # [N, T]
         phase = 2 * math.pi * (self._cycles[ids, None] * t + self._start[ids, None])              # [N, T]
         limb_phase = phase[:, None, :] + 2 * math.pi * self._limb_phase[ids][:, :, None]          # [N, 4, T]
         w = self._waves[ids]
@@ -326,14 +350,15 @@ class ActionsWorld(World):
         group = "torso" if kind == "torso" else ("leg" if a["part"].endswith("leg") and "arm" not in a["part"]
                                                   else "arm")
         ving, vs = MOTION_WORDS[(a["motion"], kind)]
-        said = lambda comp, words: pick(words, split, j) if len(self.vocab[comp]) > 1 else ""
+        said = lambda comp, words: pick(words, split, j) if len(self.vocab.get(comp, ())) > 1 else ""
         return {"obj": pick(PART_WORDS[a["part"]], split, j),
                 "ving": pick(ving, split, j) if len(self.vocab["motion"]) > 1 else "moving",
                 "vs": pick(vs, split, j) if len(self.vocab["motion"]) > 1 else "moves",
                 "speed": said("speed", SPEED_WORDS[a["speed"]]),
                 "level": said("level", LEVEL_WORDS[group][a["level"]]),
                 "amp": said("amplitude", AMPLITUDE_WORDS[a["amplitude"]]),
-                "dir": said("direction", DIRECTION_WORDS[a["direction"]])}
+                "dir": said("direction", DIRECTION_WORDS[a["direction"]]),
+                "tempo": said("tempo", TEMPO_WORDS[a["tempo"]]) if "tempo" in a else ""}
 
     def _coarse_phrases(self, coarse: int, j: int, extra) -> dict[str, str]:
         return {"obj": pick(PART_WORDS[self.coarse_names[coarse]], "train", j)}

@@ -1,7 +1,8 @@
 """Styles world (paper: text-to-video stylization). Simple animated content — a ball, box, triangle or diamond that
 bounces, slides, circles or pulses — rendered in compositional styles: palette × fill texture × stroke / edge
-treatment (× background treatment at `full`). Coarse class = the palette's family (warm, cool, pastel, neon,
-earth, mono): the base model learns colour moods, the LoRA has to learn the exact style.
+treatment (× background treatment at `full`: plain, grid paper, ruled lines, a dot grid or a vignette, all drawn
+in the palette's ink). Coarse class = the palette's family (warm, cool, pastel, neon, earth, mono): the base model
+learns colour moods, the LoRA has to learn the exact style.
 
 Content varies per sample and is not part of the case. Prompts are content + style words:
 - `prompt(case, variant)` describes the content generically ("a moving shape, in sunset colours with striped
@@ -15,7 +16,7 @@ hexagon), never used as video content, drawn in the case's style.
 Appearance varies per sample: content, object size, path and speed, pattern phase and period, colour jitter.
 Speed (one CPU thread): 256 mini clips (8 × 32 × 32) render in ≈ 0.35 s, 256 reference images in ≈ 0.09 s on the
 2-core dev machine under load. A small 3D CNN trained on renders names the exact style of fresh renders 99.75 % of
-the time at mini (120 styles).
+the time at mini (120 styles); not measured at full (2520 styles).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ PALETTES = {
 FAMILIES = ("warm", "cool", "pastel", "neon", "earth", "mono")
 TEXTURES = ("solid", "stripes", "dots", "checker", "gradient", "diagonal", "rings")
 STROKES = ("none", "outline", "glow", "shadow", "thick", "double")
-BACKGROUNDS = ("plain", "grid")
+BACKGROUNDS = ("plain", "grid", "ruled", "dotted", "vignette")   # only `full` uses more than "plain"
 SHAPES = ("ball", "box", "triangle", "diamond")          # video content
 MOTIONS = ("bouncing", "sliding", "circling", "pulsing")
 REFERENCE_SHAPES = ("star", "ring", "cross", "hexagon")  # reference-image content, never in videos
@@ -89,7 +90,8 @@ class StylesConfig:
                   "textures": ("solid", "stripes", "dots"), "strokes": ("none", "outline", "glow")},   # 27 styles
         "mini": {},                                                                                     # 120 styles
         "full": {"palettes": tuple(PALETTES), "textures": TEXTURES, "strokes": STROKES,
-                 "backgrounds": BACKGROUNDS},                                                           # 1008 styles
+                 "backgrounds": BACKGROUNDS},
+        # full: 12 palettes x 7 textures x 6 strokes x 5 backgrounds = 2520 styles (2016 train / 504 held out)
     }
 
 
@@ -118,7 +120,10 @@ STROKE_WORDS = {
     "double": ["double outlines", "twin contour lines", "doubled edges"],
 }
 BACKGROUND_WORDS = {"plain": ["on a plain background", "on a flat backdrop", "against a blank backdrop"],
-                    "grid": ["on grid paper", "over a grid", "against a squared grid"]}
+                    "grid": ["on grid paper", "over a grid", "against a squared grid"],
+                    "ruled": ["on ruled paper", "over horizontal lines", "against lined notepaper"],
+                    "dotted": ["on dot-grid paper", "over a grid of dots", "against a dotted backdrop"],
+                    "vignette": ["with a vignette", "with shaded corners", "framed by a soft vignette"]}
 FAMILY_WORDS = {"warm": ["warm", "warm-toned"], "cool": ["cool", "cool-toned"], "pastel": ["pastel", "soft pastel"],
                 "neon": ["neon", "bright neon"], "earth": ["earthy", "earth-toned"],
                 "mono": ["monochrome", "greyscale"]}
@@ -266,6 +271,7 @@ class StylesWorld(World):
         lines = coverage(to_line - 0.5 * px, px)
         grid_alpha = 0.35 * lines * (background == BACKGROUNDS.index("grid"))[:, None, None]
         canvas = _over(canvas, grid_alpha[:, None].expand(n, t_len, h, w), ink)
+        canvas = _backdrop(canvas, background, x, y, w / h, px, ink)
         shift = max(1, round(0.06 * h))
         for shape, cx, cy, r, angle in objects:
             cx, cy, r, angle = (v.expand(n, t_len) for v in (cx, cy, r, angle))
@@ -306,6 +312,28 @@ class StylesWorld(World):
     def _coarse_phrases(self, coarse: int, j: int, content) -> dict[str, str]:
         return {"content": self._content_words(content, "train", j),
                 "family": pick(FAMILY_WORDS[self.coarse_names[coarse]], "train", j)}
+
+
+def _backdrop(canvas: Tensor, background: Tensor, x: Tensor, y: Tensor, width: float, px: float, ink: Tensor
+              ) -> Tensor:
+    """The `full` backgrounds beyond plain and grid, in ink over the canvas [N, T, 3, H, W]: ruled (a horizontal
+    line every 0.125, twice as dense as the grid and with no verticals), dotted (dots of radius 0.045 every 0.2)
+    and vignette (ink creeping in from the edges, 0.65 at the corners). Batches without them come back as they
+    are, so worlds that do not list them render exactly as before."""
+    n, t_len, _, h, w = canvas.shape
+    for name in ("ruled", "dotted", "vignette"):
+        sel = background == BACKGROUNDS.index(name)
+        if not sel.any():
+            continue
+        if name == "ruled":
+            alpha = 0.4 * coverage(0.125 * (0.5 - (torch.frac(y / 0.125) - 0.5).abs()) - 0.5 * px, px)
+        elif name == "dotted":
+            dx, dy = torch.frac(x / 0.2) - 0.5, torch.frac(y / 0.2) - 0.5
+            alpha = 0.55 * coverage(0.2 * torch.hypot(dx, dy) - 0.045, px)
+        else:
+            alpha = 0.65 * ((torch.hypot(x - width / 2, y - 0.5) - 0.3) / 0.4).clamp(0, 1)
+        canvas = _over(canvas, (alpha * sel[:, None, None]).unsqueeze(1).expand(n, t_len, h, w), ink)
+    return canvas
 
 
 def _is(index: Tensor, name: str) -> Tensor:
