@@ -62,6 +62,23 @@ class GenerateConfig:
 GenerateConfig.PRESETS["paper"] = GenerateConfig.PRESETS["wan"]
 
 
+@dataclass(frozen=True)
+class EvalSeeds:
+    """First seeds of the scored streams of a comparison: sample noise, style / face references, ground-truth
+    renders, denoising-loss renders. All lie below the evaluators' training seeds (>= 900,000,000) and apart
+    from every training stream; `of(seed)` gives a run's."""
+
+    sample: int
+    reference: int
+    ground_truth: int
+    denoise: int
+
+    @classmethod
+    def of(cls, seed: int) -> "EvalSeeds":
+        """The streams of run seed `seed` (notebook 06's held-out comparison and notebook 07 share them)."""
+        return cls(*(s + 100_000 * seed for s in (11_000_000, 12_000_000, 13_000_000, 14_000_000)))
+
+
 def eval_plan(world, case_ids: Sequence[int], per_case: int, seed: int, split: str = "train"
               ) -> tuple[list[int], list[str], list[int]]:
     """`per_case` samples of each case: (case id of each sample, its prompt, its noise seed), N = len·per_case.
@@ -299,3 +316,30 @@ def base_competence(gen, world, evaluators, *, n: int, seed: int, cfg: GenerateC
         "coarse_acc_base_heldout_fine": float(evaluators.score(fine, heldout)["coarse_acc"].mean()),
         "samples": {"coarse": coarse, "fine": fine, "real": real, "ids": ids, "heldout": heldout},
     }
+
+
+def compare(gen, world, evaluators, methods: dict, case_ids: Sequence[int], *, per_case: int, seeds: EvalSeeds,
+            split: str = "eval", cfg: GenerateConfig | None = None, text=None, progress: bool = False):
+    """The per-sample table every comparison of methods uses: each method samples the same cases, prompts and
+    noise (`eval_plan(world, case_ids, per_case, seeds.sample, split)`), and ground-truth renders of the cases join
+    as the method "ground truth".
+
+    methods: {name: None (the base model) or {case_id: LoraWeights}} (one LoRA per case; several cases may share
+    one object). Returns a pandas DataFrame with one row per (method, sample): method, sample, case_id, split, the
+    task's metrics (`score_cases`) and denoise (`denoising_loss`; NaN for ground truth). Summarise it with
+    `case_means` then `summarize` / `paired_difference`.
+    """
+    import pandas as pd
+
+    ids, prompts, noise = eval_plan(world, case_ids, per_case, seeds.sample, split=split)
+    text = _text_encoder(text, next(gen.parameters()).device)
+    frames = [score_cases(evaluators, world, ids, world.render(ids, seed=seeds.ground_truth), prompts,
+                          reference_seed=seeds.reference).assign(method="ground truth", denoise=np.nan)]
+    for name, loras in methods.items():
+        per_sample = None if loras is None else [loras[c] for c in ids]
+        x = generate(gen, world, ids, per_sample, prompts, noise, cfg=cfg, text=text, progress=progress)
+        frame = score_cases(evaluators, world, ids, x, prompts, reference_seed=seeds.reference)
+        frame["denoise"] = denoising_loss(gen, world, ids, per_sample, prompts, seeds.denoise, text=text)
+        frames.append(frame.assign(method=name))
+    table = pd.concat([f.assign(sample=range(len(ids))) for f in frames], ignore_index=True)
+    return table[["method", "sample", *[c for c in table.columns if c not in ("method", "sample")]]]

@@ -3,6 +3,7 @@ its zoo of trained per-case LoRAs and its reference-image condition bank (built 
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,3 +209,30 @@ def test_reference_loras_sample_through_generate(run, data):
     base = generate(gen, world, [case], None, [prompt], [5], cfg=cfg, progress=False)
     assert x.shape == (3, *world.shape) and torch.isfinite(x).all()
     assert all(float((x[i] - base[0]).abs().max()) > 1e-4 for i in range(3))  # each LoRA changed the sample
+
+
+def test_reference_loras_and_compare_score_every_method_on_the_same_plan(run, data):
+    """`reference_loras` gives each method one LoRA per case (the mean LoRA shared), and `compare` scores every
+    method on the same samples: a method listed twice under two names gets identical scores, ground truth joins
+    without a denoising loss, and a LoRA changes the scores of a sample against the base."""
+    from lofa.baselines import REFERENCES, reference_loras
+    from lofa.evaluate import EvalSeeds, compare
+
+    cases = data.heldout_ids[:2] + data.train_ids[:2]
+    loras, sources = reference_loras(data, cases)
+    assert set(loras) == set(REFERENCES) and all(set(v) == set(cases) for v in loras.values())
+    assert len({id(w) for w in loras["mean LoRA"].values()}) == 1
+    oracle = sources[sources.method == "oracle LoRA"].set_index("case_id").source_case
+    assert all(oracle[c] == c for c in data.train_ids[:2])          # a training case's oracle is itself
+    assert all(oracle[c] in data.train_ids for c in data.heldout_ids[:2])
+
+    methods = {"base": None, "base again": None, "mean LoRA": loras["mean LoRA"]}
+    table = compare(run.base("styles"), run.world("styles"), run.evaluators("styles"), methods, cases, per_case=1,
+                    seeds=EvalSeeds.of(0), cfg=GenerateConfig(steps=2))
+    assert list(table.method.unique()) == ["ground truth", "base", "base again", "mean LoRA"]
+    assert len(table) == 4 * len(cases)
+    by = {m: f.drop(columns="method").reset_index(drop=True) for m, f in table.groupby("method")}
+    assert by["base"].equals(by["base again"])
+    assert by["ground truth"].denoise.isna().all() and by["base"].denoise.notna().all()
+    assert not np.allclose(by["base"].denoise, by["mean LoRA"].denoise)
+    assert EvalSeeds.of(1).sample - EvalSeeds.of(0).sample == 100_000

@@ -216,3 +216,35 @@ def mean_train_map(data: Triplets, tau: float = 0.02, chunk: int = 8) -> Tensor:
         maps, _ = lora_maps(data.base, data.batch(ids[start:start + chunk]).loras, tau)
         total += maps.sum(0)
     return total / len(ids)
+
+
+# --- every reference for a list of cases -------------------------------------------------------------------------
+REFERENCES = ("mean LoRA", "nearest LoRA", "oracle LoRA")
+
+
+@torch.no_grad()
+def reference_loras(data: Triplets, case_ids: Sequence[int], split: str = "eval", device="cpu"):
+    """The three reference predictors' LoRAs for `case_ids`, queried with each case's `split` condition (view 0).
+
+    Returns ({method: {case_id: LoraWeights}} for the methods of REFERENCES, a pandas DataFrame with one row per
+    (method, case): the case whose LoRA was returned, and the nearest LoRA's similarity / the oracle's shared
+    attributes). The mean LoRA is one object shared by every case (it ignores the condition).
+    """
+    import pandas as pd
+
+    mean, mean_info = mean_lora(data.zoo, device=device)
+    loras: dict[str, dict[int, LoraWeights]] = {name: {} for name in REFERENCES}
+    rows = []
+    bank = data.conditions(split)
+    for case in case_ids:
+        tokens, mask = bank.get([case])
+        loras["mean LoRA"][case] = mean
+        loras["nearest LoRA"][case], near = nearest_lora(data, tokens, mask, device)
+        loras["oracle LoRA"][case], oracle = oracle_lora(data.world, data.zoo, case, device)
+        rows += [{"method": "mean LoRA", "case_id": case, "source_case": None,
+                  "svd_error": mean_info["relative_error"]},
+                 {"method": "nearest LoRA", "case_id": case, "source_case": near["case_id"],
+                  "similarity": near["similarity"]},
+                 {"method": "oracle LoRA", "case_id": case, "source_case": oracle["case_id"],
+                  "shared_attributes": oracle["matches"], "attributes": oracle["attributes"]}]
+    return loras, pd.DataFrame(rows)

@@ -323,3 +323,15 @@ def cli_predict(args) -> int:
         print(f"  {phase:<20s} {1e3 * seconds:9.1f} ms")
     print(f"  {'total':<20s} {1e3 * sum(times.values()):9.1f} ms")
     return 0
+
+
+@torch.no_grad()
+def predict_cases(model: LoFA, bank, case_ids, chunk: int = 8) -> dict[int, dict]:
+    """LoFA's LoRA for each case of `case_ids` from its condition in `bank` (a ConditionBank, view 0), predicted
+    `chunk` cases at a time -> {case_id: LoraWeights}."""
+    out = {}
+    for i in range(0, len(case_ids), chunk):
+        ids = list(case_ids[i:i + chunk])
+        tokens, mask = bank.get(ids)
+        out.update(zip(ids, model.predict_batch(tokens, mask)))
+    return out
