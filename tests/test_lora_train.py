@@ -17,13 +17,7 @@ TINY_DIT = {"patch_size": (1, 2, 2), "num_layers": 2, "num_heads": 2, "head_dim"
             "text_dim": 32, "freq_dim": 32, "rope_max_seq_len": 32, "zero_init_output": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds waiting, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class StubWorld:

@@ -46,7 +46,7 @@ def remake_command(scale: str, task: str) -> str:
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
