@@ -13,7 +13,9 @@ from lofa.evaluate import (GenerateConfig, case_means, denoising_loss, eval_plan
 from lofa.lora.formats import LoraFactor
 from lofa.lora.train import apply_lora
 from lofa.lora.zoo import select_cases
-from test_lora_train import StubText, StubWorld, one_thread, tiny_generator  # noqa: F401
+from test_lora_train import StubText, StubWorld, tiny_generator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class World(StubWorld):

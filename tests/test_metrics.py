@@ -145,14 +145,8 @@ def test_encoder_shapes(shape, modality):
 SANITY_SEED = 4242  # outside every evaluator training seed range (EvalConfig.seed_offset + ...)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Smoke-size convolutions: a second intra-op thread costs more in synchronisation than it gains (several
-    times over on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# smoke-size convolutions: a second intra-op thread costs more in synchronisation than it gains
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["actions", "styles", "identities"])

@@ -14,7 +14,9 @@ from lofa.io import read_json
 from lofa.lora.formats import load_lora
 from lofa.lora.train import apply_lora
 from lofa.lora.zoo import INDEX, Zoo, build_zoo
-from test_lora_train import StubText, StubWorld, one_thread, tiny_config, tiny_generator  # noqa: F401
+from test_lora_train import StubText, StubWorld, tiny_config, tiny_generator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TESTS = Path(__file__).resolve().parent
 
