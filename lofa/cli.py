@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--run-root", default="runs", help="training artifacts in RUN_ROOT/<scale>/ (default: runs)")
     pt.add_argument("--overrides", metavar="YAML", help="recipe overrides, e.g. {BaseTrainConfig: {steps: 4000}}")
     pt.add_argument("--retrain", action="store_true", help="train from scratch even if the run folder has models")
+    pt.add_argument("--part", default="models", choices=["models", "zoo"],
+                    help="models: the base generator and evaluators; zoo: the per-case LoRA zoo on the shipped base")
     pt.add_argument("--out", metavar="DIR", help="write DIR/<task>/ instead of data/pretrained/<scale>/<task>/")
     pt.set_defaults(func=_call("lofa.models.pretrained:cli_pretrain"))
 

@@ -151,15 +151,22 @@ class Run:
     @functools.cache
     def zoo(self, task: str, progress: bool = True, shard: tuple[int, int] | None = None):
         """One LoRA per selected case (`ZooConfig`): every held-out case — held-out LoRAs are the per-case
-        baseline — and train cases up to the scale's cap. shard=(i, n) trains the i-th of n shares and returns
+        baseline — and train cases up to the cap, if any: the shipped zoo (data/pretrained/) when its recipe, seed
+        and base match, trained here otherwise. shard=(i, n) trains the i-th of n shares and returns
         None (`build_zoo`; `Run.build` steps "zoo_shard", key "task:i/n"); the plain call then completes it."""
         from lofa.lora.train import LoraTrainConfig
         from lofa.lora.zoo import ZooConfig, build_zoo, select_cases
 
-        world = self.world(task)
+        from lofa.lora.zoo import zoo_header
+        from lofa.models import pretrained
+
+        world, gen, cfg = self.world(task), self.base(task), self.config(LoraTrainConfig)
         case_ids = select_cases(world, self.config(ZooConfig).max_cases, self.seed)
-        return build_zoo(world, self.base(task), self.config(LoraTrainConfig), self.path("zoo", task), self.device,
-                         seed=self.seed, case_ids=case_ids, progress=progress, shard=shard)
+        out = self.path("zoo", task)
+        if self.pretrained and case_ids == [c.id for c in world.cases]:
+            pretrained.install_zoo(self.scale, task, out, zoo_header(world, gen, cfg, self.seed))
+        return build_zoo(world, gen, cfg, out, self.device, seed=self.seed, case_ids=case_ids, progress=progress,
+                         shard=shard)
 
     # ------------------------------------------------------------------ the LoFA hypernetwork (notebooks 05, 06)
     @functools.cache

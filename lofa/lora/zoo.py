@@ -4,8 +4,8 @@ Layout of a zoo folder:
     index.json                  {"task", "seed", "config", "base", "loras": [entry per LoRA, by case id]}
     loras/case_00012.safetensors  diffusers-loadable LoRA (rank and alpha stored) + the LoRA's metadata
 
-Which cases get a LoRA: `ZooConfig.max_cases` caps a zoo's size (`select_cases`); every held-out case always gets
-one, since held-out per-case LoRAs are the baseline that predicted LoRAs are compared with.
+Which cases get a LoRA: every case at every preset; `ZooConfig.max_cases` can cap a zoo's size (`select_cases`), and
+every held-out case always gets one, since held-out per-case LoRAs are the baseline predicted LoRAs are compared with.
 
 Every write is atomic (temp file + rename): a LoRA file first, then the index. The files are the truth and the
 index is rebuilt from their metadata on every start, so a kill at any moment loses at most the LoRAs in training:
@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from lofa.errors import LofaError
@@ -45,9 +46,9 @@ class ZooConfig:
 
     max_cases: int | None = None    # LoRAs per zoo (None = every case); held-out cases are always all included
 
-    # mini: every case of every world costs ~1 h of 2 CPU cores (~6 s a LoRA); 120 a task keeps the issue's minimum
-    # of 100 while leaving room for the rest of the pipeline. full: every case (>= 1,000 per task).
-    PRESETS = {"smoke": {}, "mini": {"max_cases": 120}, "full": {}}
+    # every scale gives every case a LoRA: a cap would drop training cases and break the worlds' guarantee that each
+    # held-out component value is seen in training
+    PRESETS = {"smoke": {}, "mini": {}, "full": {}}
 
 
 def quality_seeds(seed: int = 0) -> tuple[int, int, int, int]:
@@ -91,6 +92,20 @@ def base_fingerprint(gen, names: list[str]) -> str:
         h.update(name.encode())
         h.update(w.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def zoo_header(world, gen, cfg: LoraTrainConfig, seed: int) -> dict:
+    """What identifies a zoo (its index.json minus the entries): task, seed, resolved recipe and base fingerprint;
+    two zoos with equal headers (up to `_FREE_FIELDS`) hold the same LoRAs."""
+    cfg = cfg.for_task(world.task)
+    return {"task": world.task, "seed": seed, "config": asdict(cfg),
+            "base": base_fingerprint(gen, gen.lora_target_modules(cfg.include_ffn))}
+
+
+def same_zoo(found: dict, expected: dict) -> bool:
+    """Whether two zoo headers (`zoo_header`) describe the same LoRAs."""
+    return (all(found.get(k) == expected[k] for k in ("task", "seed", "base"))
+            and _recipe(found.get("config", {})) == _recipe(expected["config"]))
 
 
 def _recipe(config: dict) -> dict:
@@ -155,8 +170,7 @@ def build_zoo(world, gen, cfg: LoraTrainConfig, zoo_dir: str | os.PathLike, devi
     cfg = cfg.for_task(world.task)
     gen.to(device)
     case_ids = [c.id for c in world.cases] if case_ids is None else list(case_ids)
-    header = {"task": world.task, "seed": seed, "config": asdict(cfg),
-              "base": base_fingerprint(gen, gen.lora_target_modules(cfg.include_ffn))}
+    header = zoo_header(world, gen, cfg, seed)
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise LofaError(f"shard {shard!r}: give (i, n) with 0 <= i < n")
     entries = _reconcile(zoo_dir, header, clean=shard is None)
@@ -229,7 +243,9 @@ class Zoo:
     def load(self, case_id: int, device="cpu") -> tuple[LoraWeights, dict]:
         """(weights {module_name: LoraFactor}, metadata) of one case's LoRA."""
         weights, meta = load_lora(self.path(case_id))
-        return {n: LoraFactor(f.A.to(device), f.B.to(device), f.alpha) for n, f in weights.items()}, meta
+        # float32 whatever the file stores: the shipped zoos keep their factors in float16 (exact in float32)
+        return {n: LoraFactor(f.A.to(device, torch.float32), f.B.to(device, torch.float32), f.alpha)
+                for n, f in weights.items()}, meta
 
     def frame(self):
         """The index as a pandas DataFrame, one row per LoRA (for tables and plots)."""

@@ -7,10 +7,12 @@ the pipeline. `lofa pretrain` trains them once on a GPU and writes one folder pe
     base/summary.json      its training record (config, seed, device, wall time), as `train_base` writes it
     base/loss.json         its loss curve
     evaluators/            <role>.safetensors + evaluators.json, as `train_evaluators` writes them
+    zoo/                   the per-case LoRA collection (index.json + loras/case_*.safetensors, factors in float16),
+                           as `build_zoo` writes it on the shipped base (`lofa pretrain --part zoo`)
     manifest.json          command, commit, device, wall time, quality numbers, and the sha256 of every file above
 
-`Run.base` and `Run.evaluators` install a folder into the run directory when its recorded config and seed equal
-the run's (an override that changes the recipe trains instead), after checking every file against the manifest:
+`Run.base`, `Run.evaluators` and `Run.zoo` install a folder into the run directory when its recorded config and seed
+equal the run's (an override that changes the recipe trains instead), after checking every file against the manifest:
 a missing, truncated or altered file is a one-line `LofaError` naming it and the command that remakes it, raised
 before anything is copied.
 """
@@ -116,6 +118,21 @@ def install_evaluators(scale: str, task: str, out_dir: Path, fingerprint: str) -
     return True
 
 
+def install_zoo(scale: str, task: str, out_dir: Path, header: dict) -> bool:
+    """Copy the shipped LoRA zoo of (scale, task) into `out_dir` when its index header (task, seed, recipe, base
+    fingerprint: `lofa.lora.zoo.zoo_header`) equals `header` and `out_dir` holds no zoo yet. Returns whether it did."""
+    from lofa.lora.zoo import INDEX, same_zoo
+
+    where = folder(scale, task) / "zoo"
+    if not where.exists() or (Path(out_dir) / INDEX).exists():
+        return False
+    verify(scale, task)
+    if not same_zoo(read_json(where / INDEX), header):
+        return False
+    _copy_tree(where, Path(out_dir))
+    return True
+
+
 def _copy_tree(src: Path, dest: Path) -> None:
     """Replace `dest` by a copy of `src`, atomically (a half-copied folder never takes its name)."""
     from lofa.models.generator import atomic_dir
@@ -124,9 +141,66 @@ def _copy_tree(src: Path, dest: Path) -> None:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
+def _file_records(folder_: Path) -> dict:
+    """{relative path: {"sha256", "bytes"}} of every file under `folder_` but the manifest; refuses a file over
+    16 MiB (the repository's limit)."""
+    files = {}
+    for path in sorted(p for p in folder_.rglob("*") if p.is_file() and p.name != MANIFEST):
+        size = path.stat().st_size
+        if size > 16 * 2**20:
+            raise LofaError(f"{path.relative_to(folder_)} is {size / 2**20:.1f} MiB; shipped files must stay under "
+                            "16 MiB: make the model smaller")
+        files[str(path.relative_to(folder_))] = {"sha256": sha256(path), "bytes": size}
+    return files
+
+
+def export_zoo(run, task: str, dest: Path, command: str) -> dict:
+    """Add `run`'s complete zoo of `task` to the shipped folder `dest` (which already holds its base): the LoRA
+    factors are stored in float16 (the largest relative ΔW error this costs is measured and recorded), the index
+    as built; the manifest gains the zoo's files and record. Atomic: the old folder stays until the new one is
+    complete. Returns the manifest."""
+    from lofa.lora.formats import LoraFactor, load_lora, save_lora
+    from lofa.lora.zoo import INDEX, LORA_DIR, PIPELINE_PREFIX
+    from lofa.models.generator import atomic_dir
+
+    zoo = run.zoo(task, progress=False)
+    manifest = read_json(Path(dest) / MANIFEST)
+    if manifest is None:
+        raise LofaError(f"{dest} has no {MANIFEST}; ship the base first (lofa pretrain --part models)")
+    prefix = PIPELINE_PREFIX[run.base(task, progress=False).kind]
+    worst = 0.0
+    with atomic_dir(Path(dest)) as tmp:
+        shutil.copytree(dest, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("zoo"))
+        (tmp / "zoo" / LORA_DIR).mkdir(parents=True)
+        shutil.copy2(zoo.dir / INDEX, tmp / "zoo" / INDEX)
+        for entry in zoo:
+            weights, meta = load_lora(zoo.dir / entry["file"])
+            half = {n: LoraFactor(f.A.half(), f.B.half(), f.alpha) for n, f in weights.items()}
+            for n, f in weights.items():
+                exact = f.delta_rows()
+                err = (half[n].delta_rows() - exact).norm() / exact.norm().clamp_min(1e-30)
+                worst = max(worst, float(err))
+            save_lora(tmp / "zoo" / entry["file"], half, meta, prefix=prefix)
+        entries = list(zoo)
+        manifest["zoo"] = {"config": read_json(zoo.dir / INDEX)["config"], "loras": len(entries),
+                           "wall_time_s": sum(e.get("wall_time_s", 0.0) for e in entries),
+                           "float16_max_relative_delta_error": worst, "command": command,
+                           "device": _device(run), "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        manifest["files"] = _file_records(tmp)
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def _device(run) -> str:
+    from lofa.reproduce import device_description
+
+    return device_description(str(run.device))
+
+
 def export(run, task: str, dest: Path, quality: dict, command: str) -> dict:
     """Write the shipped folder of `task` from `run`'s trained base and evaluators to `dest` (atomically);
-    returns its manifest."""
+    returns its manifest. A zoo shipped in `dest` belonged to the old base and goes with it (`--part zoo` remakes
+    it)."""
     from lofa.models.generator import atomic_dir
     from lofa.reproduce import device_description, git_commit, package_versions
 
@@ -136,13 +210,7 @@ def export(run, task: str, dest: Path, quality: dict, command: str) -> dict:
     with atomic_dir(dest) as tmp:
         shutil.copytree(base_dir, tmp / "base", ignore=shutil.ignore_patterns("checkpoint.pt", ".*"))
         shutil.copytree(eval_dir, tmp / "evaluators", ignore=shutil.ignore_patterns(".*"))
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            size = path.stat().st_size
-            if size > 16 * 2**20:
-                raise LofaError(f"{path.relative_to(tmp)} is {size / 2**20:.1f} MiB; shipped files must stay under "
-                                "16 MiB: make the model smaller")
-            files[str(path.relative_to(tmp))] = {"sha256": sha256(path), "bytes": size}
+        files = _file_records(tmp)
         manifest = {
             "scale": run.scale, "task": task, "seed": run.seed, "command": command, "commit": git_commit(),
             "device": device_description(str(run.device)), "created": time.strftime("%Y-%m-%d %H:%M:%S UTC",
@@ -173,8 +241,9 @@ def quality_numbers(run, task: str) -> dict:
 
 
 def cli_pretrain(args) -> int:
-    """`lofa pretrain`: train (or resume) the base generator and evaluators of one task at one scale, measure
-    notebook 02's quality numbers, and write the shipped folder (default data/pretrained/<scale>/<task>/)."""
+    """`lofa pretrain`: --part models trains (or resumes) the base generator and evaluators of one task at one scale,
+    measures notebook 02's quality numbers and writes the shipped folder (default data/pretrained/<scale>/<task>/);
+    --part zoo trains the per-case LoRA zoo on the shipped base and adds it to that folder."""
     from lofa.config import resolve_device
     from lofa.pipeline import TASKS, Run
 
@@ -185,18 +254,28 @@ def cli_pretrain(args) -> int:
     if args.overrides and not Path(args.overrides).is_file():
         raise LofaError(f"overrides file {args.overrides} not found; give a YAML file of "
                         "{ConfigClass: {field: value}}")
+    part = getattr(args, "part", "models")
     device = resolve_device(args.device)
-    run = Run(args.scale, device, args.seed, Path(args.run_root) / args.scale, args.overrides, pretrained=False)
+    run = Run(args.scale, device, args.seed, Path(args.run_root) / args.scale, args.overrides,
+              pretrained=part == "zoo")
     command = f"lofa pretrain --scale {args.scale} --task {args.task} --device {args.device}" + \
-        (f" --seed {args.seed}" if args.seed else "") + (f" --overrides {args.overrides}" if args.overrides else "")
+        (f" --part {part}" if part != "models" else "") + (f" --seed {args.seed}" if args.seed else "") + \
+        (f" --overrides {args.overrides}" if args.overrides else "")
     for task in tasks:
+        dest = Path(args.out) / task if args.out else folder(args.scale, task)
+        if part == "zoo":
+            if args.retrain:
+                shutil.rmtree(run.path("zoo", task), ignore_errors=True)
+            manifest = export_zoo(run, task, dest, command)
+            print(f"{task}: wrote {dest / 'zoo'}  {manifest['zoo']['loras']} LoRAs, float16 factors (largest "
+                  f"relative ΔW error {manifest['zoo']['float16_max_relative_delta_error']:.1e})")
+            continue
         if args.retrain:
-            for part in ("base", "evaluators"):
-                shutil.rmtree(run.path(part, task), ignore_errors=True)
+            for name in ("base", "evaluators"):
+                shutil.rmtree(run.path(name, task), ignore_errors=True)
         run.base(task)
         run.evaluators(task)
         quality = quality_numbers(run, task)
-        dest = Path(args.out) / task if args.out else folder(args.scale, task)
         export(run, task, dest, quality, command)
         print(f"{task}: wrote {dest}  coarse accuracy {quality['coarse_acc_base']:.2f}, Fréchet distance "
               f"{quality['fd_base_vs_renders']:.2f} = {quality['fd_over_other_cases_floor']:.1f}x the other-cases "
