@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(args.run_dir) / "base" / args.task / "summary.json").exists():
             raise LofaError(f"no trained {args.task} base in {args.run_dir}; run the pipeline (notebook 02) first")
         run = Run(args.scale, args.device, args.seed, args.run_dir)
-        cfg = run.config(LoraTrainConfig)
+        cfg = run.config(LoraTrainConfig).for_task(args.task)  # the recipe the task's zoo is trained with
         world = run.world(args.task)
         result = replicate_cosine(run.base(args.task, progress=False), world, world.ids("train")[: args.cases],
                                   cfg, args.seed, args.device)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lofa.lora.replicates: error: {e}", file=sys.stderr)
         return 2
     print(f"{args.task} ({args.scale}, rank {cfg.rank}, {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
-          f"shared init {cfg.shared_init}): cos(ΔW) between two replicates of one case {result['same_case']:.3f}, "
+          f"FFN {cfg.include_ffn}, shared init {cfg.shared_init}): cos(ΔW) between two replicates of one case {result['same_case']:.3f}, "
           f"between different cases {result['other_case']:.3f} ({result['cases']} cases)")
     return 0
 
