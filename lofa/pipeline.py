@@ -157,16 +157,37 @@ class Run:
         from lofa.lora.train import LoraTrainConfig
         from lofa.lora.zoo import ZooConfig, build_zoo, select_cases
 
-        from lofa.lora.zoo import zoo_header
-        from lofa.models import pretrained
-
         world, gen, cfg = self.world(task), self.base(task), self.config(LoraTrainConfig)
         case_ids = select_cases(world, self.config(ZooConfig).max_cases, self.seed)
+        self.install_zoo(task)
+        return build_zoo(world, gen, cfg, self.path("zoo", task), self.device, seed=self.seed, case_ids=case_ids,
+                         progress=progress, shard=shard)
+
+    def install_zoo(self, task: str) -> bool:
+        """Install the shipped zoo of `task` (data/pretrained/) into the run when it holds every case this run's
+        zoo selects, with this run's recipe, seed and base; returns whether the run's zoo is the shipped one."""
+        from lofa.lora.train import LoraTrainConfig
+        from lofa.io import read_json
+        from lofa.lora.zoo import INDEX, ZooConfig, select_cases, same_zoo, zoo_header
+        from lofa.models import pretrained
+
+        world = self.world(task)
+        if not self.pretrained or select_cases(world, self.config(ZooConfig).max_cases, self.seed) != \
+                [c.id for c in world.cases]:
+            return False
+        header = zoo_header(world, self.base(task), self.config(LoraTrainConfig), self.seed)
         out = self.path("zoo", task)
-        if self.pretrained and case_ids == [c.id for c in world.cases]:
-            pretrained.install_zoo(self.scale, task, out, zoo_header(world, gen, cfg, self.seed))
-        return build_zoo(world, gen, cfg, out, self.device, seed=self.seed, case_ids=case_ids, progress=progress,
-                         shard=shard)
+        pretrained.install_zoo(self.scale, task, out, header)
+        index = read_json(out / INDEX)
+        return index is not None and same_zoo(index, header) and len(index["loras"]) == len(world.cases)
+
+    def zoos(self, tasks: tuple[str, ...] = TASKS, shares: int = 2) -> dict:
+        """{task: Zoo} of several tasks: shipped zoos installed (`install_zoo`), the others trained side by side in
+        `shares` worker processes a task (`build`, step "zoo_shard") and then completed and indexed by `zoo`."""
+        to_train = [task for task in tasks if not self.install_zoo(task)]
+        if to_train:
+            self.build([("zoo_shard", f"{task}:{i}/{shares}") for task in to_train for i in range(shares)])
+        return {task: self.zoo(task) for task in tasks}
 
     # ------------------------------------------------------------------ the LoFA hypernetwork (notebooks 05, 06)
     @functools.cache
@@ -236,6 +257,8 @@ class Run:
             diffusion = DiffusionLoss(self.base(task), data.world, data.text or TextEncoder(self.device), data.cfg,
                                       seed=self.seed)
         stage2 = Stage2.from_stage1(stage1)
+        if train2.start == "mean":
+            stage2.lora_head.set_start(data.mean_factors())
         fit(stage2, Stage2Objective(data.base, train2, stage1, diffusion),
             data.batch_fn(train2.batch_size, seed=self.seed + train2.seed + 1), train2, out / "stage2",
             device=str(self.device), progress=progress)
@@ -320,7 +343,7 @@ def _build_job(args: tuple, step: str, key: str) -> None:
 
 # Hypernetwork variants run.hypernet trains: the paper's two-stage LoFA (L1 on ΔW), and the same Stage II with the
 # L1 term on the factors A and B instead (the paper's wording; one Stage I shared by both) -> Stage2TrainConfig fields
-HYPERNET_VARIANTS = {"lofa": {}, "recon_factors": {"recon": "factors"}}
+HYPERNET_VARIANTS = {"lofa": {}, "recon_factors": {"recon": "factors"}, "zero_start": {"start": "zero"}}
 
 
 def _setting(name: str) -> tuple[str, str, str]:

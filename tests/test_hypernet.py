@@ -432,3 +432,58 @@ def test_attention_is_per_head_softmax_attention_with_key_mask():
             scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
             heads.append(scores.softmax(-1) @ v[..., sl])
         torch.testing.assert_close(out, module.out(torch.cat(heads, dim=-1)), atol=1e-5, rtol=1e-5)
+
+
+# --- where Stage II's prediction starts ------------------------------------------------------------------------
+def mean_start(spec, rank=4, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return {t: (torch.randn(rank, target.shape[1], generator=g) * 0.1, torch.randn(target.shape[0], rank, generator=g)
+                * 0.01) for t, target in enumerate(spec.targets)}
+
+
+def test_a_mean_start_predicts_the_start_factors_exactly_and_both_projections_learn():
+    spec, weights, base = mixed_base()
+    s1, s2 = random_stage2(tiny_cfg(), spec)
+    start = mean_start(spec)
+    s2.lora_head.set_start(start)
+    cond, mask = condition()
+    targets = torch.arange(len(spec))
+    f = s1(base, targets, cond, mask, decode_map=False).features
+    lora = s2.lora(s2(base, targets, cond, mask, f), targets)
+    for t, name in enumerate(spec.names):
+        A, B, _ = lora[name]
+        for i in range(2):  # every condition starts at the same factors
+            torch.testing.assert_close(A[i], start[t][0], rtol=0, atol=0)
+            torch.testing.assert_close(B[i], start[t][1], rtol=0, atol=0)
+    # a step of any loss reaches both zeroed projections (A = A0 + Â and B = B0 + B̂ with A0, B0 nonzero)
+    loss = sum((B @ A).square().sum() for A, B, _ in lora.values())
+    loss.backward()
+    assert s2.lora_head.a.weight.grad.abs().sum() > 0 and s2.lora_head.b.weight.grad.abs().sum() > 0
+
+
+def test_the_start_factors_are_saved_and_loaded_and_a_zero_start_saves_none(tmp_path):
+    spec, weights, _ = mixed_base()
+    s1, s2 = random_stage2(tiny_cfg(), spec)
+    assert not any("start" in k for k in s2.state_dict())  # the paper's head: same files as before
+    save_pretrained(tmp_path / "zero", s2, s1, condition_encoder={"kind": "text", "max_length": 8})
+    s2.lora_head.set_start(mean_start(spec))
+    with torch.no_grad():
+        s2.lora_head.b.weight.normal_(0, 0.05)  # a trained residual on top of the start
+    save_pretrained(tmp_path / "mean", s2, s1, condition_encoder={"kind": "text", "max_length": 8})
+    cond, mask = condition(n=1, valid=(4,))
+    zero = LoFA.from_pretrained(tmp_path / "zero", base_weights=weights).predict(cond[0], mask[0])
+    mean = LoFA.from_pretrained(tmp_path / "mean", base_weights=weights).predict(cond[0], mask[0])
+    targets = torch.arange(len(spec))
+    _, _, base = mixed_base()
+    f = s1(base, targets, cond, mask, decode_map=False).features
+    ref = s2.lora(s2(base, targets, cond, mask, f), targets)
+    for name in spec.names:
+        torch.testing.assert_close(mean[name].B, ref[name][1][0], rtol=1e-4, atol=1e-7)
+        assert not torch.allclose(mean[name].B, zero[name].B)
+
+
+def test_the_start_refuses_factors_of_another_rank():
+    spec, _, _ = mixed_base()
+    _, s2 = random_stage2(tiny_cfg(), spec)
+    with pytest.raises(LofaError, match="rank"):
+        s2.lora_head.set_start(mean_start(spec, rank=3))

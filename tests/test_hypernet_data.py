@@ -217,3 +217,39 @@ def test_delta_l1_per_case_is_zero_for_the_zoo_lora_and_grows_with_the_error(set
     assert (l1_zero > 0).all() and (swapped > 0).all()
     half = [{n: LoraFactor(f.A, f.B / 2, f.alpha) for n, f in lora.items()} for lora in own]
     np.testing.assert_allclose(delta_l1_per_case(data, ids, half), l1_zero / 2, rtol=1e-4)
+
+
+def test_mean_factors_are_the_train_loras_means_and_a_shared_a_makes_them_the_mean_lora(setup, tmp_path):
+    world, gen, zoo, data = setup
+    start = data.mean_factors()
+    assert sorted(start) == list(range(len(data.spec)))
+    name = data.spec.names[0]
+    loras = [zoo.load(c)[0][name] for c in data.train_ids]  # held-out LoRAs never enter the start
+    torch.testing.assert_close(start[0][0], torch.stack([f.A for f in loras]).mean(0))
+    torch.testing.assert_close(start[0][1], torch.stack([f.B for f in loras]).mean(0))
+    assert data.mean_factors_error() > 0.5  # random, unrelated A: the factor means are far from the mean ΔW
+    # a zoo whose LoRAs share one A (LoraTrainConfig.shared_init, before A moves): the product of the means is the
+    # mean LoRA exactly
+    shared = fake_zoo(tmp_path / "shared", world, gen)
+    first = {n: f.A for n, f in shared.load(shared.case_ids()[0])[0].items()}
+    for entry in shared:
+        weights, meta = shared.load(entry["case_id"])
+        save_lora(shared.dir / entry["file"], {n: LoraFactor(first[n], f.B, f.alpha) for n, f in weights.items()},
+                  meta)
+    same_a = Triplets(world, Zoo(shared.dir), gen, "text", CFG, text=StubText(), seed=3)
+    assert same_a.mean_factors_error() < 1e-5
+
+
+def test_a_stage2_started_at_the_mean_factors_predicts_the_mean_lora(setup):
+    world, gen, zoo, data = setup
+    cfg = HyperConfig(d_model=16, n_heads=2, depth=2, patch=8, rank=RANK, alpha=float(RANK), cond_dim=StubText.dim,
+                      cond_len=12, map_rank=4)
+    stage1 = Stage1(cfg, data.spec)
+    stage2 = Stage2.from_stage1(stage1)
+    stage2.lora_head.set_start(data.mean_factors())
+    batch = data.batch(data.heldout_ids[:2], split="eval")
+    f = stage1(data.base, batch.targets, batch.cond, batch.cond_mask, decode_map=False).features
+    lora = stage2.lora(stage2(data.base, batch.targets, batch.cond, batch.cond_mask, f), batch.targets)
+    for t, name in enumerate(data.spec.names):
+        A, B, _ = lora[name]
+        torch.testing.assert_close(B[0] @ A[0], data.mean_factors()[t][1] @ data.mean_factors()[t][0])

@@ -54,6 +54,33 @@ def test_shipped_folder_matches_its_manifest_loads_samples_and_is_what_the_prese
     assert evaluators.score(renders, [case])["coarse_acc"].shape == (1,)
 
 
+@pytest.mark.parametrize("where", SHIPPED, ids=lambda p: f"{p.parent.name}-{p.name}")
+def test_the_shipped_zoo_is_what_the_preset_trains_on_the_shipped_base_for_every_case(where, tmp_path):
+    from lofa.lora.train import LoraTrainConfig
+    from lofa.lora.zoo import INDEX, Zoo, same_zoo, zoo_header
+    from lofa.models.generator import Generator
+    from lofa.pipeline import Run
+
+    scale, task = where.parent.name, where.name
+    if not (where / "zoo").exists():
+        pytest.skip(f"no zoo shipped for {scale}/{task}")
+    manifest = pretrained.verify(scale, task)
+    run = Run(scale, "cpu", manifest["seed"], tmp_path / "run")
+    world = run.world(task)
+    gen = Generator.load(where / "base" / "generator")
+    index = json.loads((where / "zoo" / INDEX).read_text())
+    # the preset must still be the shipped zoo's recipe, or `make reproduce` would silently train the zoo on the CPU
+    assert same_zoo(index, zoo_header(world, gen, run.config(LoraTrainConfig), run.seed)), \
+        f"re-run `lofa pretrain --scale {scale} --task {task} --device cuda --part zoo`"
+    zoo = Zoo(where / "zoo")
+    assert zoo.case_ids() == [c.id for c in world.cases]  # every case, no cap
+    assert {zoo[c]["split"] for c in zoo.case_ids()} == {"train", "heldout"}
+    assert manifest["zoo"]["float16_max_relative_delta_error"] < 1e-3
+    weights, meta = zoo.load(zoo.case_ids("heldout")[0])
+    assert set(weights) == set(gen.lora_target_modules(zoo.config.include_ffn)) and meta["split"] == "heldout"
+    assert all(f.A.dtype == torch.float32 and torch.isfinite(f.B).all() and f.B.any() for f in weights.values())
+
+
 def read_fingerprint(where: Path) -> str:
     return json.loads((where / "evaluators" / "evaluators.json").read_text())["fingerprint"]
 
@@ -135,3 +162,36 @@ def test_a_run_installs_matching_shipped_models_and_trains_when_the_recipe_diffe
     other = Run("smoke", "cpu", 0, tmp_path / "other", overrides={"BaseTrainConfig": {"steps": 21}})
     with pytest.raises(AssertionError, match="trained although"):
         other.base("styles")
+
+
+def test_a_run_installs_a_matching_shipped_zoo_and_trains_when_the_lora_recipe_differs(tmp_path, monkeypatch):
+    """Smoke scale: `lofa pretrain --part zoo` adds the zoo to a shipped folder; a fresh run installs it (every
+    case, the same factors up to float16) without training a LoRA, and another LoRA recipe trains instead."""
+    import lofa.lora.zoo as zoo_module
+    from lofa.cli import main
+    from lofa.pipeline import Run
+
+    root = tmp_path / "pretrained"
+    common = ["--scale", "smoke", "--task", "styles", "--device", "cpu", "--out", str(root / "smoke")]
+    assert main(["pretrain", *common, "--run-root", str(tmp_path / "made")]) == 0
+    monkeypatch.setenv("LOFA_PRETRAINED", str(root))
+    assert main(["pretrain", *common, "--run-root", str(tmp_path / "made_zoo"), "--part", "zoo"]) == 0
+    manifest = pretrained.verify("smoke", "styles")
+    assert manifest["zoo"]["loras"] == len(Run("smoke", "cpu", 0, tmp_path / "x").world("styles").cases)
+    assert any(name.startswith("zoo/loras/") for name in manifest["files"])
+    trained = zoo_module.Zoo(tmp_path / "made_zoo" / "smoke" / "zoo" / "styles")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although a matching shipped zoo exists")
+
+    monkeypatch.setattr(zoo_module, "train_lora_batch", no_training)
+    run = Run("smoke", "cpu", 0, tmp_path / "run")
+    installed = run.zoos(("styles",))["styles"]
+    assert installed.case_ids() == trained.case_ids()
+    case = installed.case_ids()[0]
+    for name, f in installed.load(case)[0].items():
+        exact = trained.load(case)[0][name].delta_w
+        assert (f.delta_w - exact).norm() / exact.norm() < 1e-3  # float16 factors
+    other = Run("smoke", "cpu", 0, tmp_path / "other", overrides={"LoraTrainConfig": {"steps": 11}})
+    with pytest.raises(AssertionError, match="trained although"):
+        other.zoo("styles")

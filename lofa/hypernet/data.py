@@ -199,6 +199,31 @@ class Triplets:
             raise LofaError("the zoo's LoRAs have different alphas; the hypernetwork predicts one alpha")
         return float(self.alpha[0])
 
+    def mean_factors(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """{target index: (mean A [r, in], mean B [out, r])} over the TRAIN LoRAs, B scaled by each LoRA's
+        alpha / r over the predicted alpha / r: where Stage II's prediction starts (`LoraHead.set_start`).
+
+        A zoo trained from one shared A (`LoraTrainConfig.shared_init`) keeps every A near it, so (mean B) @ (mean A)
+        is close to the mean ΔW; `mean_factors_error` measures how close.
+        """
+        rows = torch.tensor([self.row[c] for c in self.train_ids])
+        scale = self.alpha[rows] / self.alpha_value  # every LoRA in the predicted alpha's units (1 in a zoo)
+        return {t: (self.A[n][rows].mean(0), (self.B[n][rows] * scale[:, None, None]).mean(0))
+                for t, n in enumerate(self.spec.names)}
+
+    def mean_factors_error(self) -> float:
+        """‖(mean B)(mean A) − mean ΔW‖_F / ‖mean ΔW‖_F over all targets (train LoRAs): how far the factor means
+        start from the mean LoRA."""
+        rows = torch.tensor([self.row[c] for c in self.train_ids])
+        err, norm = 0.0, 0.0
+        for t, (a0, b0) in self.mean_factors().items():
+            n = self.spec.names[t]
+            mean_dw = delta((self.A[n][rows], self.B[n][rows], self.alpha[rows])).mean(0)
+            start = self.alpha_value / self.rank * (b0 @ a0)
+            err += float((start - mean_dw).pow(2).sum())
+            norm += float(mean_dw.pow(2).sum())
+        return (err / norm) ** 0.5 if norm > 0 else 0.0
+
     def lora(self, case_id: int) -> dict[str, tuple[Tensor, Tensor, float]]:
         """One case's LoRA as {name: (A [r, in], B [out, r], alpha)}."""
         i = self.row[case_id]

@@ -271,10 +271,15 @@ class LoraHead(nn.Module):
     learned gain: A is divided by sqrt(in) (the scale of a trained LoRA's A, as peft initialises it) and B is
     multiplied by rms(W), because the tokens saw W / rms(W) and ΔW must come back in W's units. The factors
     returned are the LoRA: the loss, the diffusion term, the merge and the saved file all use (alpha / r) · B @ A.
-    B starts at zero (ΔW = 0), as a LoRA does.
+
+    Where the prediction starts: the paper's head starts at ΔW = 0 (B's projection zero, A's random). `set_start`
+    instead puts fixed factors under the prediction — A = A₀ + Â, B = B₀ + B̂ with (A₀, B₀) per target, e.g. the
+    mean factors of the training LoRAs, and both projections zero — so training begins at the mean LoRA and the
+    network learns only what the condition changes (the residual). A₀ and B₀ are buffers, saved with the weights; a
+    head without them (the paper's) has none, so its files and its speed are the paper head's.
     """
 
-    def __init__(self, cfg: HyperConfig):
+    def __init__(self, cfg: HyperConfig, n_targets: int, grid_rows: int, grid_cols: int):
         super().__init__()
         d, p, r = cfg.d_model, cfg.patch, cfg.rank
         self.patch, self.rank = p, r
@@ -283,6 +288,34 @@ class LoraHead(nn.Module):
         self.b = nn.Linear(d, p * r)
         nn.init.zeros_(self.b.weight)
         nn.init.zeros_(self.b.bias)
+        self.start_shapes = ((n_targets, r, grid_cols * p), (n_targets, grid_rows * p, r))
+        self.register_buffer("a_start", None)  # set_start (or a loaded state dict) fills them
+        self.register_buffer("b_start", None)
+
+    @torch.no_grad()
+    def set_start(self, factors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Start the prediction at `factors` {target index: (A₀ [r, in], B₀ [out, r])} (targets not named start at
+        zero) and zero both projections, so that the head outputs exactly these factors until trained."""
+        device = self.a.weight.device
+        self.register_buffer("a_start", torch.zeros(self.start_shapes[0], device=device))
+        self.register_buffer("b_start", torch.zeros(self.start_shapes[1], device=device))
+        for t, (a0, b0) in factors.items():
+            if a0.shape[0] != self.rank or b0.shape[1] != self.rank:
+                raise LofaError(f"start factors of target {t} have rank {a0.shape[0]}, the head predicts rank "
+                                f"{self.rank}")
+            self.a_start[t, :, : a0.shape[1]] = a0
+            self.b_start[t, : b0.shape[0]] = b0
+        for layer in (self.a, self.b):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a saved head with start factors brings them: make room for them before torch copies them in
+        if prefix + "a_start" in state_dict and self.a_start is None:
+            device = self.a.weight.device
+            self.register_buffer("a_start", torch.empty(self.start_shapes[0], device=device))
+            self.register_buffer("b_start", torch.empty(self.start_shapes[1], device=device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, feats: torch.Tensor, targets: torch.Tensor, tokenizer: WeightTokenizer,
                 w_rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,6 +326,8 @@ class LoraHead(nn.Module):
         b = self.b(rows).view(N, m, -1, r)
         a = a * tokenizer.in_features[targets].to(a.dtype).rsqrt()[:, None, None]
         b = b * w_rms[targets].to(b.dtype)[:, None, None]
+        if self.a_start is not None:
+            a, b = a + self.a_start[targets], b + self.b_start[targets]
         return a, b
 
 
@@ -340,7 +375,8 @@ class Stage2(nn.Module):
         super().__init__()
         self.cfg, self.spec = cfg, spec
         self.backbone = HyperNet(cfg, spec, cfg.feature_cross_after)
-        self.lora_head = LoraHead(cfg)
+        tokenizer = self.backbone.tokenizer
+        self.lora_head = LoraHead(cfg, len(spec), tokenizer.grid_rows, tokenizer.grid_cols)
 
     @classmethod
     def from_stage1(cls, stage1: Stage1) -> "Stage2":

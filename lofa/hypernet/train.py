@@ -71,6 +71,10 @@ class Stage2TrainConfig(TrainConfig):
     term (the authors: 8 per step on 4 GPUs, against 192 for Stage I)."""
 
     batch_size: int = 2
+    # Where Stage II's LoRA starts: "mean" puts the training LoRAs' mean factors under the head (`LoraHead.set_start`)
+    # so that step 0 predicts the mean LoRA and the network learns the condition's residual; "zero" is the paper's
+    # start at ΔW = 0 (B = 0), from which the L1 first has to find the mean LoRA before the condition can matter.
+    start: str = "mean"
 
     # lambda_diff 1, not the authors' 10: our L1 is relative to rms(W). What decides held-out quality is the volume
     # of the diffusion term, not the L1: much of a zoo LoRA's ΔW is training noise (identities at mini, shared init:
@@ -89,6 +93,11 @@ class Stage2TrainConfig(TrainConfig):
         "wan": {},
         "paper": {},
     }
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.start not in ("mean", "zero"):
+            raise LofaError(f"unknown Stage II start {self.start!r}; use 'mean' (the training LoRAs' mean) or 'zero'")
 
 
 @dataclass
