@@ -316,10 +316,13 @@ def _kohya_resolver(module_names: Iterable[str] | None):
 
 
 def load_lora(path: str | os.PathLike, module_names: Iterable[str] | None = None) -> tuple[LoraWeights, dict]:
-    """Read a LoRA file in any supported naming -> (LoraWeights keyed by diffusers module name, lofa metadata).
+    """Read a LoRA file in any supported naming -> (weights, metadata).
+
+    weights: LoraWeights, {diffusers module name: LoraFactor(A [r, in], B [out, r], alpha)}, in natural order;
+    metadata: the dict lofa stored under "lofa" ({} when absent). `path` may be a folder holding one LoRA file.
 
     `module_names` (the base model's module names) resolves kohya's flattened names exactly; without it they go
-    through the Wan mapping. The metadata is the JSON this package stores under "lofa" ({} when absent).
+    through the Wan mapping.
     Raises LofaError for a missing / corrupt / non-LoRA file, an unknown key, a factor without its partner,
     mismatched ranks, non-2-D (convolutional) factors, DoRA, or NaN / inf values.
     """
@@ -448,7 +451,8 @@ def _adapter_config(weights: LoraWeights) -> dict:
 
 def save_lora(path: str | os.PathLike, weights: LoraWeights, metadata: dict | None = None, fmt: str = "diffusers",
               prefix: str | None = None) -> None:
-    """Write a LoRA safetensors file atomically.
+    """Write `weights` ({module name: LoraFactor(A [r, in], B [out, r], alpha)}) as a LoRA safetensors file,
+    atomically (no partial file on failure).
 
     fmt "diffusers": `{prefix}.{module}.lora_A.weight` / `.lora_B.weight` (prefix default: "unet" for a UNet's
     module names, "transformer" otherwise — what `UNet2DConditionModel.load_lora_adapter(sd, prefix="unet")`, the
