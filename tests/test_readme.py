@@ -65,3 +65,26 @@ def test_lofa_imports_lazily_and_exports_what_the_docstring_lists():
     assert lofa.LoFA is LoFA and lofa.load_lora is load_lora
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         lofa.nothing
+
+
+def test_license_citation_and_data_match_what_the_package_says():
+    import tomllib
+
+    import yaml
+
+    root = README.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    license_text = (root / "LICENSE").read_text()
+    assert project["license"] == "Apache-2.0"
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    citation = yaml.safe_load((root / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and citation["license"] == project["license"]
+    assert citation["version"] == project["version"] == lofa.__version__
+    paper = citation["preferred-citation"]
+    assert paper["title"] == ("LoFA: Learning to Predict Personalized Priors for Fast Adaptation of Visual "
+                              "Generative Models")
+    assert paper["year"] == 2026 and "CVPR" in paper["conference"]["name"]
+    # README's Layout: data/ holds data/pretrained/<scale>/<task>/ (the shipped models) and nothing else
+    assert "data/pretrained/<scale>/<task>/" in README.read_text()
+    assert {p.name for p in (root / "data").iterdir()} - {".gitkeep"} == {"pretrained"}
