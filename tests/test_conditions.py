@@ -1,6 +1,7 @@
 """Conditions are handled as stated: prompts (cut with a warning, empty refused), images (any mode and bit depth,
 fitted to the encoder's resolution by one rule), pose arrays (shape, dtype and range checked), through the Python
 API and `lofa predict`."""
+import dataclasses
 import warnings
 
 import numpy as np
@@ -143,10 +144,15 @@ def test_pose_arrays_are_checked_for_shape_dtype_and_range():
 def test_encoders_record_their_input_shape_and_old_ones_still_load(tmp_path):
     from lofa.worlds import make_world
 
-    for task, shape in (("actions", POSE_SHAPE), ("styles", IMAGE_SHAPE)):
+    for task, shape in (("actions", POSE_SHAPE), ("styles", IMAGE_SHAPE), ("identities", IMAGE_SHAPE)):
         world = make_world(task, "smoke")
+        torch.manual_seed(0)
         encoder = encoder_for_world(world, "smoke")
         assert encoder.config.input_shape == shape == tuple(world.condition([0], seed=3).shape[1:])
+        torch.manual_seed(0)  # recording the shape changes no weight: the pipeline's encoders train as before
+        unrecorded = make_condition_encoder(dataclasses.replace(encoder.config, input_shape=None))
+        assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(),
+                                                     unrecorded.state_dict().values()))
         encoder.save(tmp_path / f"{task}.safetensors")
         assert load_condition_encoder(tmp_path / f"{task}.safetensors").config.input_shape == shape
     old = make_condition_encoder(CondEncoderConfig(kind="image", channels=(4,), dim=8, proj_dim=4))

@@ -147,8 +147,9 @@ def load_condition_encoder(path, device="cpu") -> _CondEncoder:
 def encoder_for_world(world, scale: str = "mini", overrides: dict | None = None) -> _CondEncoder:
     """PoseEncoder for the actions world (pose-sequence conditions), ImageEncoder for reference-image worlds."""
     kind = "pose" if world.task == "actions" else "image"
-    # the shape of one of the world's conditions (a cheap draw), so that users' conditions can be fitted to it
-    shape = tuple(world.condition(world.ids("train")[:1], seed=0).shape[1:])
+    # the shape of one of the world's conditions, so that users' conditions can be fitted to it: a pose video has
+    # the renders' (3, T, H, W), a reference image one frame's (3, H, W)
+    shape = tuple(world.shape) if kind == "pose" else (3, *world.shape[-2:])
     fields = {"kind": kind, "input_shape": shape, **({"grid": (4, 2, 2)} if kind == "pose" else {}),
               **(overrides or {})}
     return make_condition_encoder(preset(CondEncoderConfig, scale, fields))
