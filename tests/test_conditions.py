@@ -252,3 +252,6 @@ def test_lofa_predict_accepts_good_conditions_of_every_kind(checkpoints, tmp_pat
         assert code == 0 and f"wrote {out}" in printed, err
         lora, meta = load_lora(out)
         assert len(lora) == 6 and meta["source"] == "lofa predict"
+    long_prompt = "a person kicks to the side with the left leg, slowly, twice, then turns around and bows"
+    code, _, err = run_predict(capsys, checkpoints / "text", "--prompt", long_prompt, out=tmp_path / "long.safetensors")
+    assert code == 0 and err.startswith("lofa: warning: prompt") and "tokens are cut" in err and err.count("\n") == 1

@@ -157,18 +157,27 @@ def test_wan_naming_is_refused_for_a_unet(unet, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_lofa_predict_for_a_unet_base_writes_a_file_the_unet_loads(unet, tmp_path, capsys, key_warnings):
-    """`lofa predict` over a UNet base: the file carries `unet.` keys and loads with prefix="unet"."""
+def text_checkpoint(net, base_dir, checkpoint_dir, max_length=8):
+    """A text-conditioned LoFA checkpoint with random weights over `net`, saved as a diffusers folder in base_dir
+    that the checkpoint names by its relative path (as the pipeline's checkpoints do)."""
+    import os
+
     from test_hypernet import random_stage2, tiny_cfg
 
-    from lofa.hypernet import LoFA, TargetSpec, save_pretrained
+    from lofa.hypernet import TargetSpec, save_pretrained
+
+    net.save_pretrained(base_dir, safe_serialization=True)
+    _, s2 = random_stage2(tiny_cfg(cond_dim=384), TargetSpec.from_module(net))
+    save_pretrained(checkpoint_dir, s2, None, condition_encoder={"kind": "text", "max_length": max_length},
+                    base=os.path.relpath(base_dir, checkpoint_dir))
+
+
+def test_lofa_predict_for_a_unet_base_writes_a_file_the_unet_loads(unet, tmp_path, capsys, key_warnings):
+    """`lofa predict` over a UNet base: the file carries `unet.` keys and loads with prefix="unet"."""
+    from lofa.hypernet import LoFA
     from lofa.hypernet.predictor import cli_predict
 
-    unet.save_pretrained(tmp_path / "base", safe_serialization=True)
-    spec = TargetSpec.from_module(unet)
-    _, s2 = random_stage2(tiny_cfg(cond_dim=384), spec)
-    save_pretrained(tmp_path / "ckpt", s2, None, condition_encoder={"kind": "text", "max_length": 8},
-                    base="../base")
+    text_checkpoint(unet, tmp_path / "base", tmp_path / "ckpt")
     out = tmp_path / "pred.safetensors"
     args = argparse.Namespace(checkpoint=str(tmp_path / "ckpt"), prompt="a face with round glasses", image=None,
                               pose=None, out=str(out), device="cpu")

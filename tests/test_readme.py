@@ -19,20 +19,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A folder laid out like a run: runs/mini/base/actions/generator/ and the checkpoint that names it."""
-    from test_hypernet import random_stage2, tiny_cfg
+    from test_diffusers_loading import text_checkpoint
 
-    from lofa.hypernet import TargetSpec, save_pretrained
     from lofa.models.video_dit import VideoDiTConfig, make_video_dit
 
     root = tmp_path_factory.mktemp("readme")
     torch.manual_seed(0)
     net = make_video_dit(VideoDiTConfig(num_layers=2, num_heads=2, head_dim=8, ffn_dim=32, text_dim=384))
-    base = root / "runs/mini/base/actions/generator"
-    net.save_pretrained(base, safe_serialization=True)
-    checkpoint = root / "runs/mini/hypernet/actions-text/lofa"
-    _, s2 = random_stage2(tiny_cfg(cond_dim=384), TargetSpec.from_module(net))
-    save_pretrained(checkpoint, s2, None, condition_encoder={"kind": "text", "max_length": 32},
-                    base=os.path.relpath(base, checkpoint))
+    text_checkpoint(net, root / "runs/mini/base/actions/generator", root / "runs/mini/hypernet/actions-text/lofa",
+                    max_length=32)
     return root
 
 
