@@ -1,105 +1,204 @@
 """The `lofa` command. Each subcommand parses its arguments here and calls one library function; heavy modules are
-imported only when their subcommand runs, so `lofa --help` is instant."""
+imported only when their subcommand runs, so `lofa --help` is instant.
+
+Every option has a help text with its default; a usage error prints one line and exits 2, as bad input found by
+the library does (LofaError).
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import warnings
 
+from lofa.config import SCALES
 from lofa.errors import LofaError
 
+DEVICES = ["auto", "cpu", "cuda"]
+# The paper's settings and tasks, as lofa.pipeline.SETTINGS / TASKS name them (that module imports torch, too slow
+# for --help; tests/test_cli_help.py checks the two agree). The library validates them with its own message.
+SETTINGS = ["actions-text", "actions-pose", "styles", "identities"]
+TASKS = ["actions", "styles", "identities"]
+OVERRIDES_HELP = ("path of a YAML file whose top-level keys are config class names, e.g. a file holding "
+                  "'{name}: {{{field}: {value}}}'")
 
-SCALES = ["smoke", "mini", "full", "wan", "paper"]
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, without "(default: None)" and "(default: False)" for unset options and
+    flags, where it says nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
-def _call(target: str):
-    module, func = target.split(":")
-    return lambda args: getattr(importlib.import_module(module), func)(args)
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (what to do included) and exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Command:
+    """The library function "module:function" a subcommand runs, imported when it runs (not at parse time)."""
+
+    def __init__(self, target: str):
+        self.module, self.function = target.split(":")
+
+    def __call__(self, args: argparse.Namespace):
+        return getattr(importlib.import_module(self.module), self.function)(args)
+
+
+def _add_run_options(parser: argparse.ArgumentParser, device_help: str, root_help: str) -> None:
+    """--scale, --device, --seed and --run-root, shared by the subcommands that make pipeline artifacts."""
+    parser.add_argument("--scale", default="mini", choices=SCALES, help="scale preset of every config")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help=device_help)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the worlds, the splits and every training")
+    parser.add_argument("--run-root", default="runs", metavar="DIR", help=root_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lofa", description="LoFA reproduction: pipeline, response maps, LoRA "
-                                "prediction and benchmarks.")
+    p = Parser(prog="lofa", description="LoFA reproduction: pipeline, response maps, LoRA prediction and "
+               "benchmarks. 'lofa COMMAND --help' describes each command.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("reproduce", help="run the pipeline notebooks through papermill at a scale")
-    r.add_argument("--scale", default="mini", choices=SCALES)
-    r.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks (name or number)")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r = sub.add_parser("reproduce", help="run the pipeline notebooks through papermill at a scale",
+                       description="Run the pipeline notebooks in order; a notebook whose cache is valid is skipped.")
+    _add_run_options(r, "where the notebooks compute (auto: the GPU when torch sees one)",
+                     "results go to RUN_ROOT/<scale>/")
+    r.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks (name or number, e.g. 03)")
     r.add_argument("--force", action="store_true", help="rerun notebooks even when their cache is valid")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--run-root", default="runs", help="results go to RUN_ROOT/<scale>/ (default: runs)")
     r.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the console")
     r.add_argument("--publish", action="store_true", help="copy the figures and manifest to figures/<scale>/")
-    r.set_defaults(func=_call("lofa.reproduce:cli_reproduce"))
+    r.set_defaults(func=_Command("lofa.reproduce:cli_reproduce"))
 
     pt = sub.add_parser("pretrain", help="train the base generator and evaluators of a task and write the shipped "
-                        "folder data/pretrained/<scale>/<task>/ (weights, config, manifest with sha256)")
-    pt.add_argument("--scale", default="mini", choices=SCALES)
-    pt.add_argument("--task", required=True, help="actions, styles, identities, or all")
-    pt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--run-root", default="runs", help="training artifacts in RUN_ROOT/<scale>/ (default: runs)")
-    pt.add_argument("--overrides", metavar="YAML", help="recipe overrides, e.g. {BaseTrainConfig: {steps: 4000}}")
+                        "folder data/pretrained/<scale>/<task>/ (weights, config, manifest with sha256)",
+                        description="Train (or resume) a task's base generator and evaluators and write the shipped "
+                        "folder.")
+    pt.add_argument("--task", required=True, metavar="TASK",
+                    help=f"one of {', '.join(TASKS)}, or all (required)")
+    _add_run_options(pt, "where to train (auto: the GPU when torch sees one)", "training artifacts go to "
+                     "RUN_ROOT/<scale>/")
+    pt.add_argument("--overrides", metavar="YAML",
+                    help="recipe overrides: " + OVERRIDES_HELP.format(name="BaseTrainConfig", field="steps",
+                                                                      value=4000))
     pt.add_argument("--retrain", action="store_true", help="train from scratch even if the run folder has models")
     pt.add_argument("--part", default="models", choices=["models", "zoo"],
                     help="models: the base generator and evaluators; zoo: the per-case LoRA zoo on the shipped base")
     pt.add_argument("--out", metavar="DIR", help="write DIR/<task>/ instead of data/pretrained/<scale>/<task>/")
-    pt.set_defaults(func=_call("lofa.models.pretrained:cli_pretrain"))
+    pt.set_defaults(func=_Command("lofa.models.pretrained:cli_pretrain"))
 
-    m = sub.add_parser("response-map", help="response map |ΔW/W| > τ of a LoRA file against its base model")
-    m.add_argument("--base", required=True, help="diffusers model folder or one .safetensors file")
-    m.add_argument("--lora", required=True, help="LoRA .safetensors (diffusers/peft, Wan/DiffSynth or kohya)")
-    m.add_argument("--tau", type=float, default=0.02)
-    m.add_argument("--json", action="store_true", help="print one JSON object")
-    m.add_argument("--plot", metavar="FILE", help="save a figure of the response map")
-    m.set_defaults(func=_call("lofa.analysis:cli_response_map"))
+    m = sub.add_parser("response-map", help="response map |ΔW/W| > τ of a LoRA file against its base model",
+                       description="Relative change |ΔW| / |W| of every LoRA module and its response map above τ.")
+    m.add_argument("--base", required=True, metavar="PATH",
+                   help="base model: a diffusers model or pipeline folder, or one .safetensors file (required)")
+    m.add_argument("--lora", required=True, metavar="PATH",
+                   help="LoRA .safetensors file or folder, in diffusers/peft, Wan/DiffSynth or kohya naming (required)")
+    m.add_argument("--tau", type=float, default=0.02, help="response threshold τ on |ΔW| / |W| (the paper's 2 %%)")
+    m.add_argument("--json", action="store_true", help="print one JSON object instead of the readable summary")
+    m.add_argument("--plot", metavar="FILE", help="also save a figure of the response map to FILE (PNG, PDF, ...)")
+    m.set_defaults(func=_Command("lofa.analysis:cli_response_map"))
 
-    t = sub.add_parser("train", help="train the hypernetwork of one setting (runs under accelerate launch too)")
-    t.add_argument("--setting", required=True, help="a paper setting: actions-text, actions-pose, styles, identities")
+    t = sub.add_parser("train", help="train the hypernetwork of one setting (runs under accelerate launch too)",
+                       description="Train one setting's Stage I (and Stage II) and whatever upstream artifact is "
+                       "missing; the predictor goes to RUN_ROOT/<scale>/hypernet/<setting>/lofa/.")
+    t.add_argument("--setting", required=True, metavar="SETTING",
+                   help=f"a paper setting: one of {', '.join(SETTINGS)} (required)")
     t.add_argument("--stage", type=int, default=2, choices=[1, 2], help="1: Stage I only; 2: both stages")
-    t.add_argument("--scale", default="mini", choices=SCALES)
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--run-root", default="runs", help="artifacts in RUN_ROOT/<scale>/ (default: runs)")
-    t.add_argument("--overrides", metavar="YAML", help="config overrides, e.g. {Stage2TrainConfig: {steps: 300}}")
-    t.set_defaults(func=_call("lofa.pipeline:cli_train"))
+    _add_run_options(t, "where to train (auto: the GPU when torch sees one)", "artifacts go to RUN_ROOT/<scale>/")
+    t.add_argument("--overrides", metavar="YAML",
+                   help="config overrides: " + OVERRIDES_HELP.format(name="Stage2TrainConfig", field="steps",
+                                                                     value=300))
+    t.set_defaults(func=_Command("lofa.pipeline:cli_train"))
 
-    pr = sub.add_parser("predict", help="predict a LoRA from a condition with a trained LoFA checkpoint")
-    pr.add_argument("--checkpoint", required=True, metavar="DIR")
+    pr = sub.add_parser("predict", help="predict a LoRA from a condition with a trained LoFA checkpoint",
+                        description="Predict one LoRA from one condition and write it as a diffusers-loadable "
+                        "LoRA file. Checkpoints of the pipeline: runs/<scale>/hypernet/<setting>/lofa/. Give the "
+                        "condition the checkpoint was trained on: --prompt (actions-text), --pose (actions-pose), "
+                        "--image (styles, identities).")
+    pr.add_argument("--checkpoint", required=True, metavar="DIR",
+                    help="LoFA checkpoint folder (config.json, stage1/stage2.safetensors), e.g. "
+                    "runs/mini/hypernet/actions-text/lofa (required)")
     cond = pr.add_mutually_exclusive_group(required=True)
-    cond.add_argument("--prompt", metavar="TEXT")
-    cond.add_argument("--image", metavar="FILE")
-    cond.add_argument("--pose", metavar="FILE")
-    pr.add_argument("--out", required=True, metavar="FILE.safetensors")
-    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    pr.set_defaults(func=_call("lofa.hypernet.predictor:cli_predict"))
+    cond.add_argument("--prompt", metavar="TEXT", help="text condition (actions-text), not empty; tokens beyond the "
+                      "checkpoint's text length (32 in the pipeline) are cut, with a warning")
+    cond.add_argument("--image", metavar="FILE", help="reference image (styles, identities): PNG, JPEG, ... of any "
+                      "mode and bit depth, centre-cropped and resized to the encoder's resolution")
+    cond.add_argument("--pose", metavar="FILE", help="pose sequence (actions-pose): .npy, .pt or .safetensors tensor "
+                      "[3, T, H, W] float in [-1, 1] at the encoder's T, H, W (mini: 8 x 32 x 32)")
+    pr.add_argument("--out", required=True, metavar="FILE.safetensors",
+                    help="LoRA file to write (diffusers naming, `transformer.` or `unet.` keys; required)")
+    pr.add_argument("--device", default="auto", choices=DEVICES, help="where to predict (auto: the GPU when torch "
+                    "sees one)")
+    pr.set_defaults(func=_Command("lofa.hypernet.predictor:cli_predict"))
 
-    b = sub.add_parser("bench", help="benchmarks that print their figures")
+    b = sub.add_parser("bench", help="benchmarks that print their figures",
+                       description="Benchmarks that print their figures.")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    lat = bsub.add_parser("latency", help="Stage I + Stage II + merge latency at a preset's shapes")
-    lat.add_argument("--preset", default="paper")
-    lat.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    lat.add_argument("--runs", type=int, default=20)
-    lat.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode (no torch.compile)")
-    lat.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    lat = bsub.add_parser("latency", help="Stage I + Stage II + merge latency at a preset's shapes",
+                          description="Stage I + Stage II + merge latency at a preset's shapes, random weights.")
+    lat.add_argument("--preset", default="paper", choices=SCALES,
+                     help="shapes of the hypernetwork and its targets (paper / wan: 240 Wan2.1-1.3B matrices)")
+    lat.add_argument("--device", default="cuda", choices=["cpu", "cuda"], help="device to time")
+    lat.add_argument("--threads", type=int, default=1, metavar="N",
+                     help="CPU only: torch intra-op threads, pinned for the run (more threads than idle cores make "
+                     "every timing wait on the others)")
+    lat.add_argument("--runs", type=int, default=20, metavar="N",
+                     help="timed runs after warm-up (the median is reported; at least 20)")
+    lat.add_argument("--no-compile", dest="compile", action="store_false",
+                     help="eager mode (no torch.compile; the CPU always runs eager)")
+    lat.add_argument("--compile-mode", default=None, metavar="MODE",
+                     help="torch.compile mode, e.g. reduce-overhead (CUDA graphs); torch's default when unset")
     lat.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash"],
                      help="scaled-dot-product attention backend (auto: torch's choice)")
-    lat.add_argument("--json-out", metavar="FILE")
-    lat.set_defaults(func=_call("lofa.hypernet.bench:cli_bench_latency"))
+    lat.add_argument("--json-out", metavar="FILE", help="also write the figures and every sample to FILE (JSON)")
+    lat.set_defaults(func=bench_latency)
     return p
+
+
+def bench_latency(args: argparse.Namespace) -> int:
+    """`lofa bench latency`: on the CPU, pin torch to --threads intra-op threads for the run and say so."""
+    from lofa.hypernet.bench import cli_bench_latency
+
+    if args.device != "cpu":
+        return cli_bench_latency(args)
+    if args.threads < 1:
+        raise LofaError(f"--threads {args.threads}: give at least 1")
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    print(f"CPU benchmark: torch pinned to {args.threads} intra-op thread(s) (--threads; it had {before}), so the "
+          "timings do not wait on threads that other processes keep busy")
+    try:
+        return cli_bench_latency(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line as one line each (no source line): the user did not write that code."""
+    print(f"lofa: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except LofaError as e:
-        print(f"lofa {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"lofa {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.func(args) or 0)
+        except LofaError as e:
+            print(f"lofa {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"lofa {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ needs only Stage I's features.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Mapping
@@ -96,20 +97,22 @@ class LoFA:
 
         dtype defaults to bf16 on CUDA and float32 on the CPU.
         """
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        meta = read_json(directory / CONFIG_FILE)
+        try:
+            meta = read_json(directory / CONFIG_FILE)
+        except json.JSONDecodeError:
+            raise LofaError(f"{directory / CONFIG_FILE} is not valid JSON; the checkpoint is damaged") from None
         if meta is None:
-            raise LofaError(f"{directory} has no {CONFIG_FILE}: not a LoFA checkpoint (or an interrupted save)")
+            raise LofaError(f"{directory} has no {CONFIG_FILE}: not a LoFA checkpoint (or an interrupted save); "
+                            "checkpoints of the pipeline are in runs/<scale>/hypernet/<setting>/lofa/")
         cfg = HyperConfig(**meta["hyper"])
         spec = TargetSpec.from_dict(meta["targets"])
         stage2 = Stage2(cfg, spec)
-        stage2.load_state_dict(load_file(str(directory / "stage2.safetensors")))
+        _load_weights(stage2, directory / "stage2.safetensors")
         stage1 = None
         if "stage1" in meta["stages"]:
             stage1 = Stage1(cfg, spec)
-            stage1.load_state_dict(load_file(str(directory / "stage1.safetensors")))
+            _load_weights(stage1, directory / "stage1.safetensors")
         encoder = meta.get("condition_encoder")
         if encoder and encoder.get("path"):
             encoder = {**encoder, "path": str(directory / encoder["path"])}
@@ -242,62 +245,69 @@ class LoFA:
             stack.baddbmm_(B, A, alpha=scale)
 
     @torch.no_grad()
-    def encode_condition(self, prompt: str | None = None, image: str | None = None, pose: str | None = None
+    def encode_condition(self, prompt: str | None = None, image=None, pose=None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens [1, K, Dc], mask [1, K]) from the checkpoint's condition encoder."""
-        ref = self.condition_encoder or {}
+        """(tokens [1, K, Dc], mask [1, K] bool) of one condition from the checkpoint's condition encoder.
+
+        Give the one the checkpoint was trained on (`condition_kind`): prompt (text; an empty or blank prompt is
+        refused, one longer than the encoder's max_length tokens is cut with a warning naming the cut); image (a
+        file path or PIL image, any mode and bit depth, fitted to the encoder's resolution:
+        `lofa.models.cond_encoders.image_to_condition`); pose (a .pt / .npy / .safetensors path or a tensor
+        [3, T, H, W] in [-1, 1] of the encoder's T, H, W: `check_pose`). Raises LofaError otherwise.
+        """
+        kind = self.condition_kind
         given = {"text": prompt, "image": image, "pose": pose}
-        kind = ref.get("kind")
         if kind not in given:
             raise LofaError("the checkpoint names no condition encoder; pass condition tokens to predict() instead")
         if given[kind] is None:
-            other = next(k for k, v in given.items() if v is not None)
-            raise LofaError(f"this checkpoint is conditioned on {kind}, not {other}: pass --"
-                            f"{'prompt' if kind == 'text' else kind}")
+            other = next((k for k, v in given.items() if v is not None), None)
+            offered = f", not {other}" if other else ""
+            raise LofaError(f"this checkpoint is conditioned on {kind}{offered}: pass --{CONDITION_OPTION[kind]}")
+        ref = self.condition_encoder
         if kind == "text":
             from lofa.models.text import TextEncoder
 
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise LofaError("the prompt is empty; describe the case to personalize, e.g. --prompt \"a person "
+                                "does a side kick with the left leg\"")
             return TextEncoder(self.device, ref.get("max_length", 32)).encode([prompt])
-        from lofa.models.cond_encoders import load_condition_encoder
+        from lofa.models.cond_encoders import load_condition_encoder, read_condition
 
         encoder = load_condition_encoder(ref["path"], device=self.device)
-        return encoder.encode(_read_condition_file(given[kind]).to(self.device)[None])
+        x = read_condition(given[kind], encoder.config)
+        return encoder.encode(x.to(self.device)[None])
+
+    @property
+    def condition_kind(self) -> str | None:
+        """"text", "image" or "pose": the condition the checkpoint was trained on (None when it names none)."""
+        return (self.condition_encoder or {}).get("kind")
 
 
-def _read_condition_file(path: str) -> torch.Tensor:
-    """An image (PNG/JPEG -> [3, H, W] in [-1, 1]) or a tensor file (.pt / .npy / .safetensors, one tensor)."""
-    path = Path(path)
-    if not path.exists():
-        raise LofaError(f"{path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
-        import numpy as np
-        from PIL import Image
+def _load_weights(module: nn.Module, path: Path) -> None:
+    """module.load_state_dict from a safetensors file; a missing, damaged or mismatched file is a LofaError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-        img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(img).permute(2, 0, 1)
-    if suffix == ".pt":
-        x = torch.load(path, map_location="cpu", weights_only=True)
-    elif suffix == ".npy":
-        import numpy as np
+    try:
+        module.load_state_dict(load_file(str(path)))
+    except (FileNotFoundError, SafetensorError, OSError, RuntimeError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise LofaError(f"{path}: cannot load the weights ({reason}); the checkpoint is incomplete or damaged, "
+                        "retrain it with lofa train") from None
 
-        x = torch.from_numpy(np.load(path))
-    elif suffix == ".safetensors":
-        from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
-        if len(tensors) != 1:
-            raise LofaError(f"{path} holds {len(tensors)} tensors; save the condition as one tensor")
-        x = next(iter(tensors.values()))
-    else:
-        raise LofaError(f"{path}: unknown condition file type; use an image or a .pt / .npy / .safetensors tensor")
-    return x.float()
+# The `lofa predict` option of each condition kind.
+CONDITION_OPTION = {"text": "prompt", "image": "image", "pose": "pose"}
 
 
 def cli_predict(args) -> int:
     """`lofa predict --checkpoint DIR (--prompt TEXT | --image FILE | --pose FILE) --out FILE.safetensors`."""
     from lofa.lora.formats import save_lora
 
+    _check_out(Path(args.out))
+    if not Path(args.checkpoint).is_dir():
+        raise LofaError(f"--checkpoint {args.checkpoint}: no such folder; the pipeline writes each setting's "
+                        "checkpoint to runs/<scale>/hypernet/<setting>/lofa/ (lofa train --setting SETTING)")
     device = torch.device(resolve_device(getattr(args, "device", "auto")))
     t0 = time.perf_counter()
     lofa = LoFA.from_pretrained(args.checkpoint, device=device)
@@ -323,6 +333,16 @@ def cli_predict(args) -> int:
         print(f"  {phase:<20s} {1e3 * seconds:9.1f} ms")
     print(f"  {'total':<20s} {1e3 * sum(times.values()):9.1f} ms")
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a new or existing .safetensors file in an existing folder (checked before any work)."""
+    if out.suffix != ".safetensors":
+        raise LofaError(f"--out {out}: give a file name ending in .safetensors")
+    if out.is_dir():
+        raise LofaError(f"--out {out} is a folder; give a file name ending in .safetensors")
+    if not out.parent.is_dir():
+        raise LofaError(f"--out {out}: folder {out.parent} does not exist; create it first")
 
 
 @torch.no_grad()

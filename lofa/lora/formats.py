@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("diffusers", "wan", "kohya")
 DEFAULT_PREFIX = {"diffusers": "transformer", "wan": "diffusion_model", "kohya": "lora_unet"}
+# The component a diffusers pipeline loads a LoRA file's keys into (`load_lora_weights`, `load_lora_adapter(...,
+# prefix=...)`): "transformer" for Wan-family DiTs, "unet" for the SD / SDXL family (lofa.models.image_unet).
+UNET_PREFIX = "unet"
+# Top-level module names of diffusers' UNet2DConditionModel that carry linear layers (attention and projections);
+# a Wan DiT has "blocks.", "condition_embedder.", "proj_out" instead.
+_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY (0.42)
 LOFA_METADATA_KEY = "lofa"
 
@@ -310,10 +316,13 @@ def _kohya_resolver(module_names: Iterable[str] | None):
 
 
 def load_lora(path: str | os.PathLike, module_names: Iterable[str] | None = None) -> tuple[LoraWeights, dict]:
-    """Read a LoRA file in any supported naming -> (LoraWeights keyed by diffusers module name, lofa metadata).
+    """Read a LoRA file in any supported naming -> (weights, metadata).
+
+    weights: LoraWeights, {diffusers module name: LoraFactor(A [r, in], B [out, r], alpha)}, in natural order;
+    metadata: the dict lofa stored under "lofa" ({} when absent). `path` may be a folder holding one LoRA file.
 
     `module_names` (the base model's module names) resolves kohya's flattened names exactly; without it they go
-    through the Wan mapping. The metadata is the JSON this package stores under "lofa" ({} when absent).
+    through the Wan mapping.
     Raises LofaError for a missing / corrupt / non-LoRA file, an unknown key, a factor without its partner,
     mismatched ranks, non-2-D (convolutional) factors, DoRA, or NaN / inf values.
     """
@@ -409,6 +418,20 @@ def _check_finite(factor: LoraFactor, name: str, where) -> None:
 
 
 # --- writing LoRA files ------------------------------------------------------------------------------------------
+def is_unet(module_names: Iterable[str]) -> bool:
+    """True when the module names are those of a diffusers UNet2DConditionModel (SD / SDXL family)."""
+    return any(name.startswith(_UNET_ROOTS) for name in module_names)
+
+
+def default_prefix(weights: Iterable[str], fmt: str = "diffusers") -> str:
+    """The key prefix `save_lora` writes when given none: for diffusers naming the pipeline component the model
+    family loads into ("unet" for a UNet, "transformer" otherwise); "diffusion_model" (wan) and "lora_unet" (kohya:
+    kohya / sd-scripts and musubi-tuner call every denoiser "unet") otherwise."""
+    if fmt == "diffusers" and is_unet(weights):
+        return UNET_PREFIX
+    return DEFAULT_PREFIX[fmt]
+
+
 def _fold_scale(factor: LoraFactor) -> torch.Tensor:
     """B · (alpha / r) in B's dtype, so that the file's ΔW = B' A at scale 1 (alpha = r)."""
     if factor.alpha == factor.rank:
@@ -428,24 +451,37 @@ def _adapter_config(weights: LoraWeights) -> dict:
 
 def save_lora(path: str | os.PathLike, weights: LoraWeights, metadata: dict | None = None, fmt: str = "diffusers",
               prefix: str | None = None) -> None:
-    """Write a LoRA safetensors file atomically.
+    """Write `weights` ({module name: LoraFactor(A [r, in], B [out, r], alpha)}) as a LoRA safetensors file,
+    atomically (no partial file on failure).
 
-    fmt "diffusers": `{prefix}.{module}.lora_A.weight` / `.lora_B.weight` (prefix default "transformer"; "" for
-    none) with the peft config (ranks, target modules) under "lora_adapter_metadata". The scale alpha / r is
-    folded into B and the file says alpha = r: diffusers 0.42's `WanTransformer3DModel.load_lora_adapter(path)`
-    drops that metadata when given a file path (it reads it only with `use_safetensors=True`), and ComfyUI /
-    DiffSynth never read it, so a file at scale 1 is the one that every loader applies as exactly ΔW. Reading it
-    back gives the same ΔW with alpha = r (identical factors when alpha = r already).
+    fmt "diffusers": `{prefix}.{module}.lora_A.weight` / `.lora_B.weight` (prefix default: "unet" for a UNet's
+    module names, "transformer" otherwise — what `UNet2DConditionModel.load_lora_adapter(sd, prefix="unet")`, the
+    SD / SDXL pipelines' `load_lora_weights` and `WanTransformer3DModel.load_lora_adapter(sd, prefix="transformer")`
+    look for; "" for none) with the peft config (ranks, target modules) under "lora_adapter_metadata". The scale
+    alpha / r is folded into B and the file says alpha = r: diffusers 0.42's
+    `WanTransformer3DModel.load_lora_adapter(path)` drops that metadata when given a file path (it reads it only
+    with `use_safetensors=True`), and ComfyUI / DiffSynth never read it, so a file at scale 1 is the one that every
+    loader applies as exactly ΔW. Reading it back gives the same ΔW with alpha = r (identical factors when alpha = r
+    already).
     fmt "wan": `{prefix}.blocks.0.self_attn.q.lora_A.weight` / `.lora_B.weight` / `.alpha` (prefix default
     "diffusion_model", the naming diffusers' Wan loader converts); modules outside the Wan table keep their
-    diffusers names. fmt "kohya": `{prefix}_blocks_0_self_attn_q.lora_down.weight` / `.lora_up.weight` / `.alpha`
-    (prefix default "lora_unet", musubi-tuner's naming for Wan). `metadata` (JSON-able) is stored under "lofa".
+    diffusers names; refused for a UNet (Wan naming is the Wan family's). fmt "kohya":
+    `{prefix}_blocks_0_self_attn_q.lora_down.weight` / `.lora_up.weight` / `.alpha` (prefix default "lora_unet",
+    musubi-tuner's naming for Wan); a UNet's modules are flattened from their diffusers names
+    (`lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`, sd-scripts' SD naming, which the SD
+    and SDXL pipelines' `lora_state_dict` convert). `metadata` (JSON-able) is stored under "lofa".
+
+    Files written before lofa chose the prefix by model family carry "transformer." for a UNet too; `load_lora`
+    strips either prefix, so they read back exactly as before.
     """
     if fmt not in FORMATS:
         raise LofaError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not weights:
         raise LofaError("refusing to write an empty LoRA")
-    prefix = DEFAULT_PREFIX[fmt] if prefix is None else prefix
+    if fmt == "wan" and is_unet(weights):
+        raise LofaError("original Wan naming is for Wan-family models, this LoRA is for a UNet; write it with "
+                        "fmt 'diffusers' or 'kohya'")
+    prefix = default_prefix(weights, fmt) if prefix is None else prefix
     header = {"format": "pt"}
     if metadata:
         header[LOFA_METADATA_KEY] = json.dumps(metadata, sort_keys=True, default=str)

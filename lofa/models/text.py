@@ -6,10 +6,13 @@ Loading takes seconds, so the model is loaded once per (process, device) and sha
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 _MODELS: dict[str, tuple] = {}  # device -> (tokenizer, model)
+MODEL_MAX_LENGTH = 256  # all-MiniLM-L6-v2 was trained on sequences of at most 256 tokens
+_WARNED: set[tuple[str, int]] = set()  # (prompt, max_length) already warned about in this process
 
 
 def _load(device: torch.device):
@@ -38,7 +41,11 @@ def _load(device: torch.device):
 class TextEncoder:
     """prompts -> (states [N, L, 384] float32, mask [N, L] bool), L = max_length; padded states are zero.
 
-    Deterministic (eval mode, no dropout); results are cached per (prompt, max_length) on the CPU.
+    Deterministic (eval mode, no dropout); results are cached per (prompt, max_length) on the CPU. A prompt of more
+    than L tokens (the [CLS] and [SEP] markers count) is cut to its first L and a UserWarning names how many tokens
+    were dropped, once per prompt and length in a process; the model itself takes up to MODEL_MAX_LENGTH (256)
+    tokens, but every cached result and trained model of the pipeline was made at the default L = 32, so L stays
+    the caller's choice. The empty prompt is valid here (it is the unconditional caption of guidance).
     """
 
     dim = 384
@@ -61,9 +68,25 @@ class TextEncoder:
             states = states * mask.unsqueeze(-1)
             for i, p in enumerate(missing):
                 self._cache[(p, max_length)] = (states[i].cpu(), mask[i].cpu())
+            _warn_truncated(tokenizer, missing, max_length)
         states = torch.stack([self._cache[(p, max_length)][0] for p in prompts]).to(self.device)
         mask = torch.stack([self._cache[(p, max_length)][1] for p in prompts]).to(self.device)
         return states, mask
 
     def __call__(self, prompts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(prompts, max_length)
+
+
+def _warn_truncated(tokenizer, prompts: list[str], max_length: int) -> None:
+    """One UserWarning per prompt (and length) that is longer than `max_length` tokens, naming the cut."""
+    # verbose=False: the untruncated count is only measured, and HF would warn about lengths beyond 512 itself
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
+    for prompt, n in zip(prompts, lengths):
+        if n <= max_length or (prompt, max_length) in _WARNED:
+            continue
+        _WARNED.add((prompt, max_length))
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        warnings.warn(f"prompt {shown!r} has {n} tokens; the text encoder takes {max_length}, so the last "
+                      f"{n - max_length} tokens are cut and do not condition the result (shorten the prompt; the "
+                      f"MiniLM model reads up to {MODEL_MAX_LENGTH} with a larger max_length, which a model trained "
+                      f"at {max_length} has never seen)", UserWarning, stacklevel=3)
