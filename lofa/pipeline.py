@@ -67,11 +67,14 @@ class Run:
         On the CPU each job runs in its own single-threaded worker process, `workers` at a time (default: one per
         core): the mini models are too small for torch's intra-op threads to use two cores, two processes do.
         On a GPU, or with one worker, the jobs run here in turn. Artifacts are loaded afterwards by the usual calls.
+        A worker whose parent dies (a killed notebook kernel or orchestrator) exits within a second
+        (`lofa.workers`).
         """
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        import multiprocessing
+        from concurrent.futures import as_completed
 
         from tqdm.auto import tqdm
+
+        from lofa.workers import process_pool
 
         for step, _ in jobs:
             if step not in _BUILD_STEPS:
@@ -84,8 +87,7 @@ class Run:
                 _BUILD_STEPS[step](self, key)
             return
         args = (self.scale, str(self.device), self.seed, str(self.dir), self.overrides, self.pretrained)
-        context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and state
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with process_pool(workers) as pool:  # spawn workers that end themselves if this process dies
             futures = {pool.submit(_build_job, args, step, key): (step, key) for step, key in jobs}
             bar = tqdm(total=len(jobs), desc=f"build ({workers} worker processes)")
             for future in as_completed(futures):
