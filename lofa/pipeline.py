@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lofa.config import preset
+from lofa.config import load_overrides, preset
 from lofa.errors import LofaError
 
 TASKS = ("actions", "styles", "identities")
@@ -40,11 +40,7 @@ class Run:
         self.scale, self.device, self.seed = scale, torch.device(device), seed
         self.pretrained = pretrained  # install shipped bases and evaluators whose recipe matches (lofa.models.pretrained)
         self.dir = Path(run_dir) if run_dir else Path("runs") / scale
-        if isinstance(overrides, (str, Path)):
-            import yaml
-
-            overrides = yaml.safe_load(Path(overrides).read_text()) or {}
-        self.overrides = overrides or {}
+        self.overrides = load_overrides(overrides)  # a typo fails here, before anything is trained
         (self.dir / "figures").mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ configs and paths
