@@ -290,16 +290,42 @@ def cli_train(args) -> int:
 
 # Run.build's steps: name -> the call that makes (or loads) the artifact of one key (a task, or for the
 # hypernetwork stages a paper setting).
-_BUILD_STEPS = {
-    "base": lambda run, key: run.base(key, progress=False),
-    "evaluators": lambda run, key: run.evaluators(key),
-    "condition_encoder": lambda run, key: run.condition_encoder(key, progress=False),
-    "zoo": lambda run, key: run.zoo(key, progress=False),
-    "zoo_shard": lambda run, key: _build_zoo_shard(run, *_zoo_shard(key)),
-    "stage1": lambda run, key: run.hypernet(key, 1, progress=False),
-    "stage2": lambda run, key: run.hypernet(key, 2, progress=False),
-    "stage2_recon_factors": lambda run, key: run.hypernet(key, 2, "recon_factors", progress=False),
-}
+def _build_base(run: Run, key: str) -> None:
+    run.base(key, progress=False)
+
+
+def _build_evaluators(run: Run, key: str) -> None:
+    run.evaluators(key)
+
+
+def _build_condition_encoder(run: Run, key: str) -> None:
+    run.condition_encoder(key, progress=False)
+
+
+def _build_zoo(run: Run, key: str) -> None:
+    run.zoo(key, progress=False)
+
+
+def _build_zoo_shard(run: Run, key: str) -> None:
+    task, shard = _zoo_shard(key)
+    run.zoo(task, progress=False, shard=shard)
+
+
+def _build_stage1(run: Run, key: str) -> None:
+    run.hypernet(key, 1, progress=False)
+
+
+def _build_stage2(run: Run, key: str) -> None:
+    run.hypernet(key, 2, progress=False)
+
+
+def _build_stage2_recon_factors(run: Run, key: str) -> None:
+    run.hypernet(key, 2, "recon_factors", progress=False)
+
+
+_BUILD_STEPS = {"base": _build_base, "evaluators": _build_evaluators, "condition_encoder": _build_condition_encoder,
+                "zoo": _build_zoo, "zoo_shard": _build_zoo_shard, "stage1": _build_stage1, "stage2": _build_stage2,
+                "stage2_recon_factors": _build_stage2_recon_factors}
 
 
 def _build_job(args: tuple, step: str, key: str) -> None:
@@ -330,10 +356,6 @@ def _zoo_shard(key: str) -> tuple[str, tuple[int, int]]:
     except ValueError:
         raise LofaError(f"zoo_shard key {key!r}: write TASK:I/N, e.g. actions:0/2") from None
     return task, (i, n)
-
-
-def _build_zoo_shard(run: Run, task: str, shard: tuple[int, int]) -> None:
-    run.zoo(task, progress=False, shard=shard)
 
 
 def _check_task(task: str) -> None:
