@@ -39,7 +39,7 @@ def preset(cls: type[T], scale: str = "mini", overrides: dict | str | Path | Non
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - names)
     if unknown:
-        raise LofaError(f"{cls.__name__} has no field(s) {unknown}; valid fields: {sorted(names)}")
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; valid fields: {sorted(names)}")
     return cls(**fields)
 
 
