@@ -8,6 +8,9 @@ presets carry real-scale values and users can override any field.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,3 +74,113 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise LofaError("--device cuda asked for but torch sees no CUDA GPU; use --device cpu or auto")
     return device
+
+
+# ---------------------------------------------------------------- overrides files
+# The config classes a pipeline run reads (`Run.config`, `Run.hypernet_config`, `Run.world`), by the name an
+# overrides file gives them -> (module, class). A name outside this table would be read by nothing, so it is refused.
+OVERRIDABLE = {
+    "BaseTrainConfig": ("lofa.models.train_base", "BaseTrainConfig"),
+    "EvalConfig": ("lofa.metrics.evaluators", "EvalConfig"),
+    "LoraTrainConfig": ("lofa.lora.train", "LoraTrainConfig"),
+    "ZooConfig": ("lofa.lora.zoo", "ZooConfig"),
+    "TripletConfig": ("lofa.hypernet.data", "TripletConfig"),
+    "HyperConfig": ("lofa.hypernet.config", "HyperConfig"),
+    "TrainConfig": ("lofa.hypernet.train", "TrainConfig"),
+    "Stage2TrainConfig": ("lofa.hypernet.train", "Stage2TrainConfig"),
+    "GenerateConfig": ("lofa.evaluate", "GenerateConfig"),
+    "world.actions": ("lofa.worlds.actions", "ActionsConfig"),
+    "world.styles": ("lofa.worlds.styles", "StylesConfig"),
+    "world.identities": ("lofa.worlds.identities", "IdentitiesConfig"),
+}
+TASKS = ("actions", "styles", "identities")  # the keys of a `task_overrides` field
+
+
+def load_overrides(source: str | Path | dict | None) -> dict:
+    """Overrides {config name: {field: value}} from a YAML file or a dict, validated (`validate_overrides`)."""
+    if source is None:
+        return {}
+    if isinstance(source, (str, Path)):
+        import yaml
+
+        path = Path(source)
+        if not path.is_file():
+            raise LofaError(f"overrides file {path} not found; give a YAML file of {{ConfigClass: {{field: value}}}}")
+        try:
+            source = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            raise LofaError(f"overrides file {path} is not valid YAML{line}; write {{ConfigClass: {{field: value}}}}") \
+                from None
+    validate_overrides(source)
+    return source
+
+
+def validate_overrides(overrides: Any) -> None:
+    """Refuse, in one line naming what is valid, an overrides mapping with an unknown config name, an unknown
+    field or a value of the wrong type, before anything is trained (a typo would otherwise surface only when its
+    config is first read, minutes into a run, or never)."""
+    if not isinstance(overrides, dict):
+        raise LofaError(f"overrides must map config names to {{field: value}}, not {type(overrides).__name__}")
+    for name, fields in overrides.items():
+        if name not in OVERRIDABLE:
+            raise LofaError(f"overrides name an unknown config {name!r}; valid names: {', '.join(OVERRIDABLE)}")
+        module, cls_name = OVERRIDABLE[name]
+        _check_fields(name, getattr(importlib.import_module(module), cls_name), fields)
+
+
+def _check_fields(where: str, cls: type, fields: Any, allow_task_overrides: bool = True) -> None:
+    if fields is None:
+        return  # `ZooConfig:` with nothing under it, as YAML reads an empty section
+    if not isinstance(fields, dict):
+        raise LofaError(f"overrides {where}: give a mapping of field: value, not {fields!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls) if allow_task_overrides or f.name != "task_overrides"]
+    for field, value in fields.items():
+        if field not in valid:
+            raise LofaError(f"overrides {where}: {cls.__name__} has no field {field!r}; valid fields: "
+                            f"{', '.join(valid)}")
+        if not _conforms(value, hints[field]):
+            raise LofaError(f"overrides {where}.{field}: {value!r} is not of type {_type_name(hints[field])}")
+        if field == "task_overrides":
+            for task, task_fields in value.items():
+                if task not in TASKS:
+                    raise LofaError(f"overrides {where}.task_overrides: unknown task {task!r}; valid tasks: "
+                                    f"{', '.join(TASKS)}")
+                _check_fields(f"{where}.task_overrides.{task}", cls, task_fields, allow_task_overrides=False)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether `value` (as YAML reads it) fits the annotation `hint`; annotations it cannot judge pass."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # YAML reads 1e-3 as a string (no dot before the e): refused here, not deep in training
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (list, tuple) or origin in (list, tuple):  # YAML has no tuples: a list stands for one
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and Ellipsis not in args:  # tuple[float, float]: that many, each its type
+            return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        return all(_conforms(v, item) for v in value)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")

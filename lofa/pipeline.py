@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lofa.config import preset
+from lofa.config import load_overrides, preset
 from lofa.errors import LofaError
 
 TASKS = ("actions", "styles", "identities")
@@ -40,11 +40,7 @@ class Run:
         self.scale, self.device, self.seed = scale, torch.device(device), seed
         self.pretrained = pretrained  # install shipped bases and evaluators whose recipe matches (lofa.models.pretrained)
         self.dir = Path(run_dir) if run_dir else Path("runs") / scale
-        if isinstance(overrides, (str, Path)):
-            import yaml
-
-            overrides = yaml.safe_load(Path(overrides).read_text()) or {}
-        self.overrides = overrides or {}
+        self.overrides = load_overrides(overrides)  # a typo fails here, before anything is trained
         (self.dir / "figures").mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ configs and paths
@@ -67,11 +63,14 @@ class Run:
         On the CPU each job runs in its own single-threaded worker process, `workers` at a time (default: one per
         core): the mini models are too small for torch's intra-op threads to use two cores, two processes do.
         On a GPU, or with one worker, the jobs run here in turn. Artifacts are loaded afterwards by the usual calls.
+        A worker whose parent dies (a killed notebook kernel or orchestrator) exits within a second
+        (`lofa.workers`).
         """
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        import multiprocessing
+        from concurrent.futures import as_completed
 
         from tqdm.auto import tqdm
+
+        from lofa.workers import process_pool
 
         for step, _ in jobs:
             if step not in _BUILD_STEPS:
@@ -84,8 +83,7 @@ class Run:
                 _BUILD_STEPS[step](self, key)
             return
         args = (self.scale, str(self.device), self.seed, str(self.dir), self.overrides, self.pretrained)
-        context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and state
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with process_pool(workers) as pool:  # spawn workers that end themselves if this process dies
             futures = {pool.submit(_build_job, args, step, key): (step, key) for step, key in jobs}
             bar = tqdm(total=len(jobs), desc=f"build ({workers} worker processes)")
             for future in as_completed(futures):
@@ -322,16 +320,42 @@ def cli_train(args) -> int:
 
 # Run.build's steps: name -> the call that makes (or loads) the artifact of one key (a task, or for the
 # hypernetwork stages a paper setting).
-_BUILD_STEPS = {
-    "base": lambda run, key: run.base(key, progress=False),
-    "evaluators": lambda run, key: run.evaluators(key),
-    "condition_encoder": lambda run, key: run.condition_encoder(key, progress=False),
-    "zoo": lambda run, key: run.zoo(key, progress=False),
-    "zoo_shard": lambda run, key: _build_zoo_shard(run, *_zoo_shard(key)),
-    "stage1": lambda run, key: run.hypernet(key, 1, progress=False),
-    "stage2": lambda run, key: run.hypernet(key, 2, progress=False),
-    "stage2_recon_factors": lambda run, key: run.hypernet(key, 2, "recon_factors", progress=False),
-}
+def _build_base(run: Run, key: str) -> None:
+    run.base(key, progress=False)
+
+
+def _build_evaluators(run: Run, key: str) -> None:
+    run.evaluators(key)
+
+
+def _build_condition_encoder(run: Run, key: str) -> None:
+    run.condition_encoder(key, progress=False)
+
+
+def _build_zoo(run: Run, key: str) -> None:
+    run.zoo(key, progress=False)
+
+
+def _build_zoo_shard(run: Run, key: str) -> None:
+    task, shard = _zoo_shard(key)
+    run.zoo(task, progress=False, shard=shard)
+
+
+def _build_stage1(run: Run, key: str) -> None:
+    run.hypernet(key, 1, progress=False)
+
+
+def _build_stage2(run: Run, key: str) -> None:
+    run.hypernet(key, 2, progress=False)
+
+
+def _build_stage2_recon_factors(run: Run, key: str) -> None:
+    run.hypernet(key, 2, "recon_factors", progress=False)
+
+
+_BUILD_STEPS = {"base": _build_base, "evaluators": _build_evaluators, "condition_encoder": _build_condition_encoder,
+                "zoo": _build_zoo, "zoo_shard": _build_zoo_shard, "stage1": _build_stage1, "stage2": _build_stage2,
+                "stage2_recon_factors": _build_stage2_recon_factors}
 
 
 def _build_job(args: tuple, step: str, key: str) -> None:
@@ -362,10 +386,6 @@ def _zoo_shard(key: str) -> tuple[str, tuple[int, int]]:
     except ValueError:
         raise LofaError(f"zoo_shard key {key!r}: write TASK:I/N, e.g. actions:0/2") from None
     return task, (i, n)
-
-
-def _build_zoo_shard(run: Run, task: str, shard: tuple[int, int]) -> None:
-    run.zoo(task, progress=False, shard=shard)
 
 
 def _check_task(task: str) -> None:

@@ -1,12 +1,15 @@
 """Run the pipeline notebooks in order through papermill, with scale presets, caching and a figure manifest.
 
 Each notebook in `notebooks/` is one pipeline step. Its metadata may declare, under the key "lofa":
-    outputs: files (relative to the run folder) the step must produce; the step is skipped when they all exist
-             and its cache key is unchanged. Files under `figures/` get a manifest entry.
+    outputs: files (relative to the run folder) the step must produce. Files under `figures/` get a manifest
+             entry (with their sha256).
     depends: names of earlier notebooks whose results it reads (default: every earlier notebook).
 The orchestrator injects the parameters `scale`, `device`, `seed` and `run_dir` into the cell tagged
-`parameters`, writes the executed copy to `runs/<scale>/notebooks/`, and records a cache key over the notebook's
-cells, the `lofa` sources it imports (transitively) and its parameters, chained with its upstream keys.
+`parameters`, writes the executed copy to `runs/<scale>/notebooks/` once it succeeded, and records a cache key
+over the notebook's cells, the `lofa` sources it imports (transitively) and its parameters, chained with its
+upstream keys, beside the files the step produced (`lofa.ledger`). A step is `cached` only when its key is
+unchanged, its last run finished, every file it produced is still there with the recorded content, and the
+manifest describes its figures as they are: a step interrupted, half done, or rerun by hand runs again.
 """
 from __future__ import annotations
 
@@ -22,9 +25,11 @@ from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+from lofa import ledger
 from lofa.config import resolve_device
 from lofa.errors import LofaError
 from lofa.io import read_json, write_json
+from lofa.kernel import NotebookFailed, execute
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -45,10 +50,6 @@ class NotebookSpec:
     @property
     def name(self) -> str:
         return self.path.stem
-
-
-class NotebookFailed(LofaError):
-    """A notebook raised or its kernel died; the message names the notebook, the cell and the error."""
 
 
 def discover(nb_dir: Path) -> list[NotebookSpec]:
@@ -166,45 +167,13 @@ def device_description(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-# ---------------------------------------------------------------- execution
-def execute(spec: NotebookSpec, params: dict, out_path: Path, log_output: bool = False) -> None:
-    """Execute one notebook with papermill in this process; turn failures into one-paragraph NotebookFailed."""
-    import papermill
-    from nbclient.exceptions import DeadKernelError
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        # The kernel's own log (ipykernel warns that its local TCP sockets are unencrypted on every start) would
-        # land in the user's terminal; notebook errors travel through the kernel protocol and stay visible.
-        papermill.execute_notebook(str(spec.path), str(out_path), parameters=params, kernel_name="python3",
-                                   progress_bar=False, log_output=log_output, cwd=str(REPO_DIR),
-                                   extra_arguments=["--IPKernelApp.log_level=ERROR"])
-    except papermill.PapermillExecutionError as e:
-        cell, first_line = _source_cell(spec.path, e.cell_index)
-        raise NotebookFailed(f"notebook {spec.name} failed in cell {cell} (`{first_line}`): {e.ename}: "
-                             f"{e.evalue}  — executed copy: {out_path}") from None
-    except DeadKernelError as e:
-        raise NotebookFailed(f"notebook {spec.name}: the kernel died ({e}); most often out of memory — try a "
-                             f"smaller scale or free memory. Executed copy: {out_path}") from None
-
-
-def _source_cell(notebook: Path, index: int) -> tuple[int, str]:
-    """1-based number and first line of the failing cell in the source notebook, from papermill's index into the
-    parameterised notebook (which has one injected cell right after the `parameters` cell)."""
-    cells = json.loads(notebook.read_text())["cells"]
-    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if tagged and index > tagged[0] + 1:
-        index -= 1
-    lines = [ln for ln in "".join(cells[index]["source"]).splitlines() if ln.strip()] if index < len(cells) else []
-    return index + 1, (lines[0][:80] if lines else "")
-
-
 @dataclass
 class StepResult:
     name: str
     status: str  # "ran" | "cached"
     seconds: float
     outputs: list[str]
+    reason: str = ""  # why it ran: "--force", or what made its cache invalid
 
 
 def run(scale: str = "mini", only: list[str] | None = None, device: str = "auto", force: bool = False,
@@ -226,7 +195,6 @@ def run(scale: str = "mini", only: list[str] | None = None, device: str = "auto"
     selected = names if not only else [_match(o, names) for o in only]
     device = resolve_device(device)
     run_dir = (Path(run_root) if Path(run_root).is_absolute() else REPO_DIR / run_root) / scale
-    cache_dir = run_dir / ".cache"
     params = {"scale": scale, "device": device, "seed": seed, "run_dir": str(run_dir), **(extra_params or {})}
 
     keys: dict[str, str] = {}
@@ -243,28 +211,59 @@ def run(scale: str = "mini", only: list[str] | None = None, device: str = "auto"
     bar = tqdm(total=round(sum(s.expected_minutes(scale) for s in todo), 1), desc=f"lofa reproduce [{scale}]",
                unit="min", bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} expected min [{elapsed}<{remaining}] "
                "{postfix}", disable=not progress)
-    for spec in todo:
-        bar.set_postfix_str(f"{spec.name} (about {spec.expected_minutes(scale):.1f} min)")
-        state = read_json(cache_dir / f"{spec.name}.json", {})
-        done = state.get("key") == keys[spec.name] and all((run_dir / o).exists() for o in spec.outputs)
-        if done and not force:
-            results.append(StepResult(spec.name, "cached", 0.0, spec.outputs))
+    try:
+        for spec in todo:
+            bar.set_postfix_str(f"{spec.name} (about {spec.expected_minutes(scale):.1f} min)")
+            results.append(_step(spec, specs, keys, params, run_dir, selected, force, log_output))
             bar.update(spec.expected_minutes(scale))
-            continue
-        _check_upstream(spec, specs, keys, cache_dir, selected)
-        t0 = time.time()
-        execute(spec, params, run_dir / "notebooks" / spec.path.name, log_output)
-        seconds = time.time() - t0
-        missing = [o for o in spec.outputs if not (run_dir / o).exists()]
-        if missing:
-            raise NotebookFailed(f"notebook {spec.name} finished but did not write its declared outputs: "
-                                 f"{', '.join(missing)}")
-        _record_manifest(run_dir, spec, params, seconds)
-        write_json(cache_dir / f"{spec.name}.json", {"key": keys[spec.name], "seconds": seconds})
-        results.append(StepResult(spec.name, "ran", seconds, spec.outputs))
-        bar.update(spec.expected_minutes(scale))
-    bar.close()
+    finally:
+        bar.close()  # also on Ctrl-C, so the CLI's one line starts a line of its own
     return results
+
+
+def _step(spec: NotebookSpec, specs: list[NotebookSpec], keys: dict[str, str], params: dict, run_dir: Path,
+          selected: list[str], force: bool, log_output: bool) -> StepResult:
+    """Run one notebook unless it is cached; record what it produced only once it succeeded."""
+    record_path = run_dir / ".cache" / f"{spec.name}.json"
+    record = read_json(record_path)
+    reasons = ["--force"] if force else step_problems(run_dir, spec, keys[spec.name], record)
+    if not reasons:
+        return StepResult(spec.name, "cached", 0.0, spec.outputs)
+    _check_upstream(spec, specs, keys, run_dir, selected)
+    # Pending before the kernel starts: an interrupted or failed run is never taken for a finished one.
+    pending = ledger.begin(run_dir, keys[spec.name], record)
+    write_json(record_path, pending)
+    t0 = time.time()
+    execute(spec.path, params, run_dir / "notebooks" / spec.path.name, log_output, cwd=REPO_DIR)
+    seconds = time.time() - t0
+    missing = [o for o in spec.outputs if not (run_dir / o).exists()]
+    if missing:
+        raise NotebookFailed(f"notebook {spec.name} finished but did not write its declared outputs: "
+                             f"{', '.join(missing)}")
+    others = [read_json(run_dir / ".cache" / f"{s.name}.json", {}) for s in specs if s.name != spec.name]
+    done = ledger.finish(run_dir, pending, spec.outputs, others, seconds)
+    _record_manifest(run_dir, spec, params, seconds, done["files"])
+    write_json(record_path, done)  # last: from here on the step counts as done
+    return StepResult(spec.name, "ran", seconds, spec.outputs, reasons[0])
+
+
+def step_problems(run_dir: Path, spec: NotebookSpec, key: str, record: dict | None) -> list[str]:
+    """Why `spec` is not cached in `run_dir`: [] when its last run finished with cache key `key`, every file it
+    produced is still there unchanged, and the manifest describes its figures as they are."""
+    if record and record.get("status") == ledger.DONE and record.get("key") != key:
+        return ["its notebook, code, parameters or an upstream step changed"]
+    reasons = ledger.problems(run_dir, record)
+    if reasons:
+        return reasons
+    reasons = [f"{o} is missing" for o in spec.outputs if not (run_dir / o).exists()]
+    manifest = read_json(run_dir / "figures" / "manifest.json", {})
+    for o in spec.outputs:
+        recorded = record["files"].get(o)
+        if o.startswith("figures/") and recorded is not None:
+            entry = manifest.get(o[len("figures/"):], {})
+            if entry.get("sha256") != recorded["sha256"]:
+                reasons.append(f"the manifest does not describe {o} as it is")
+    return reasons
 
 
 def _match(pattern: str, names: list[str]) -> str:
@@ -274,17 +273,20 @@ def _match(pattern: str, names: list[str]) -> str:
     return hits[0]
 
 
-def _check_upstream(spec, specs, keys, cache_dir, selected) -> None:
+def _check_upstream(spec, specs, keys, run_dir, selected) -> None:
     earlier = [s.name for s in specs[: [s.name for s in specs].index(spec.name)]]
+    by_name = {s.name: s for s in specs}
     for dep in spec.depends if spec.depends is not None else earlier:
-        if dep in selected:
+        if dep in selected or dep not in by_name:
             continue
-        if read_json(cache_dir / f"{dep}.json", {}).get("key") != keys.get(dep):
-            raise LofaError(f"{spec.name} needs the results of {dep}, which are missing or stale at this scale; "
-                            f"run `lofa reproduce` without --only, or add `--only {dep}`")
+        reasons = step_problems(run_dir, by_name[dep], keys[dep], read_json(run_dir / ".cache" / f"{dep}.json"))
+        if reasons:
+            raise LofaError(f"{spec.name} needs the results of {dep}, which are missing or stale at this scale "
+                            f"({reasons[0]}); run `lofa reproduce` without --only, or add `--only {dep}`")
 
 
-def _record_manifest(run_dir: Path, spec: NotebookSpec, params: dict, seconds: float) -> None:
+def _record_manifest(run_dir: Path, spec: NotebookSpec, params: dict, seconds: float, files: dict) -> None:
+    """Manifest entries for the figures of `spec`, each with the sha256 its step record holds (`files`)."""
     path = run_dir / "figures" / "manifest.json"
     manifest = read_json(path, {})
     common = {"notebook": spec.name, "scale": params["scale"], "seeds": {k: v for k, v in params.items()
@@ -293,7 +295,7 @@ def _record_manifest(run_dir: Path, spec: NotebookSpec, params: dict, seconds: f
               "versions": package_versions()}
     for o in spec.outputs:
         if o.startswith("figures/"):
-            manifest[o[len("figures/"):]] = common
+            manifest[o[len("figures/"):]] = {**common, "sha256": files[o]["sha256"] if o in files else None}
     write_json(path, manifest)
 
 
@@ -316,7 +318,7 @@ def cli_reproduce(args) -> int:
                   run_root=args.run_root, log_output=args.log_output)
     run_dir = (Path(args.run_root) if Path(args.run_root).is_absolute() else REPO_DIR / args.run_root) / args.scale
     for r in results:
-        print(f"  {r.name:<28} {r.status:<7} {r.seconds:8.1f} s")
+        print(f"  {r.name:<28} {r.status:<7} {r.seconds:8.1f} s" + (f"  ({r.reason})" if r.reason else ""))
     print(f"results: {run_dir}  (figures and tables in {run_dir / 'figures'}, manifest "
           f"{run_dir / 'figures' / 'manifest.json'}, executed notebooks in {run_dir / 'notebooks'})")
     if args.publish:

@@ -81,3 +81,21 @@ def test_zoo_shard_keys_are_parsed_or_refused_in_one_line(tmp_path):
     for bad in ("styles", "styles:1", "styles:a/2"):
         with pytest.raises(LofaError, match="write TASK:I/N"):
             _zoo_shard(bad)
+
+
+def test_a_step_built_twice_gives_identical_artifacts_in_process_and_in_a_worker(tmp_path):
+    """Reproducibility: the smoke base of one task, trained here (one thread) and in a Run.build worker process
+    in another run folder, has the same loss table and the same weights, byte for byte."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Run.build's workers run
+    try:
+        Run("smoke", "cpu", 0, tmp_path / "a", pretrained=False).base("actions", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    Run("smoke", "cpu", 0, tmp_path / "b", pretrained=False).build([("base", "actions"), ("base", "styles")],
+                                                                     workers=2)
+    for rel in ("loss.json", "generator/diffusion_pytorch_model.safetensors"):
+        here, in_worker = tmp_path / "a" / "base" / "actions" / rel, tmp_path / "b" / "base" / "actions" / rel
+        assert here.read_bytes() == in_worker.read_bytes(), rel

@@ -1,5 +1,6 @@
 """The orchestrator: parameter injection, caching, upstream invalidation, failure and kernel-death reporting."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,118 @@ def test_cache_key_follows_lazily_exported_names():
 
     names = {p.relative_to(p.parents[1]).as_posix() for p in lofa_sources("from lofa.models import TextEncoder")}
     assert {"models/text.py", "models/generator.py"} <= names
+
+
+# ---------------------------------------------------------------- a cache that cannot lie
+# Step 01 makes an artifact (resuming: a finished one is only loaded, as Run's steps do) and a figure; step 02 reads
+# the artifact, rewrites its index with the same bytes (as build_zoo rewrites a zoo's index) and writes a figure.
+MAKE_ARTIFACT = """
+from pathlib import Path
+import json
+run = Path(run_dir)
+art = run / "zoo" / "a"
+lora = art / "loras" / "x.bin"
+if not ((art / "index.json").exists() and lora.exists() and lora.stat().st_size == 10):
+    (art / "loras").mkdir(parents=True, exist_ok=True)
+    (art / "loras" / "x.bin").write_bytes(b"0123456789")
+    (art / "index.json").write_text(json.dumps({"n": 1}))
+(run / "figures").mkdir(parents=True, exist_ok=True)
+(run / "figures" / "first.json").write_text(json.dumps({"seed": seed}))
+"""
+READ_ARTIFACT = """
+from pathlib import Path
+import json
+run = Path(run_dir)
+n = json.loads((run / "zoo" / "a" / "index.json").read_text())["n"]
+(run / "zoo" / "a" / "index.json").write_text(json.dumps({"n": n}))
+(run / "figures" / "second.json").write_text(json.dumps({"n": n, "seed": seed}))
+"""
+
+
+@pytest.fixture
+def artifact_steps(tmp_path, make_notebook):
+    """The two steps above, run once; returns (run_dir, kwargs of reproduce.run)."""
+    make_notebook("01_make", [MAKE_ARTIFACT], outputs=["figures/first.json"])
+    make_notebook("02_read", [READ_ARTIFACT], outputs=["figures/second.json"])
+    kw = dict(device="cpu", run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs", progress=False)
+    assert [r.status for r in reproduce.run("smoke", **kw)] == ["ran", "ran"]
+    return tmp_path / "runs" / "smoke", kw
+
+
+def _statuses(kw):
+    return [(r.status, r.reason) for r in reproduce.run("smoke", **kw)]
+
+
+def test_a_deleted_or_truncated_artifact_reruns_the_step_that_made_it(artifact_steps):
+    run_dir, kw = artifact_steps
+    records = {n: json.loads((run_dir / ".cache" / f"{n}.json").read_text()) for n in ("01_make", "02_read")}
+    assert {"zoo/a/index.json", "zoo/a/loras/x.bin", "figures/first.json"} <= set(records["01_make"]["files"])
+    assert "zoo/a/loras/x.bin" not in records["02_read"]["files"]  # it only read the artifact
+    # 02 rewrote the index with the same bytes: nothing changed
+    assert _statuses(kw) == [("cached", ""), ("cached", "")]
+    shutil.rmtree(run_dir / "zoo")
+    assert _statuses(kw) == [("ran", "zoo/a/index.json is missing"), ("cached", "")]
+    assert (run_dir / "zoo" / "a" / "loras" / "x.bin").exists()
+    (run_dir / "zoo" / "a" / "loras" / "x.bin").write_bytes(b"01234")  # a half-written file
+    assert _statuses(kw) == [("ran", "zoo/a/loras/x.bin changed"), ("cached", "")]
+    assert (run_dir / "zoo" / "a" / "loras" / "x.bin").read_bytes() == b"0123456789"
+    # a file of the same size and other bytes is caught by its hash once its mtime moved
+    (run_dir / "zoo" / "a" / "loras" / "x.bin").write_bytes(b"98765")
+    assert _statuses(kw)[0] == ("ran", "zoo/a/loras/x.bin changed")
+
+
+def test_a_notebook_rerun_by_hand_or_an_edited_manifest_is_noticed(artifact_steps):
+    import papermill
+
+    run_dir, kw = artifact_steps
+    nb = Path(kw["nb_dir"]) / "01_make.ipynb"
+    papermill.execute_notebook(str(nb), str(run_dir.parent / "by_hand.ipynb"), progress_bar=False,
+                               parameters={"scale": "smoke", "device": "cpu", "seed": 5, "run_dir": str(run_dir)})
+    assert _statuses(kw)[0] == ("ran", "figures/first.json changed")
+    manifest_path = run_dir / "figures" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["first.json"]["sha256"] == reproduce.ledger.sha256(run_dir / "figures" / "first.json")
+    manifest["second.json"]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    assert _statuses(kw) == [("cached", ""), ("ran", "the manifest does not describe figures/second.json as it is")]
+    manifest_path.unlink()
+    assert [s for s, _ in _statuses(kw)] == ["ran", "ran"]
+    assert set(json.loads(manifest_path.read_text())) == {"first.json", "second.json"}
+
+
+def test_records_of_an_older_format_claim_every_artifact_of_unknown_origin(artifact_steps):
+    """A run folder from before step records (or artifacts made outside the orchestrator): every step without a
+    record of its own claims the artifacts nobody is known to have written, so deleting one reruns each step
+    that may have made it."""
+    run_dir, kw = artifact_steps
+    for name in ("01_make", "02_read"):
+        (run_dir / ".cache" / f"{name}.json").write_text(json.dumps({"key": "old", "seconds": 1.0}))
+    assert _statuses(kw) == [("ran", "it has no record"), ("ran", "it has no record")]
+    records = {n: json.loads((run_dir / ".cache" / f"{n}.json").read_text()) for n in ("01_make", "02_read")}
+    assert {"zoo/a/index.json", "zoo/a/loras/x.bin"} <= set(records["01_make"]["found"])
+    assert "zoo/a/loras/x.bin" in records["02_read"]["found"]
+    # 01 only loaded the artifact, yet it is claimed: deleting it reruns 01, which remakes it (and 02 accepts the
+    # same bytes)
+    shutil.rmtree(run_dir / "zoo")
+    assert _statuses(kw) == [("ran", "zoo/a/index.json is missing"), ("cached", "")]
+    assert (run_dir / "zoo" / "a" / "loras" / "x.bin").read_bytes() == b"0123456789"
+
+
+def test_what_an_interrupted_attempt_finished_belongs_to_the_step_that_resumes(tmp_path, make_notebook):
+    """The pending record keeps the snapshot from before the first attempt, so an artifact the interrupted attempt
+    completed (and the resumed one only loads) is still claimed by the step."""
+    from lofa import ledger
+
+    make_notebook("01_make", [MAKE_ARTIFACT], outputs=["figures/first.json"])
+    run_dir = tmp_path / "runs" / "smoke"
+    (run_dir / ".cache").mkdir(parents=True)
+    (run_dir / ".cache" / "01_make.json").write_text(json.dumps(ledger.begin(run_dir, "an older key", None)))
+    (run_dir / "zoo" / "a" / "loras").mkdir(parents=True)  # what the interrupted attempt finished
+    (run_dir / "zoo" / "a" / "loras" / "x.bin").write_bytes(b"0123456789")
+    (run_dir / "zoo" / "a" / "index.json").write_text(json.dumps({"n": 1}))
+    kw = dict(device="cpu", run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs", progress=False)
+    assert _statuses(kw) == [("ran", "it has not finished")]
+    record = json.loads((run_dir / ".cache" / "01_make.json").read_text())
+    assert "zoo/a/loras/x.bin" in record["files"] and record["found"] == []
+    (run_dir / "zoo" / "a" / "loras" / "x.bin").unlink()
+    assert _statuses(kw) == [("ran", "zoo/a/loras/x.bin is missing")]
