@@ -319,6 +319,10 @@ def cli_reproduce(args) -> int:
     run_dir = (Path(args.run_root) if Path(args.run_root).is_absolute() else REPO_DIR / args.run_root) / args.scale
     for r in results:
         print(f"  {r.name:<28} {r.status:<7} {r.seconds:8.1f} s" + (f"  ({r.reason})" if r.reason else ""))
+    from lofa.summary import results_summary
+
+    for line in results_summary(run_dir / "figures"):
+        print(line)
     print(f"results: {run_dir}  (figures and tables in {run_dir / 'figures'}, manifest "
           f"{run_dir / 'figures' / 'manifest.json'}, executed notebooks in {run_dir / 'notebooks'})")
     if args.publish:

@@ -246,7 +246,9 @@ def _bench(args) -> int:
           f"{len(spec) * tok.seq_len} per stage | condition {K} x {cfg.cond_dim}, {valid} valid -> {valid} keys")
     print(f"model: d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.depth} blocks, patch {cfg.patch}, rank "
           f"{cfg.rank} | params Stage I {n_params[0] / 1e6:.1f} M, Stage II {n_params[1] / 1e6:.1f} M")
-    print(f"measured: matmul {rate / 1e12:.0f} TFLOP/s ({n_mm}^3), copy {bandwidth / 1e9:.0f} GB/s; "
+    # GFLOP/s below 1 TFLOP/s: a CPU's rate printed as "0 TFLOP/s" says nothing
+    matmul = f"{rate / 1e12:.0f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOP/s"
+    print(f"measured: matmul {matmul} ({n_mm}^3), copy {bandwidth / 1e9:.0f} GB/s; "
           f"first call {first_call_s:.1f} s; compiled vs eager dW rel. error {rel_err:.2e}")
     print(f"{'phase':<34s}{'median ms':>10s}{'TFLOP':>9s}{'floor ms':>10s}{'x floor':>9s}")
     print(f"{'base prefix (once per base model)':<34s}{1e3 * prefix_s:10.2f}"
