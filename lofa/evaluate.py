@@ -32,6 +32,7 @@ from lofa.errors import LofaError
 from lofa.lora.batched import multi_lora
 from lofa.lora.formats import LoraWeights
 from lofa.metrics.scores import bootstrap_ci
+from lofa.models.text import text_encoder
 
 # Per-sample metrics of each task: the ground-truth ones (exact case, coarse category) and the paper-style ones
 # (Table 1: CLIP-T, Dynamic Degree; Table 2: CSD, CLIP-T; Table 3: Face Sim, DINO, CLIP-I).
@@ -96,14 +97,6 @@ def eval_plan(world, case_ids: Sequence[int], per_case: int, seed: int, split: s
     return ids, prompts, [seed + i for i in range(len(ids))]
 
 
-def _text_encoder(text, device):
-    if text is not None:
-        return text
-    from lofa.models.text import TextEncoder
-
-    return TextEncoder(device)
-
-
 @contextlib.contextmanager
 def _routed(gen, loras: Sequence[LoraWeights]):
     """`gen` with sample i routed to loras[i]; each distinct LoRA (by identity) is stacked once."""
@@ -134,7 +127,7 @@ def generate(gen, world, case_ids: Sequence[int], loras: Sequence[LoraWeights] |
                         + ("" if loras is None else f" and {len(loras)} LoRAs") + "; pass one of each per sample")
     cfg = cfg or GenerateConfig()
     device = next(gen.parameters()).device
-    text = _text_encoder(text, device)
+    text = text_encoder(text, device)
     uncond, uncond_mask = text.encode([""])
     out = []
     for start in tqdm(range(0, n, cfg.batch), desc=f"sampling {world.task}", leave=False, disable=not progress):
@@ -167,7 +160,7 @@ def denoising_loss(gen, world, case_ids: Sequence[int], loras: Sequence[LoraWeig
         raise LofaError(f"got {n} case ids, {len(prompts)} prompts"
                         + ("" if loras is None else f" and {len(loras)} LoRAs") + "; pass one of each per sample")
     device = next(gen.parameters()).device
-    text = _text_encoder(text, device)
+    text = text_encoder(text, device)
     x0 = world.render(list(case_ids), seed)
     noise = torch.randn((len(times), *x0.shape), generator=torch.Generator().manual_seed(seed + 1))
     out = []
@@ -332,7 +325,7 @@ def compare(gen, world, evaluators, methods: dict, case_ids: Sequence[int], *, p
     import pandas as pd
 
     ids, prompts, noise = eval_plan(world, case_ids, per_case, seeds.sample, split=split)
-    text = _text_encoder(text, next(gen.parameters()).device)
+    text = text_encoder(text, next(gen.parameters()).device)
     frames = [score_cases(evaluators, world, ids, world.render(ids, seed=seeds.ground_truth), prompts,
                           reference_seed=seeds.reference).assign(method="ground truth", denoise=np.nan)]
     for name, loras in methods.items():

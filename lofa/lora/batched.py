@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from lofa.errors import LofaError
 from lofa.lora.formats import LoraFactor, LoraWeights
-from lofa.lora.train import (CaseStream, LoraTrainConfig, _dtype, _text_encoder, check_lora, frozen,
+from lofa.lora.train import (CaseStream, LoraTrainConfig, _dtype, check_lora, frozen,
                              lora_losses, make_optimizer)
+from lofa.models.text import text_encoder
 
 
 class GroupedLoraLinear(nn.Module):
@@ -161,7 +162,7 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
     if not case_ids:
         return []
     cfg = cfg.for_task(world.task)
-    text = _text_encoder(text, device)
+    text = text_encoder(text, device)
     start = time.perf_counter()
     streams = [CaseStream(world, text, c, cfg, seed, device, _dtype(gen), replicate) for c in case_ids]
     targets = gen.lora_target_modules(cfg.include_ffn)

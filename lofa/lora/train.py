@@ -25,6 +25,7 @@ from lofa.config import for_task
 from lofa.diffusion import flow_matching_loss, sample_t
 from lofa.errors import LofaError
 from lofa.lora.formats import LoraFactor, LoraWeights, check_compatible
+from lofa.models.text import text_encoder
 
 
 @dataclass
@@ -224,14 +225,6 @@ def _dtype(gen: nn.Module) -> torch.dtype:
     return next(gen.parameters()).dtype
 
 
-def _text_encoder(text, device):
-    if text is not None:
-        return text
-    from lofa.models.text import TextEncoder
-
-    return TextEncoder(device)
-
-
 def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, device="cpu", *, text=None,
                progress: bool = False) -> tuple[LoraWeights, dict]:
     """Train one LoRA for `case_id` with peft on `gen.net`; `gen` comes back unchanged.
@@ -244,7 +237,7 @@ def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, de
     if getattr(gen.net, "peft_config", None):
         raise LofaError("the generator already carries peft adapters; unload them (gen.net.unload_lora()) first")
     cfg = cfg.for_task(world.task)
-    text = _text_encoder(text, device)
+    text = text_encoder(text, device)
     start = time.perf_counter()
     targets = gen.lora_target_modules(cfg.include_ffn)
     stream = CaseStream(world, text, case_id, cfg, seed, device, _dtype(gen))

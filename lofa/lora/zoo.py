@@ -30,7 +30,8 @@ from lofa.errors import LofaError
 from lofa.io import read_json, write_json
 from lofa.lora.batched import train_lora_batch
 from lofa.lora.formats import LoraFactor, LoraWeights, load_lora, save_lora
-from lofa.lora.train import LoraTrainConfig, _text_encoder, train_lora
+from lofa.lora.train import LoraTrainConfig, train_lora
+from lofa.models.text import text_encoder
 
 INDEX = "index.json"
 LORA_DIR = "loras"
@@ -183,7 +184,7 @@ def build_zoo(world, gen, cfg: LoraTrainConfig, zoo_dir: str | os.PathLike, devi
         groups = [case_ids[start:start + chunk] for start in range(0, len(case_ids), chunk)][shard[0]::shard[1]]
         groups = [g for g in ([c for c in group if c not in entries] for group in groups) if g]
     run_id = uuid.uuid4().hex[:12]
-    text = _text_encoder(text, device)
+    text = text_encoder(text, device)
     with tqdm(total=len(case_ids), initial=len(case_ids) - len(todo), desc=f"LoRA zoo ({world.task})",
               unit="LoRA", disable=not progress) as bar:
         for ids in groups:

@@ -90,3 +90,9 @@ def _warn_truncated(tokenizer, prompts: list[str], max_length: int) -> None:
                       f"{n - max_length} tokens are cut and do not condition the result (shorten the prompt; the "
                       f"MiniLM model reads up to {MODEL_MAX_LENGTH} with a larger max_length, which a model trained "
                       f"at {max_length} has never seen)", UserWarning, stacklevel=3)
+
+
+def text_encoder(text: "TextEncoder | None", device) -> "TextEncoder":
+    """`text` when a caller passes one (tests pass stand-ins), else a TextEncoder on `device` (the MiniLM model
+    itself is loaded once per process and device)."""
+    return text if text is not None else TextEncoder(device)
