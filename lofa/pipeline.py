@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from lofa.config import load_overrides, preset
+from lofa.config import TASKS, load_overrides, preset
 from lofa.errors import LofaError
 
-TASKS = ("actions", "styles", "identities")
 # The paper's four personalisation settings: (name, world task, condition kind).
 SETTINGS = (("actions-text", "actions", "text"), ("actions-pose", "actions", "pose"),
             ("styles", "styles", "image"), ("identities", "identities", "image"))

@@ -162,6 +162,7 @@ def export_zoo(run, task: str, dest: Path, command: str) -> dict:
     from lofa.lora.formats import LoraFactor, load_lora, save_lora
     from lofa.lora.zoo import INDEX, LORA_DIR, PIPELINE_PREFIX
     from lofa.models.generator import atomic_dir
+    from lofa.reproduce import device_description
 
     zoo = run.zoo(task, progress=False)
     manifest = read_json(Path(dest) / MANIFEST)
@@ -185,16 +186,10 @@ def export_zoo(run, task: str, dest: Path, command: str) -> dict:
         manifest["zoo"] = {"config": read_json(zoo.dir / INDEX)["config"], "loras": len(entries),
                            "wall_time_s": sum(e.get("wall_time_s", 0.0) for e in entries),
                            "float16_max_relative_delta_error": worst, "command": command,
-                           "device": _device(run), "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+                           "device": device_description(str(run.device)), "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         manifest["files"] = _file_records(tmp)
         write_json(tmp / MANIFEST, manifest)
     return manifest
-
-
-def _device(run) -> str:
-    from lofa.reproduce import device_description
-
-    return device_description(str(run.device))
 
 
 def export(run, task: str, dest: Path, quality: dict, command: str) -> dict:
