@@ -139,7 +139,8 @@ def test_trimming_and_masks_are_exact_and_samples_independent():
     for i, v in enumerate((3, 5)):
         alone = s1(base, targets, cond[i:i + 1, :v])  # no padding, no mask at all
         torch.testing.assert_close(both.features[i], alone.features[0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(both.logits[i], alone.logits[0], rtol=1e-4, atol=1e-4)
+        for j in range(len(spec)):
+            torch.testing.assert_close(both.logits[j][i], alone.logits[j][0], rtol=1e-4, atol=1e-4)
     c, m = trim_condition(cond, mask)
     assert c.shape[1] == 5 and m is not None
     c, m = trim_condition(cond[:1], mask[:1])
@@ -159,13 +160,27 @@ def test_stage1_logits_can_fit_no_response():
     targets = torch.tensor([0, 3])
     opt = torch.optim.Adam(s1.parameters(), lr=3e-2)
     for _ in range(15):
-        logits = s1(base, targets, cond, mask).logits
+        logits = torch.cat([x.flatten() for x in s1(base, targets, cond, mask).logits])
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
         opt.zero_grad()
         loss.backward()
         opt.step()
     logits = s1(base, targets, cond, mask).logits
-    assert torch.sigmoid(logits[..., :16, :16]).max() < 0.1
+    assert [tuple(x.shape[1:]) for x in logits] == [spec.targets[t].shape for t in targets.tolist()]
+    assert max(float(torch.sigmoid(x).max()) for x in logits) < 0.1
+
+
+def test_stage1_logits_of_a_target_do_not_depend_on_its_batch_mates():
+    """Logits are computed per group of equal shapes: a target's map must be the one it gets alone."""
+    spec, _, base = mixed_base()
+    torch.manual_seed(0)
+    s1 = Stage1(tiny_cfg(), spec).eval()
+    cond, mask = condition()
+    every = s1(base, torch.arange(len(spec)), cond, mask).logits
+    for t in range(len(spec)):
+        alone = s1(base, torch.tensor([t]), cond, mask).logits[0]
+        assert alone.shape == (2, *spec.targets[t].shape)
+        torch.testing.assert_close(every[t], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_response_map_target_and_metrics():

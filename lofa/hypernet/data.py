@@ -370,8 +370,11 @@ def stage1_maps(stage1, data: Triplets, case_ids: Sequence[int], split: str = "e
     device = next(stage1.parameters()).device
     batch = data.batch(case_ids, split=split, views=views).to(device)
     logits = stage1(data.base.to(device), batch.targets, batch.cond, batch.cond_mask).logits
-    R, C = map_size(data.spec)
-    return (logits[..., :R, :C] > 0).cpu() & valid_entries(data.spec)
+    maps = torch.zeros(len(case_ids), len(data.spec), *map_size(data.spec), dtype=torch.bool)
+    for t, target_logits in enumerate(logits):
+        o, i = data.spec.targets[t].shape
+        maps[:, t, :o, :i] = (target_logits > 0).cpu()
+    return maps
 
 
 @torch.no_grad()

@@ -217,13 +217,16 @@ class HyperNet(nn.Module):
 
 
 class ResponseMapHead(nn.Module):
-    """Stage I: response-map logits [N, m, GR·p, GC·p] for each matrix (crop to [out, in]).
+    """Stage I: response-map logits, one [N, out, in] tensor per target matrix (each at its own shape).
 
     logit[o, i] = <U_o, V_i> / sqrt(k) + b[o//p, i//p] + c + β · log(|W[o, i]| / rms(W) + 1e-6)
     U (rows) and V (columns) are rank-k factors decoded from the patch-row and patch-column means of the token
     features, b a per-patch bias from each token, c and β per matrix from the CLS token. Every term is unbounded,
     so the map can go to "no response" anywhere (the authors' softplus floor kept p ≥ 0.45: defect 3). The last term
     carries the input weight itself: the target is |ΔW| > τ·|W|, so small |W| entries respond more easily.
+
+    Logits are computed per group of equal-shape targets and never padded to the largest target: with FFN targets
+    (512 × 128 beside 128 × 128 attention) a padded map would be 16× larger than the attention maps it holds.
     """
 
     def __init__(self, cfg: HyperConfig):
@@ -240,28 +243,44 @@ class ResponseMapHead(nn.Module):
             self.global_terms.bias.copy_(torch.tensor([0.0, -1.0]))
 
     def forward(self, feats: torch.Tensor, targets: torch.Tensor, tokenizer: WeightTokenizer,
-                base: BaseWeights) -> torch.Tensor:
+                base: BaseWeights) -> list[torch.Tensor]:
+        """feats [N, m, S, d] -> m logit maps, the j-th [N, out, in] of target targets[j]."""
         N, m = feats.shape[:2]
         p, k = self.patch, self.rank
         h = self.norm(feats)
         rows, cols = tokenizer.pool(h, targets)                                   # [N, m, GR, d], [N, m, GC, d]
         u = self.rows(rows).reshape(N, m, -1, k)                                  # [N, m, GR·p, k]
         v = self.cols(cols).reshape(N, m, -1, k)                                  # [N, m, GC·p, k]
-        logits = u @ v.transpose(-1, -2) / math.sqrt(k)
         bias = tokenizer.to_grid(self.patch_bias(h[:, :, 1:])[..., 0], targets)   # [N, m, GR, GC]
-        logits = logits + bias.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
         c, beta = self.global_terms(h[:, :, 0]).unbind(-1)                        # [N, m] each
-        log_w = _log_abs_normalised(base, targets, logits.shape[-2:], logits.dtype)
-        return logits + c[..., None, None] + beta[..., None, None] * log_w
+        logits: list[torch.Tensor | None] = [None] * m
+        order = targets.tolist()
+        for positions in _positions_by_shape(base, order):
+            j = torch.tensor(positions, device=feats.device)
+            out_f, in_f = base.spec.targets[order[positions[0]]].shape
+            gr, gc = math.ceil(out_f / p), math.ceil(in_f / p)
+            group = u[:, j, :out_f] @ v[:, j, :in_f].transpose(-1, -2) / math.sqrt(k)     # [N, g, out, in]
+            b = bias[:, j, :gr, :gc].repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+            group = group + b[..., :out_f, :in_f]
+            log_w = _log_abs_normalised(base, [order[i] for i in positions]).to(group.dtype)  # [g, out, in]
+            group = group + c[:, j, None, None] + beta[:, j, None, None] * log_w
+            for g, pos in enumerate(positions):
+                logits[pos] = group[:, g]
+        return logits
 
 
-def _log_abs_normalised(base: BaseWeights, targets: torch.Tensor, size, dtype) -> torch.Tensor:
-    """log(|W| / rms(W) + 1e-6) per target, zero-padded to `size` -> [m, *size]"""
-    out = torch.zeros(len(targets), *size, device=base.device, dtype=torch.float32)
-    for j, t in enumerate(targets.tolist()):
-        w = base[t].float()
-        out[j, : w.shape[0], : w.shape[1]] = torch.log(w.abs() / base.rms[t] + 1e-6)
-    return out.to(dtype)
+def _positions_by_shape(base: BaseWeights, order: list[int]) -> list[list[int]]:
+    """Positions in `order` (target indices) grouped by the targets' weight shape, groups in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for pos, t in enumerate(order):
+        groups.setdefault(base.spec.targets[t].shape, []).append(pos)
+    return list(groups.values())
+
+
+def _log_abs_normalised(base: BaseWeights, targets: list[int]) -> torch.Tensor:
+    """log(|W| / rms(W) + 1e-6) of targets of one shape -> [g, out, in] float32"""
+    w = torch.stack([base[t] for t in targets]).float()
+    return torch.log(w.abs() / base.rms[targets].to(w.device)[:, None, None] + 1e-6)
 
 
 class LoraHead(nn.Module):
@@ -334,7 +353,7 @@ class LoraHead(nn.Module):
 @dataclass
 class Stage1Output:
     features: torch.Tensor              # [N, m, S, d] final token features (what Stage II attends to)
-    logits: torch.Tensor | None         # [N, m, GR·p, GC·p] response-map logits, or None when not decoded
+    logits: list[torch.Tensor] | None   # per target [N, out, in] response-map logits, or None when not decoded
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from lofa.errors import LofaError
-from lofa.hypernet.losses import DiffusionLossFn, response_map_target, stage1_loss, stage2_loss
+from lofa.hypernet.losses import DiffusionLossFn, delta, response_map_target, stage1_loss, stage2_loss
 from lofa.hypernet.model import Stage1
 from lofa.hypernet.tokenizer import BaseWeights
 from lofa.io import read_json, save_safetensors, save_torch, write_json
@@ -139,25 +139,19 @@ class Stage1Objective:
         self.base = self.base.to(device)
         return self
 
-    def true_maps(self, batch: LoraBatch, size) -> tuple[torch.Tensor, torch.Tensor]:
-        """(target maps, valid entries), each [N, m, *size] bool, zero-padded like the logits."""
-        N, m = batch.cond.shape[0], len(batch.targets)
-        target = torch.zeros(N, m, *size, dtype=torch.bool, device=batch.cond.device)
-        valid = torch.zeros_like(target)
-        spec = self.base.spec
-        for j, t in enumerate(batch.targets.tolist()):
-            name, (o, i) = spec.targets[t].name, spec.targets[t].shape
-            A, B, alpha = batch.loras[name]
-            dw = (torch.as_tensor(alpha, device=A.device, dtype=torch.float32).reshape(-1, 1, 1) / A.shape[-2]
-                  * (B.float() @ A.float()))
-            target[:, j, :o, :i] = response_map_target(dw, self.base[t].float(), self.tau)
-            valid[:, j, :o, :i] = True
-        return target, valid
+    def true_maps(self, batch: LoraBatch) -> list[torch.Tensor]:
+        """The zoo LoRAs' response maps, per target of the batch [N, out, in] bool (the logits' layout)."""
+        maps = []
+        for t in batch.targets.tolist():
+            A, B, alpha = batch.loras[self.base.spec.targets[t].name]
+            maps.append(response_map_target(delta((A, B, alpha)), self.base[t].float(), self.tau))
+        return maps
 
     def __call__(self, model: nn.Module, batch: LoraBatch) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(self.base, batch.targets, batch.cond, batch.cond_mask)
-        target, valid = self.true_maps(batch, out.logits.shape[-2:])
-        return stage1_loss(out.logits, target, valid, self.cfg.map_balance)
+        logits = torch.cat([x.flatten(1) for x in out.logits], dim=1)           # [N, entries of all targets]
+        target = torch.cat([x.flatten(1) for x in self.true_maps(batch)], dim=1)
+        return stage1_loss(logits, target, torch.ones_like(target), self.cfg.map_balance)
 
 
 class Stage2Objective:
