@@ -502,3 +502,43 @@ def test_the_start_refuses_factors_of_another_rank():
     _, s2 = random_stage2(tiny_cfg(), spec)
     with pytest.raises(LofaError, match="rank"):
         s2.lora_head.set_start(mean_start(spec, rank=3))
+
+
+def test_squared_delta_error_is_the_mean_squared_relative_error():
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(2, 3, 5, generator=g, requires_grad=True), torch.randn(2, 4, 3, generator=g)
+    At, Bt = torch.randn(2, 3, 5, generator=g), torch.randn(2, 4, 3, generator=g)
+    w_rms = torch.tensor(0.5)
+    err = 2.0 * (B @ A) - 1.0 * (Bt @ At)  # alpha / r = 6 / 3 and 3 / 3
+    mse = stage2_loss({"m": (A, B, 6.0)}, {"m": (At, Bt, 3.0)}, {"m": w_rms}, recon="delta_mse")[0]
+    torch.testing.assert_close(mse, (err / w_rms).square().mean())
+    mse.backward()
+    assert A.grad.abs().sum() > 0
+    with pytest.raises(LofaError, match="unknown recon"):
+        stage2_loss({"m": (A, B, 6.0)}, {"m": (At, Bt, 3.0)}, {"m": w_rms}, recon="l2")
+
+
+def test_condition_standardisation_is_fitted_on_valid_tokens_and_saved():
+    spec, _, base = mixed_base()
+    s1 = Stage1(tiny_cfg(), spec).eval()
+    cond, mask = condition(n=2, k=6, valid=(3, 5))
+    shifted = cond * 3.0 + 7.0
+    before = s1(base, torch.arange(len(spec)), cond, mask).features
+    s1.backbone.set_condition_stats(shifted, mask)
+    valid = shifted[mask]
+    torch.testing.assert_close(s1.backbone.cond_shift, valid.mean(0))
+    torch.testing.assert_close(s1.backbone.cond_scale, valid.std(0))
+    # the standardisation undoes an affine change of the condition channels exactly when fitted on the same tokens
+    s1.backbone.set_condition_stats(cond, mask)
+    ref = s1(base, torch.arange(len(spec)), cond, mask).features
+    s1.backbone.set_condition_stats(shifted, mask)
+    torch.testing.assert_close(s1(base, torch.arange(len(spec)), shifted, mask).features, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ref, before)
+    # saved and loaded with the weights; a state dict from before the standardisation loads as the identity
+    state = s1.state_dict()
+    fresh = Stage1(tiny_cfg(), spec)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.backbone.cond_shift, s1.backbone.cond_shift)
+    old = {k: v for k, v in state.items() if not k.endswith(("cond_shift", "cond_scale"))}
+    fresh.load_state_dict(old)
+    assert fresh.backbone.cond_shift.abs().sum() == 0 and (fresh.backbone.cond_scale == 1).all()

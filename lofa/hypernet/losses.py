@@ -81,23 +81,29 @@ def stage1_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     return loss, {"bce": float(loss.detach()), **map_metrics(logits.detach() > 0, target, valid)}
 
 
-def _delta_l1(a_p, b_p, s_p, a_t, b_t, s_t, w_rms):
+def _delta_error(a_p, b_p, s_p, a_t, b_t, s_t, w_rms, power: int):
     d_p = s_p[:, None, None] * (b_p.float() @ a_p.float())
     d_t = s_t[:, None, None] * (b_t.float() @ a_t.float())
-    return (d_p - d_t).abs().mean() / w_rms
+    return ((d_p - d_t).abs() / w_rms).pow(power).mean()
 
 
-def delta_l1(pred: Factors, true: Factors, w_rms: torch.Tensor | float) -> torch.Tensor:
-    """mean |ΔŴ - ΔW| / rms(W) for one target (rms(W) is what the tokenizer divides W by, so every layer weighs
-    alike). Checkpointed: the [N, out, in] products are recomputed in backward instead of stored for 240 targets."""
+def delta_error(pred: Factors, true: Factors, w_rms: torch.Tensor | float, power: int = 1) -> torch.Tensor:
+    """mean (|ΔŴ - ΔW| / rms(W))^power for one target: power 1 is the L1, 2 the squared error. rms(W) is what the
+    tokenizer divides W by, so every layer weighs alike. Checkpointed: the [N, out, in] products are recomputed in
+    backward instead of stored for 240 targets."""
     (a_p, b_p, al_p), (a_t, b_t, al_t) = pred, true
     n = a_p.shape[0]
     s_p = lora_scale(al_p, a_p.shape[-2], n, a_p.device)
     s_t = lora_scale(al_t, a_t.shape[-2], n, a_p.device)
-    args = (a_p, b_p, s_p, a_t.to(a_p.device), b_t.to(a_p.device), s_t, w_rms)
+    args = (a_p, b_p, s_p, a_t.to(a_p.device), b_t.to(a_p.device), s_t, w_rms, power)
     if torch.is_grad_enabled() and (a_p.requires_grad or b_p.requires_grad):
-        return checkpoint(_delta_l1, *args, use_reentrant=False)
-    return _delta_l1(*args)
+        return checkpoint(_delta_error, *args, use_reentrant=False)
+    return _delta_error(*args)
+
+
+def delta_l1(pred: Factors, true: Factors, w_rms: torch.Tensor | float) -> torch.Tensor:
+    """mean |ΔŴ - ΔW| / rms(W) for one target (Stage II's reconstruction term as the paper writes it, on ΔW)."""
+    return delta_error(pred, true, w_rms, power=1)
 
 
 def factor_l1(pred: Factors, true: Factors) -> torch.Tensor:
@@ -117,6 +123,11 @@ def factor_l1(pred: Factors, true: Factors) -> torch.Tensor:
     return (s_p * a_p.float() - s_t * a_t).abs().mean() + (s_p * b_p.float() - s_t * b_t).abs().mean()
 
 
+# Stage II's reconstruction terms: "delta" the L1 on ΔW, "delta_mse" the squared error on ΔW (power of the entry
+# error), "factors" the paper's L1 on A and B.
+RECON_TERMS = {"delta": 1, "delta_mse": 2, "factors": None}
+
+
 def stage2_loss(pred: Mapping[str, Factors], true: Mapping[str, Factors], w_rms: Mapping[str, torch.Tensor], *,
                 recon: str = "delta", lambda_recon: float = 1.0, lambda_diff: float = 0.0,
                 diffusion_loss_fn: DiffusionLossFn | None = None, batch=None
@@ -128,13 +139,15 @@ def stage2_loss(pred: Mapping[str, Factors], true: Mapping[str, Factors], w_rms:
     it receives exactly the factors returned here, so the prediction it scores is the one the L1 scores and
     inference uses.
     """
-    if recon not in ("delta", "factors"):
-        raise LofaError(f"unknown recon {recon!r}; use 'delta' (L1 on ΔW) or 'factors' (L1 on A and B)")
+    if recon not in RECON_TERMS:
+        raise LofaError(f"unknown recon {recon!r}; use one of {', '.join(RECON_TERMS)}")
     missing = [k for k in pred if k not in true]
     if missing:
         raise LofaError(f"no ground-truth LoRA for {missing[0]!r}")
-    terms = [delta_l1(pred[k], true[k], w_rms[k]) if recon == "delta" else factor_l1(pred[k], true[k])
-             for k in pred]
+    if recon == "factors":
+        terms = [factor_l1(pred[k], true[k]) for k in pred]
+    else:
+        terms = [delta_error(pred[k], true[k], w_rms[k], power=RECON_TERMS[recon]) for k in pred]
     l_recon = torch.stack(terms).mean()
     loss = lambda_recon * l_recon
     metrics = {"recon": float(l_recon.detach())}

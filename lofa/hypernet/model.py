@@ -180,11 +180,35 @@ class HyperNet(nn.Module):
         d = cfg.d_model
         self.grad_checkpoint = cfg.grad_checkpoint
         self.tokenizer = WeightTokenizer(spec, d, cfg.patch)
+        # Condition standardisation (per channel, fitted on the training conditions by `set_condition_stats`).
+        # Conditions of one task are alike (MiniLM states of two action prompts have cosine ~0.9), so without it the
+        # RMS-normalised projection is dominated by what every condition shares and the part that tells cases apart
+        # reaches the blocks at a few percent of the signal.
+        self.register_buffer("cond_shift", torch.zeros(cfg.cond_dim))
+        self.register_buffer("cond_scale", torch.ones(cfg.cond_dim))
         self.cond_proj = nn.Linear(cfg.cond_dim, d)
         self.cond_norm = RMSNorm(d)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.feature_cross = nn.ModuleDict({str(i): FeatureCross(cfg) for i in feature_cross_after})
         self.norm_out = RMSNorm(d)
+
+    @torch.no_grad()
+    def set_condition_stats(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Fit the condition standardisation to training conditions: tokens [..., K, Dc], mask [..., K] bool (the
+        valid tokens; None = all) -> per-channel mean and standard deviation over the valid tokens."""
+        valid = tokens.reshape(-1, tokens.shape[-1]).double()
+        if mask is not None:
+            valid = valid[mask.reshape(-1).to(torch.bool)]
+        if len(valid) < 2:
+            raise LofaError("condition statistics need at least two valid condition tokens")
+        self.cond_shift.copy_(valid.mean(0))
+        self.cond_scale.copy_(valid.std(0).clamp_min(1e-6))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the condition standardisation carry none: they are the identity
+        for name, default in (("cond_shift", self.cond_shift.new_zeros), ("cond_scale", self.cond_shift.new_ones)):
+            state_dict.setdefault(prefix + name, default(self.cond_shift.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _run(self, fn, *args):
         if self.grad_checkpoint and torch.is_grad_enabled():
@@ -205,7 +229,7 @@ class HyperNet(nn.Module):
         tmask = self.tokenizer.token_mask(targets)
         if tmask is not None:
             tmask = tmask.repeat(N, 1)
-        c = self.cond_norm(self.cond_proj(cond))
+        c = self.cond_norm(self.cond_proj((cond - self.cond_shift.to(cond.dtype)) / self.cond_scale.to(cond.dtype)))
         x = x.expand(N, m, *x.shape[-2:])
         for i, block in enumerate(self.blocks):
             if i > 0:

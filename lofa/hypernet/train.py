@@ -42,7 +42,8 @@ class TrainConfig:
     batch_size: int = 48             # LoRAs per step and process (the authors: 192 for Stage I, 8 for Stage II on 4 GPUs)
     matrices_per_sample: int = 10    # Stage I: random target matrices per step
     map_balance: str = "balanced"
-    recon: str = "delta"             # Stage II L1 on ΔW, or "factors" (on A and B, the paper's wording)
+    recon: str = "delta"             # Stage II reconstruction term: "delta" L1 on ΔW, "delta_mse" squared error on ΔW,
+                                     # "factors" L1 on A and B (the paper's wording); see losses.RECON_TERMS
     lambda_recon: float = 1.0
     lambda_diff: float = 10.0
     mixed_precision: str = "auto"    # "auto": bf16 autocast on CUDA, none on CPU; or "bf16" / "no"
