@@ -101,6 +101,20 @@ def delta_error(pred: Factors, true: Factors, w_rms: torch.Tensor | float, power
     return _delta_error(*args)
 
 
+def delta_mse(pred: Factors, true: Factors, w_rms: torch.Tensor | float) -> torch.Tensor:
+    """mean (ΔŴ - ΔW)² / rms(W)² for one target, from the factors alone: with U = [s_p B̂, -s_t B] [N, out, 2r] and
+    V = [Â; A] [N, 2r, in], ‖ΔŴ - ΔW‖²_F = ‖U V‖²_F = Σ (UᵀU) ⊙ (V Vᵀ), two [2r, 2r] Gram matrices, so the
+    [N, out, in] difference is never formed (out·in·r work per LoRA becomes (out + in)·r²)."""
+    (a_p, b_p, al_p), (a_t, b_t, al_t) = pred, true
+    n, out_f, in_f = a_p.shape[0], b_p.shape[-2], a_p.shape[-1]
+    s_p = lora_scale(al_p, a_p.shape[-2], n, a_p.device)[:, None, None]
+    s_t = lora_scale(al_t, a_t.shape[-2], n, a_p.device)[:, None, None]
+    u = torch.cat([s_p * b_p.float(), -s_t * b_t.to(a_p.device).float()], dim=-1)
+    v = torch.cat([a_p.float(), a_t.to(a_p.device).float()], dim=-2)
+    squared = ((u.transpose(-1, -2) @ u) * (v @ v.transpose(-1, -2))).sum(dim=(-1, -2)).clamp_min(0)
+    return squared.mean() / (out_f * in_f) / w_rms ** 2
+
+
 def delta_l1(pred: Factors, true: Factors, w_rms: torch.Tensor | float) -> torch.Tensor:
     """mean |ΔŴ - ΔW| / rms(W) for one target (Stage II's reconstruction term as the paper writes it, on ΔW)."""
     return delta_error(pred, true, w_rms, power=1)
@@ -123,9 +137,9 @@ def factor_l1(pred: Factors, true: Factors) -> torch.Tensor:
     return (s_p * a_p.float() - s_t * a_t).abs().mean() + (s_p * b_p.float() - s_t * b_t).abs().mean()
 
 
-# Stage II's reconstruction terms: "delta" the L1 on ΔW, "delta_mse" the squared error on ΔW (power of the entry
-# error), "factors" the paper's L1 on A and B.
-RECON_TERMS = {"delta": 1, "delta_mse": 2, "factors": None}
+# Stage II's reconstruction terms: "delta" the L1 on ΔW, "delta_mse" the squared error on ΔW, "factors" the
+# paper's L1 on A and B.
+RECON_TERMS = {"delta": delta_l1, "delta_mse": delta_mse, "factors": factor_l1}
 
 
 def stage2_loss(pred: Mapping[str, Factors], true: Mapping[str, Factors], w_rms: Mapping[str, torch.Tensor], *,
@@ -144,10 +158,9 @@ def stage2_loss(pred: Mapping[str, Factors], true: Mapping[str, Factors], w_rms:
     missing = [k for k in pred if k not in true]
     if missing:
         raise LofaError(f"no ground-truth LoRA for {missing[0]!r}")
-    if recon == "factors":
-        terms = [factor_l1(pred[k], true[k]) for k in pred]
-    else:
-        terms = [delta_error(pred[k], true[k], w_rms[k], power=RECON_TERMS[recon]) for k in pred]
+    recon_fn = RECON_TERMS[recon]
+    terms = [recon_fn(pred[k], true[k]) if recon == "factors" else recon_fn(pred[k], true[k], w_rms[k])
+             for k in pred]
     l_recon = torch.stack(terms).mean()
     loss = lambda_recon * l_recon
     metrics = {"recon": float(l_recon.detach())}
