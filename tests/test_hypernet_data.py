@@ -38,18 +38,24 @@ class StubText:
         return states, mask
 
 
-def fake_zoo(path, world, gen, seed=0):
-    """A zoo folder in the real layout (index.json + diffusers LoRA files) holding random LoRAs of every case."""
-    cfg = LoraTrainConfig(rank=RANK, alpha=float(RANK))
-    names = gen.lora_target_modules()
+def random_factor(case, name, shape, g):
+    out_f, in_f = shape
+    return LoraFactor(torch.randn(RANK, in_f, generator=g) * 0.3, torch.randn(out_f, RANK, generator=g) * 0.05,
+                      float(RANK))
+
+
+def fake_zoo(path, world, gen, seed=0, include_ffn=False, factor=random_factor):
+    """A zoo folder in the real layout (index.json + diffusers LoRA files) holding a LoRA of every case:
+    factor(case, module name, (out, in), generator) -> LoraFactor (default random) for each target (FFN ones too
+    with include_ffn)."""
+    cfg = LoraTrainConfig(rank=RANK, alpha=float(RANK), include_ffn=include_ffn)
+    names = gen.lora_target_modules(include_ffn)
     g = torch.Generator().manual_seed(seed)
     entries = []
     for case in world.cases:
         weights = {}
         for n in names:
-            out_f, in_f = gen.net.get_submodule(n).weight.shape
-            weights[n] = LoraFactor(torch.randn(RANK, in_f, generator=g) * 0.3,
-                                    torch.randn(out_f, RANK, generator=g) * 0.05, float(RANK))
+            weights[n] = factor(case, n, tuple(gen.net.get_submodule(n).weight.shape), g)
         meta = {"case_id": case.id, "split": case.split, "task": world.task, "seed": seed, "base": "stub",
                 "wall_time_s": 1.0, **asdict(cfg)}
         save_lora(path / "loras" / lora_filename(case.id), weights, meta)
