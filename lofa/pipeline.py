@@ -348,16 +348,13 @@ def _build_stage1(run: Run, key: str) -> None:
 
 
 def _build_stage2(run: Run, key: str) -> None:
-    run.hypernet(key, 2, progress=False)
-
-
-def _build_stage2_recon_factors(run: Run, key: str) -> None:
-    run.hypernet(key, 2, "recon_factors", progress=False)
+    """key: a setting ("identities") or a setting and a variant ("identities/recon_l1")."""
+    setting, _, variant = key.partition("/")
+    run.hypernet(setting, 2, variant or "lofa", progress=False)
 
 
 _BUILD_STEPS = {"base": _build_base, "evaluators": _build_evaluators, "condition_encoder": _build_condition_encoder,
-                "zoo": _build_zoo, "zoo_shard": _build_zoo_shard, "stage1": _build_stage1, "stage2": _build_stage2,
-                "stage2_recon_factors": _build_stage2_recon_factors}
+                "zoo": _build_zoo, "zoo_shard": _build_zoo_shard, "stage1": _build_stage1, "stage2": _build_stage2}
 
 
 def _build_job(args: tuple, step: str, key: str) -> None:
@@ -367,9 +364,11 @@ def _build_job(args: tuple, step: str, key: str) -> None:
     _BUILD_STEPS[step](Run(scale, device, seed, run_dir, overrides, pretrained), key)
 
 
-# Hypernetwork variants run.hypernet trains: the paper's two-stage LoFA (L1 on ΔW), and the same Stage II with the
-# L1 term on the factors A and B instead (the paper's wording; one Stage I shared by both) -> Stage2TrainConfig fields
-HYPERNET_VARIANTS = {"lofa": {}, "recon_factors": {"recon": "factors"}, "zero_start": {"start": "zero"}}
+# Hypernetwork variants run.hypernet trains, each Stage II from the one Stage I of its setting -> Stage2TrainConfig
+# fields: LoFA as configured, and ablations of its reconstruction term (the L1 on ΔW; the L1 on the factors A and B,
+# the paper's wording) and of its start (ΔW = 0, the paper's head, instead of the mean training LoRA)
+HYPERNET_VARIANTS = {"lofa": {}, "recon_l1": {"recon": "delta"}, "recon_factors": {"recon": "factors"},
+                     "zero_start": {"start": "zero"}}
 
 
 def _setting(name: str) -> tuple[str, str, str]:
