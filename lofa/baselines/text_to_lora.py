@@ -6,7 +6,7 @@ learned embedding of the target's block depth and one of its module type, and an
 into that matrix's LoRA factors A [r, in] and B [out, r]. The MLP is shared by every target; the heads are one per
 (module type, shape), so 128x128 attention, 512x128 / 128x512 FFN and a UNet's 64x384 cross-attention keys each get
 outputs of their own size. It is trained by reconstruction on the zoo: the mean over targets of
-L1(ΔŴ − ΔW) / rms(W) (`lofa.hypernet.losses.delta_l1`, Stage II's L1), through the same resumable loop as LoFA
+the reconstruction term of its TrainConfig (`recon`, as Stage II's), through the same resumable loop as LoFA
 (`lofa.hypernet.train.fit`).
 
     cfg = preset(TextToLoraConfig, "mini")                   # rank, alpha and cond_dim come from the data
@@ -32,7 +32,7 @@ from torch import Tensor
 from lofa.baselines.reference import pool_condition
 from lofa.errors import LofaError
 from lofa.hypernet.data import Triplets
-from lofa.hypernet.losses import delta_l1
+from lofa.hypernet.losses import RECON_TERMS
 from lofa.hypernet.tokenizer import BaseWeights, TargetSpec
 from lofa.hypernet.train import LoraBatch, TrainConfig, fit
 from lofa.io import read_json, save_safetensors, write_json
@@ -269,10 +269,14 @@ class TextToLora(nn.Module):
 
 # --- training -----------------------------------------------------------------------------------------------------
 class TextToLoraObjective:
-    """loss_fn(model, batch) for `fit`: the mean over the batch's targets of L1(ΔŴ − ΔW) / rms(W) (`delta_l1`)."""
+    """loss_fn(model, batch) for `fit`: the mean over the batch's targets of the reconstruction term `recon`
+    (`lofa.hypernet.losses.RECON_TERMS`: "delta" L1(ΔŴ − ΔW) / rms(W), "delta_mse" its squared form), so that
+    Text-to-LoRA is trained on the same term as LoFA's Stage II when compared with it."""
 
-    def __init__(self, base: BaseWeights):
-        self.base = base
+    def __init__(self, base: BaseWeights, recon: str = "delta"):
+        if recon not in ("delta", "delta_mse"):
+            raise LofaError(f"Text-to-LoRA trains on ΔW: recon must be 'delta' or 'delta_mse', not {recon!r}")
+        self.base, self.recon = base, RECON_TERMS[recon]
 
     def to(self, device) -> "TextToLoraObjective":
         self.base = self.base.to(device)
@@ -280,7 +284,7 @@ class TextToLoraObjective:
 
     def __call__(self, model: nn.Module, batch: LoraBatch) -> tuple[Tensor, dict[str, float]]:
         pred = model(batch.cond, batch.cond_mask, batch.targets)
-        terms = [delta_l1((A.float(), B.float(), alpha), batch.loras[name], self.base.rms[self.base.spec.index[name]])
+        terms = [self.recon((A.float(), B.float(), alpha), batch.loras[name], self.base.rms[self.base.spec.index[name]])
                  for name, (A, B, alpha) in pred.items()]
         loss = torch.stack(terms).mean()
         return loss, {"recon": float(loss.detach())}
@@ -320,8 +324,9 @@ def train_text_to_lora(data: Triplets, cfg: TextToLoraConfig, train_cfg: TrainCo
     model.set_units({t: (a, b * to_alpha) for t, (a, b) in factor_units(data).items()})
     if cfg.start == "mean":
         model.set_start({t: (a, b * to_alpha) for t, (a, b) in data.mean_factors().items()})
-    history = fit(model, TextToLoraObjective(data.base), data.batch_fn(train_cfg.batch_size, seed=seed), train_cfg,
-                  out_dir, device=device, progress=progress)
+    objective = TextToLoraObjective(data.base, train_cfg.recon)
+    history = fit(model, objective, data.batch_fn(train_cfg.batch_size, seed=seed), train_cfg, out_dir, device=device,
+                  progress=progress)
     model.eval()
     model.save_pretrained(out_dir)
     return model, history
