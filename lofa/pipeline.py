@@ -242,8 +242,8 @@ class Run:
         torch.manual_seed(self.seed)
         stage1 = Stage1(cfg, data.spec)
         bank = data.conditions("train")
-        stage1.backbone.set_condition_stats(bank.tokens[[bank.row[c] for c in data.train_ids]],
-                                            bank.mask[[bank.row[c] for c in data.train_ids]])
+        train_rows = [bank.row[c] for c in data.train_ids]
+        stage1.backbone.set_condition_stats(bank.tokens[train_rows], bank.mask[train_rows])
         train1 = self.config(TrainConfig)
         fit(stage1, Stage1Objective(data.base, train1, cfg.tau),
             data.batch_fn(train1.batch_size, train1.matrices_per_sample, seed=self.seed + train1.seed), train1,

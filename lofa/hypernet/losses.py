@@ -81,24 +81,23 @@ def stage1_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     return loss, {"bce": float(loss.detach()), **map_metrics(logits.detach() > 0, target, valid)}
 
 
-def _delta_error(a_p, b_p, s_p, a_t, b_t, s_t, w_rms, power: int):
+def _delta_l1(a_p, b_p, s_p, a_t, b_t, s_t, w_rms):
     d_p = s_p[:, None, None] * (b_p.float() @ a_p.float())
     d_t = s_t[:, None, None] * (b_t.float() @ a_t.float())
-    return ((d_p - d_t).abs() / w_rms).pow(power).mean()
+    return (d_p - d_t).abs().mean() / w_rms
 
 
-def delta_error(pred: Factors, true: Factors, w_rms: torch.Tensor | float, power: int = 1) -> torch.Tensor:
-    """mean (|ΔŴ - ΔW| / rms(W))^power for one target: power 1 is the L1, 2 the squared error. rms(W) is what the
-    tokenizer divides W by, so every layer weighs alike. Checkpointed: the [N, out, in] products are recomputed in
-    backward instead of stored for 240 targets."""
+def delta_l1(pred: Factors, true: Factors, w_rms: torch.Tensor | float) -> torch.Tensor:
+    """mean |ΔŴ - ΔW| / rms(W) for one target (rms(W) is what the tokenizer divides W by, so every layer weighs
+    alike). Checkpointed: the [N, out, in] products are recomputed in backward instead of stored for 240 targets."""
     (a_p, b_p, al_p), (a_t, b_t, al_t) = pred, true
     n = a_p.shape[0]
     s_p = lora_scale(al_p, a_p.shape[-2], n, a_p.device)
     s_t = lora_scale(al_t, a_t.shape[-2], n, a_p.device)
-    args = (a_p, b_p, s_p, a_t.to(a_p.device), b_t.to(a_p.device), s_t, w_rms, power)
+    args = (a_p, b_p, s_p, a_t.to(a_p.device), b_t.to(a_p.device), s_t, w_rms)
     if torch.is_grad_enabled() and (a_p.requires_grad or b_p.requires_grad):
-        return checkpoint(_delta_error, *args, use_reentrant=False)
-    return _delta_error(*args)
+        return checkpoint(_delta_l1, *args, use_reentrant=False)
+    return _delta_l1(*args)
 
 
 def delta_mse(pred: Factors, true: Factors, w_rms: torch.Tensor | float) -> torch.Tensor:
@@ -113,11 +112,6 @@ def delta_mse(pred: Factors, true: Factors, w_rms: torch.Tensor | float) -> torc
     v = torch.cat([a_p.float(), a_t.to(a_p.device).float()], dim=-2)
     squared = ((u.transpose(-1, -2) @ u) * (v @ v.transpose(-1, -2))).sum(dim=(-1, -2)).clamp_min(0)
     return squared.mean() / (out_f * in_f) / w_rms ** 2
-
-
-def delta_l1(pred: Factors, true: Factors, w_rms: torch.Tensor | float) -> torch.Tensor:
-    """mean |ΔŴ - ΔW| / rms(W) for one target (Stage II's reconstruction term as the paper writes it, on ΔW)."""
-    return delta_error(pred, true, w_rms, power=1)
 
 
 def factor_l1(pred: Factors, true: Factors) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lofa.errors import LofaError
 from lofa.hypernet.config import HyperConfig
-from lofa.hypernet.tokenizer import BaseWeights, RMSNorm, TargetSpec, WeightTokenizer
+from lofa.hypernet.tokenizer import BaseWeights, RMSNorm, TargetSpec, WeightTokenizer, chunks_by_shape
 
 
 def _split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -278,27 +278,18 @@ class ResponseMapHead(nn.Module):
         bias = tokenizer.to_grid(self.patch_bias(h[:, :, 1:])[..., 0], targets)   # [N, m, GR, GC]
         c, beta = self.global_terms(h[:, :, 0]).unbind(-1)                        # [N, m] each
         logits: list[torch.Tensor | None] = [None] * m
-        order = targets.tolist()
-        for positions in _positions_by_shape(base, order):
+        for positions, group_targets in chunks_by_shape(base, targets.tolist(), len(targets)):
             j = torch.tensor(positions, device=feats.device)
-            out_f, in_f = base.spec.targets[order[positions[0]]].shape
+            out_f, in_f = base.spec.targets[group_targets[0]].shape
             gr, gc = math.ceil(out_f / p), math.ceil(in_f / p)
             group = u[:, j, :out_f] @ v[:, j, :in_f].transpose(-1, -2) / math.sqrt(k)     # [N, g, out, in]
             b = bias[:, j, :gr, :gc].repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
             group = group + b[..., :out_f, :in_f]
-            log_w = _log_abs_normalised(base, [order[i] for i in positions]).to(group.dtype)  # [g, out, in]
+            log_w = _log_abs_normalised(base, group_targets).to(group.dtype)                 # [g, out, in]
             group = group + c[:, j, None, None] + beta[:, j, None, None] * log_w
             for g, pos in enumerate(positions):
                 logits[pos] = group[:, g]
         return logits
-
-
-def _positions_by_shape(base: BaseWeights, order: list[int]) -> list[list[int]]:
-    """Positions in `order` (target indices) grouped by the targets' weight shape, groups in first-seen order."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for pos, t in enumerate(order):
-        groups.setdefault(base.spec.targets[t].shape, []).append(pos)
-    return list(groups.values())
 
 
 def _log_abs_normalised(base: BaseWeights, targets: list[int]) -> torch.Tensor:

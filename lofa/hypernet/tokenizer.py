@@ -251,7 +251,7 @@ class WeightTokenizer(nn.Module):
         dtype = self.embed.weight.dtype
         x = torch.zeros(len(targets), self.seq_len, d, device=self.cls.device, dtype=dtype)
         order = targets.tolist()
-        for pos, t in _chunks_by_shape(base, order, chunk):
+        for pos, t in chunks_by_shape(base, order, chunk):
             g = base.slot[t[0]][0]
             stack = base.groups[g][1][[base.slot[i][1] for i in t]]
             rms = base.rms[t]
@@ -287,7 +287,7 @@ class WeightTokenizer(nn.Module):
         return out[..., : GR * GC].view(N, m, GR, GC)
 
 
-def _chunks_by_shape(base: BaseWeights, order: list[int], chunk: int):
+def chunks_by_shape(base: BaseWeights, order: list[int], chunk: int):
     """(positions in `order`, target ids) in runs of at most `chunk` targets of one shape."""
     by_group: dict[int, list[int]] = {}
     for pos, t in enumerate(order):
