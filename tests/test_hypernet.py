@@ -106,6 +106,28 @@ def test_tokenizer_patches_masks_and_rms_invariance():
     torch.testing.assert_close(tok(base10, targets), x, rtol=1e-5, atol=1e-6)
 
 
+def broadcast_sum(v):
+    return v.sum(1, keepdim=True).expand_as(v)
+
+
+def test_token_layout_packs_real_tokens_by_count_and_unpacks_with_zero_pads():
+    spec, _, base = mixed_base()
+    tok = Stage1(tiny_cfg(), spec).backbone.tokenizer
+    targets = torch.arange(len(spec))
+    layout = tok.layout(targets)
+    counts = tok.mask[targets].sum(1)
+    assert layout.is_padded and layout.index.numel() == int(counts.sum())
+    assert sum(g * s for _, g, s in layout.spans) == int(counts.sum())
+    assert sorted(s for _, _, s in layout.spans) == sorted(set(counts.tolist()))
+    x = torch.randn(2, len(spec), tok.seq_len, 3) * tok.mask[targets, :, None]   # zero at pads, as the tokenizer
+    torch.testing.assert_close(layout.unpack(layout.pack(x)), x, rtol=0, atol=0)
+    # per_matrix hands fn each matrix's own tokens: a per-matrix sum equals the padded sum over real tokens
+    sums = layout.unpack(layout.per_matrix(broadcast_sum, layout.pack(x)))
+    torch.testing.assert_close(sums[:, :, 0], x.sum(2))
+    one = tok.layout(torch.tensor([0]))
+    assert one.spans == ((0, 1, int(counts[0])),)
+
+
 def test_base_weights_checks_names_and_shapes():
     spec, weights, _ = mixed_base()
     with pytest.raises(LofaError, match="lack"):
@@ -222,7 +244,7 @@ def test_stage2_from_stage1_starts_as_stage1():
     cond, mask = condition()
     targets = torch.arange(len(spec))
     f1 = s1(base, targets, cond, mask, decode_map=False).features
-    f2 = s2.backbone(s2.backbone.prefix(base, targets)[None], targets, cond, mask[:, :6], f1)
+    f2 = s2.backbone(s2.backbone.prefix(base, targets), s2.backbone.tokenizer.layout(targets), cond, mask[:, :6], f1)
     torch.testing.assert_close(f2, f1)  # the zero-initialised feature cross-attention is the identity
     out = s2(base, targets, cond, mask, f1)
     assert not out.B.any()  # B = 0: ΔW = 0 at initialisation, as a LoRA

@@ -5,10 +5,11 @@ code); Stage II's feature cross-attention; the backbone shared by both stages; t
 the Stage II LoRA head; the two stages.
 
 Shapes: N conditions (one LoRA each), m target matrices, S tokens per matrix (CLS + patches, padded to the
-longest target), d = d_model, K condition tokens of width Dc. Activations are [N, m, S, d] throughout: the
-self-attention runs over each matrix's S tokens ([N·m, S, d]) and the cross-attention over all m·S tokens of one
-condition ([N, m·S, d]), so the condition's keys and values are computed once per condition and block and shared
-by every matrix, never once per matrix (defect 4 of the authors' code).
+longest target), d = d_model, K condition tokens of width Dc. The heads read the padded layout [N, m, S, d]; the
+blocks run on the packed one [N, T, d], the T real tokens of the m matrices (`TokenLayout`): each matrix's
+self-attention over its own tokens, the cross-attention over all T tokens of one condition, so the condition's
+keys and values are computed once per condition and block and shared by every matrix, never once per matrix
+(defect 4 of the authors' code).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lofa.errors import LofaError
 from lofa.hypernet.config import HyperConfig
-from lofa.hypernet.tokenizer import BaseWeights, RMSNorm, TargetSpec, WeightTokenizer, chunks_by_shape
+from lofa.hypernet.tokenizer import BaseWeights, RMSNorm, TargetSpec, TokenLayout, WeightTokenizer, chunks_by_shape
 
 
 def _split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -111,21 +112,15 @@ class Block(nn.Module):
         self.cross = CrossAttention(d, cfg.n_heads, cfg.qk_norm)
         self.mlp2 = MLP(d, cfg.mlp_ratio)
 
-    def self_half(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x [N, m, S, d], mask [N·m, S] or None -> [N, m, S, d]"""
-        N, m, S, d = x.shape
-        h = x.reshape(N * m, S, d)
-        h = h + self.attn(self.norm1(h), mask)
-        h = h + self.mlp1(self.norm2(h))
-        return h.view(N, m, S, d)
+    def self_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """x [N, T, d] packed (`layout`) -> [N, T, d]; each matrix's tokens attend to that matrix's tokens only."""
+        x = x + layout.per_matrix(self.attn, self.norm1(x))
+        return x + self.mlp1(self.norm2(x))
 
     def cross_half(self, x: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [N, m, S, d] attends to cond [N, K, d] (cond_mask [N, K] or None) -> [N, m, S, d]"""
-        N, m, S, d = x.shape
-        h = x.reshape(N, m * S, d)
-        h = h + self.cross(self.norm3(h), cond, cond_mask)
-        h = h + self.mlp2(self.norm4(h))
-        return h.view(N, m, S, d)
+        """x [N, T, d] attends to cond [N, K, d] (cond_mask [N, K] or None) -> [N, T, d]"""
+        x = x + self.cross(self.norm3(x), cond, cond_mask)
+        return x + self.mlp2(self.norm4(x))
 
 
 class FeatureCross(nn.Module):
@@ -142,12 +137,9 @@ class FeatureCross(nn.Module):
         nn.init.zeros_(self.cross.out.weight)
         nn.init.zeros_(self.cross.out.bias)
 
-    def forward(self, x: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x, features [N, m, S, d]; mask [N·m, S] or None -> [N, m, S, d]"""
-        N, m, S, d = x.shape
-        h = x.reshape(N * m, S, d)
-        f = self.norm_features(features.reshape(N * m, S, d))
-        return (h + self.cross(self.norm(h), f, mask)).view(N, m, S, d)
+    def forward(self, x: torch.Tensor, features: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """x, features [N, T, d] packed (`layout`) -> [N, T, d]"""
+        return x + layout.per_matrix(self.cross, self.norm(x), self.norm_features(features))
 
 
 def trim_condition(cond: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -215,29 +207,28 @@ class HyperNet(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def prefix(self, base: BaseWeights, targets: torch.Tensor) -> torch.Tensor:
-        """targets [m] -> tokens after block 0's self half [m, S, d]; depends on the base weights only."""
-        x = self.tokenizer(base, targets)[None]
-        return self._run(self.blocks[0].self_half, x, self.tokenizer.token_mask(targets))[0]
+    def prefix(self, base: BaseWeights, targets: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
+        """targets [m] -> packed tokens after block 0's self half [T, d]; depends on the base weights only."""
+        layout = self.tokenizer.layout(targets) if layout is None else layout
+        x = layout.pack(self.tokenizer(base, targets)[None])
+        return self._run(self.blocks[0].self_half, x, layout)[0]
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, layout: TokenLayout, cond: torch.Tensor, cond_mask: torch.Tensor | None,
                 features: torch.Tensor | None = None) -> torch.Tensor:
-        """x [N, m, S, d] from `prefix` (broadcast over N), targets [m], cond [N, K, Dc] (already trimmed),
-        cond_mask [N, K] or None, features [N, m, S, d] (Stage I's, for Stage II) or None -> features [N, m, S, d]
-        """
-        N, m = cond.shape[0], len(targets)
-        tmask = self.tokenizer.token_mask(targets)
-        if tmask is not None:
-            tmask = tmask.repeat(N, 1)
+        """x [T, d] from `prefix` (or [N, T, d]), layout of its targets (`tokenizer.layout`), cond [N, K, Dc]
+        (already trimmed), cond_mask [N, K] or None, features [N, m, S, d] (Stage I's, for Stage II) or None
+        -> features [N, m, S, d], zero at padded positions"""
+        N = cond.shape[0]
         c = self.cond_norm(self.cond_proj((cond - self.cond_shift.to(cond.dtype)) / self.cond_scale.to(cond.dtype)))
-        x = x.expand(N, m, *x.shape[-2:])
+        x = x.expand(N, *x.shape[-2:])
+        f = None if features is None else layout.pack(features)
         for i, block in enumerate(self.blocks):
             if i > 0:
-                x = self._run(block.self_half, x, tmask)
+                x = self._run(block.self_half, x, layout)
             x = self._run(block.cross_half, x, c, cond_mask)
-            if features is not None and str(i) in self.feature_cross:
-                x = self._run(self.feature_cross[str(i)], x, features, tmask)
-        return self.norm_out(x)
+            if f is not None and str(i) in self.feature_cross:
+                x = self._run(self.feature_cross[str(i)], x, f, layout)
+        return layout.unpack(self.norm_out(x))
 
 
 class ResponseMapHead(nn.Module):
@@ -389,11 +380,12 @@ class Stage1(nn.Module):
     def forward(self, base: BaseWeights, targets: torch.Tensor, cond: torch.Tensor,
                 cond_mask: torch.Tensor | None = None, *, prefix: torch.Tensor | None = None,
                 decode_map: bool = True) -> Stage1Output:
-        """targets [m] spec indices; cond [N, K, Dc], cond_mask [N, K]; prefix [m, S, d] from
+        """targets [m] spec indices; cond [N, K, Dc], cond_mask [N, K]; prefix [T, d] from
         `backbone.prefix` when cached. decode_map=False skips the map (inference needs only the features)."""
         cond, cond_mask = trim_condition(cond, cond_mask)
-        x = self.backbone.prefix(base, targets) if prefix is None else prefix
-        feats = self.backbone(x[None], targets, cond, cond_mask)
+        layout = self.backbone.tokenizer.layout(targets)
+        x = self.backbone.prefix(base, targets, layout) if prefix is None else prefix
+        feats = self.backbone(x, layout, cond, cond_mask)
         logits = self.map_head(feats, targets, self.backbone.tokenizer, base) if decode_map else None
         return Stage1Output(feats, logits)
 
@@ -426,8 +418,9 @@ class Stage2(nn.Module):
                 prefix: torch.Tensor | None = None) -> Stage2Output:
         """targets [m]; cond [N, K, Dc]; stage1_features [N, m, S, d] (Stage1Output.features) or None."""
         cond, cond_mask = trim_condition(cond, cond_mask)
-        x = self.backbone.prefix(base, targets) if prefix is None else prefix
-        feats = self.backbone(x[None], targets, cond, cond_mask, stage1_features)
+        layout = self.backbone.tokenizer.layout(targets)
+        x = self.backbone.prefix(base, targets, layout) if prefix is None else prefix
+        feats = self.backbone(x, layout, cond, cond_mask, stage1_features)
         return Stage2Output(*self.lora_head(feats, targets, self.backbone.tokenizer, base.rms))
 
     def lora(self, out: Stage2Output, targets: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

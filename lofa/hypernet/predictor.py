@@ -156,8 +156,10 @@ class LoFA:
         t0 = time.perf_counter()
         self.base = BaseWeights(self.spec, weights, device=self.device, dtype=self.dtype)
         self._targets = torch.arange(len(self.spec), device=self.device)
-        self._prefix1 = None if self.stage1 is None else self.stage1.backbone.prefix(self.base, self._targets)
-        self._prefix2 = self.stage2.backbone.prefix(self.base, self._targets)
+        self._layout = self.stage2.backbone.tokenizer.layout(self._targets)
+        self._prefix1 = None if self.stage1 is None else self.stage1.backbone.prefix(self.base, self._targets,
+                                                                                     self._layout)
+        self._prefix2 = self.stage2.backbone.prefix(self.base, self._targets, self._layout)
         _sync(self.device)
         self.timings = {"prefix_ms": 1e3 * (time.perf_counter() - t0)}
 
@@ -179,13 +181,13 @@ class LoFA:
         """Stage I's final token features [N, M, S, d] for a trimmed condition; None without Stage I."""
         if self.stage1 is None:
             return None
-        return self.stage1.backbone(self._prefix1[None], self._targets, cond, cond_mask)
+        return self.stage1.backbone(self._prefix1, self._layout, cond, cond_mask)
 
     def stage2_factors(self, cond: torch.Tensor, cond_mask: torch.Tensor | None,
                        features: torch.Tensor | None) -> Stage2Output:
         """Padded LoRA factors of every target (Stage2Output, [N, M, ...]) for a trimmed condition."""
         backbone = self.stage2.backbone
-        feats = backbone(self._prefix2[None], self._targets, cond, cond_mask, features)
+        feats = backbone(self._prefix2, self._layout, cond, cond_mask, features)
         return Stage2Output(*self.stage2.lora_head(feats, self._targets, backbone.tokenizer, self.base.rms))
 
     def prepare_condition(self, tokens: torch.Tensor, mask: torch.Tensor | None = None

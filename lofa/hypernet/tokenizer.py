@@ -229,6 +229,20 @@ class WeightTokenizer(nn.Module):
         self.register_buffer("out_features", torch.tensor([t.shape[0] for t in spec.targets]), persistent=False)
         self.register_buffer("in_features", torch.tensor([t.shape[1] for t in spec.targets]), persistent=False)
 
+    def layout(self, targets: torch.Tensor) -> "TokenLayout":
+        """Where the real tokens of targets [m] sit in the padded [m, S] layout, grouped by token count."""
+        counts = self.mask[targets].sum(1).tolist()                     # tokens of each target, CLS included
+        by_count: dict[int, list[int]] = {}
+        for j, n in enumerate(counts):
+            by_count.setdefault(n, []).append(j)
+        index, spans, start = [], [], 0
+        for n, positions in by_count.items():
+            for j in positions:
+                index.extend(range(j * self.seq_len, j * self.seq_len + n))
+            spans.append((start, len(positions), n))
+            start += len(positions) * n
+        return TokenLayout(len(counts), self.seq_len, torch.tensor(index, device=self.mask.device), tuple(spans))
+
     def token_mask(self, targets: torch.Tensor) -> torch.Tensor | None:
         """[m, S] bool (True = real token) for targets [m], or None when no target is padded."""
         return self.mask[targets] if self.has_padding else None
@@ -285,6 +299,52 @@ class WeightTokenizer(nn.Module):
         out = values.new_zeros(N, m, GR * GC + 1)
         out.scatter_(2, index.expand(N, m, P), values)
         return out[..., : GR * GC].view(N, m, GR, GC)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The packed token layout: only the real tokens of m target matrices, [N, T, d] with T = Σ tokens per matrix.
+
+    The padded layout [N, m, S, d] gives every matrix the longest target's S tokens; with targets of several shapes
+    most of them are padding (a mini UNet's 64 × 64 matrices have 5 real tokens of 33), and every linear layer of
+    the transformer would spend most of its time on them. Packed, the MLPs and the cross-attention run on real
+    tokens only and each matrix's self-attention runs at its own length, without a mask.
+
+    Packed order: groups of targets with equal token counts (in order of first appearance), target by target
+    within a group. spans[k] = (start, g, s): group k holds g matrices of s tokens each at packed positions
+    [start, start + g·s). index [T]: each packed token's position in the flattened padded layout [m·S].
+    """
+
+    m: int
+    seq_len: int
+    index: torch.Tensor
+    spans: tuple[tuple[int, int, int], ...]
+
+    @property
+    def is_padded(self) -> bool:
+        return not (len(self.spans) == 1 and self.spans[0][2] == self.seq_len)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, m, S, d] -> [N, T, d]"""
+        flat = x.flatten(1, 2)
+        return flat[:, self.index] if self.is_padded else flat
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, T, d] -> [N, m, S, d], zero at padded positions"""
+        N, _, d = x.shape
+        if self.is_padded:
+            x = x.new_zeros(N, self.m * self.seq_len, d).index_copy(1, self.index, x)
+        return x.view(N, self.m, self.seq_len, d)
+
+    def per_matrix(self, fn, *xs: torch.Tensor) -> torch.Tensor:
+        """fn over each matrix's own tokens: xs [N, T, d] each; fn takes and returns [N·g, s, d] per group
+        -> [N, T, d'] (fn's output width)."""
+        N = xs[0].shape[0]
+        parts = []
+        for start, g, s in self.spans:
+            views = [x[:, start: start + g * s].reshape(N * g, s, x.shape[-1]) for x in xs]
+            parts.append(fn(*views).reshape(N, g * s, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def chunks_by_shape(base: BaseWeights, order: list[int], chunk: int):
