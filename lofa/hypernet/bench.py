@@ -48,18 +48,20 @@ def bench_targets(scale: str) -> TargetSpec:
 
 def stage_flops(cfg: HyperConfig, spec: TargetSpec, n_cond: int, stage: int) -> dict[str, float]:
     """Analytic FLOPs (2 per multiply-add) of one stage for one condition of n_cond (trimmed) tokens:
-    {"prefix": condition-independent part, "condition": the rest}. Norms and elementwise ops are not counted."""
+    {"prefix": condition-independent part, "condition": the rest}. Tokens are counted packed (real tokens only, as
+    the model runs them); norms and elementwise ops are not counted."""
     from lofa.hypernet.tokenizer import WeightTokenizer
 
     tok = WeightTokenizer(spec, 1, cfg.patch)
     M, S, d, K, p = len(spec), tok.seq_len, cfg.d_model, n_cond, cfg.patch
-    T, h = M * S, int(d * cfg.mlp_ratio)
-    self_half = 8 * T * d * d + 4 * M * S * S * d + 4 * T * d * h           # qkv + out, attention, MLP
+    counts = tok.mask.sum(1).tolist()       # real tokens of each matrix: the transformer runs on packed tokens
+    T, TT, h = sum(counts), sum(n * n for n in counts), int(d * cfg.mlp_ratio)
+    self_half = 8 * T * d * d + 4 * TT * d + 4 * T * d * h                  # qkv + out, attention, MLP
     cross_half = 4 * T * d * d + 4 * K * d * d + 4 * T * K * d + 4 * T * d * h  # q + out, cond k/v, attention, MLP
-    prefix = 2 * M * (S - 1) * p * p * d + self_half
+    prefix = 2 * (T - M) * p * p * d + self_half
     cond = 2 * K * cfg.cond_dim * d + cfg.depth * cross_half + (cfg.depth - 1) * self_half
     if stage == 2:
-        cond += len(cfg.feature_cross_after) * (8 * T * d * d + 4 * M * S * S * d)
+        cond += len(cfg.feature_cross_after) * (8 * T * d * d + 4 * TT * d)
         GR, GC = tok.grid_rows, tok.grid_cols
         cond += 2 * M * (GR + GC) * (S - 1) * d + 2 * M * (GR + GC) * d * p * cfg.rank   # pooling + A/B heads
     return {"prefix": float(prefix), "condition": float(cond)}
