@@ -1,5 +1,6 @@
 """Reference predictors (lofa.baselines.reference) on a real smoke run of the styles setting: its base generator,
 its zoo of trained per-case LoRAs and its reference-image condition bank (built once, ~20 s on one core)."""
+import copy
 import shutil
 from types import SimpleNamespace
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from lofa.analysis import response_map
-from lofa.baselines import (mean_lora, mean_train_map, nearest_cases, nearest_lora, oracle_case, oracle_lora,
-                            pool_condition)
+from lofa.baselines import (RidgeLora, mean_lora, mean_train_map, nearest_cases, nearest_lora, oracle_case,
+                            oracle_lora, pool_condition)
 from lofa.errors import LofaError
 from lofa.evaluate import GenerateConfig, generate
 from lofa.hypernet.data import ConditionBank
@@ -230,3 +231,86 @@ def test_reference_loras_and_compare_score_every_method_on_the_same_plan(run, da
     assert by["ground truth"].denoise.isna().all() and by["base"].denoise.notna().all()
     assert not np.allclose(by["base"].denoise, by["mean LoRA"].denoise)
     assert EvalSeeds.of(1).sample - EvalSeeds.of(0).sample == 100_000
+
+
+# --- the ridge LoRA ----------------------------------------------------------------------------------------------
+def _linear_world(n_cases=6, views=2, dim=5, seed=0):
+    """Cases whose pooled condition x_c [dim] maps affinely to ΔW_c = (B0 + Σ_d x_cd B_d) A, rank 2, [9, 7].
+
+    Returns (inputs [n_cases·views, dim], owners, loras, deltas {case: ΔW float64}, the map (A, B [dim+1, 9, 2]))."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(2, 7, generator=g, dtype=torch.float64)
+    B = torch.randn(dim + 1, 9, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(n_cases, dim, generator=g, dtype=torch.float64)
+    loras, deltas = {}, {}
+    for c in range(n_cases):
+        Bc = B[0] + torch.einsum("d,dor->or", x[c], B[1:])
+        loras[c] = {"m": LoraFactor(A.float(), Bc.float(), 2.0)}
+        deltas[c] = Bc.float().double() @ A.float().double()
+    owners = [c for c in range(n_cases) for _ in range(views)]
+    return x.repeat_interleave(views, 0).float(), owners, loras, deltas, (A, B)
+
+
+def test_ridge_lora_is_exact_on_a_linear_world_and_interpolates_at_tiny_lambda():
+    inputs, owners, loras, deltas, (A, B) = _linear_world(n_cases=10, dim=4)
+    ridge = RidgeLora(inputs, owners, loras, lam=1e-9, rank=2)
+    # a new condition of the same affine world is predicted exactly: 10 cases determine the 5-parameter map
+    query = torch.randn(1, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    expected = (B[0] + torch.einsum("d,dor->or", query[0], B[1:])) @ A
+    [(lora, info)] = ridge.predict(query[:, None].float())
+    torch.testing.assert_close(lora["m"].delta_w.double(), expected, rtol=1e-3, atol=1e-3)
+    assert info["relative_error"] < 1e-4 and info["lam"] == 1e-9 and lora["m"].rank == 2
+    # a training condition gets its own case's ΔW back; every case-weight row sums to 1
+    weights = ridge.case_weights(inputs[:3, None])
+    # (λ = 1e-9 makes the solve ill-conditioned: the rows sum to 1 only to ~1e-7)
+    torch.testing.assert_close(weights.sum(1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-5)
+    [(own, _)] = ridge.predict(inputs[:1, None])
+    torch.testing.assert_close(own["m"].delta_w.double(), deltas[0], rtol=1e-3, atol=1e-3)
+
+
+def test_ridge_lora_tends_to_the_mean_at_huge_lambda():
+    inputs, owners, loras, deltas, _ = _linear_world()
+    mean = sum(deltas.values()) / len(deltas)
+    far = inputs[:1, None] * 3
+    [(lora, _)] = RidgeLora(inputs, owners, loras, lam=1e12, rank=2).predict(far)
+    torch.testing.assert_close(lora["m"].delta_w.double(), mean, rtol=1e-4, atol=1e-5)
+    # ...while a moderate λ follows the condition (so the check above could have failed)
+    [(moved, _)] = RidgeLora(inputs, owners, loras, lam=0.1, rank=2).predict(far)
+    assert float((moved["m"].delta_w.double() - mean).abs().max()) > 1e-2
+
+
+def test_ridge_lora_refuses_bad_input():
+    inputs, owners, loras, _, _ = _linear_world()
+    with pytest.raises(LofaError, match="lam must be positive"):
+        RidgeLora(inputs, owners, loras, lam=0.0)
+    with pytest.raises(LofaError, match="one owner per row"):
+        RidgeLora(inputs, owners[:-1], loras)
+    with pytest.raises(LofaError, match="has no LoRA"):
+        RidgeLora(inputs, owners, {c: w for c, w in loras.items() if c != 0})
+    with pytest.raises(LofaError, match="at least one training LoRA"):
+        RidgeLora(inputs, owners, {})
+    with pytest.raises(LofaError, match=r"must be \[N, K, 5\]"):
+        RidgeLora(inputs, owners, loras).predict(torch.zeros(1, 3, 4))
+
+
+def _with_zoo(data, zoo):
+    """The same triplets reading their LoRAs from another zoo directory."""
+    other = copy.copy(data)
+    other.zoo = zoo
+    return other
+
+
+def test_ridge_lora_fits_on_training_loras_only(data, tmp_path):
+    tokens, mask = data.conditions("eval").get(data.heldout_ids[:1])
+    before = RidgeLora.fit(data).predict(tokens, mask)[0][0]
+    assert all(f.rank == data.zoo.config.rank for f in before.values())
+    zoo_copy = tmp_path / "zoo"
+    shutil.copytree(data.zoo.dir, zoo_copy)
+    _rewrite(zoo_copy, data.zoo.case_ids("heldout")[0], 10.0)
+    after = RidgeLora.fit(_with_zoo(data, Zoo(zoo_copy))).predict(tokens, mask)[0][0]
+    for name in before:
+        torch.testing.assert_close(after[name].delta_w, before[name].delta_w)
+    # ...while a training LoRA's change shows
+    _rewrite(zoo_copy, data.zoo.case_ids("train")[0], 10.0)
+    changed = RidgeLora.fit(_with_zoo(data, Zoo(zoo_copy))).predict(tokens, mask)[0][0]
+    assert max(float((changed[n].delta_w - before[n].delta_w).abs().max()) for n in before) > 1e-5

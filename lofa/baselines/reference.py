@@ -6,6 +6,8 @@ A predicted LoRA is worth something only where it beats what needs no hypernetwo
   space (pooled condition tokens, cosine similarity). A hypernetwork that only memorised its zoo ties with it.
 - `oracle_lora`: the training LoRA of the case that shares the most ground-truth attributes with the query; the best
   retrieval can do, and only a known world can give it (an upper reference, not a method).
+- `RidgeLora`: the linear reference, kernel ridge regression (linear kernel) from the pooled condition to the
+  per-module ΔW of the training LoRAs. A hypernetwork that learns no more than a linear map of its condition ties with it.
 - `mean_train_map`: Stage I's condition-blind reference, the entry-wise mean response map of the training LoRAs.
 
 Every LoRA comes back as the zoo returns one, `(LoraWeights, info)` like `Zoo.load`, so `lofa.evaluate.generate`
@@ -16,6 +18,8 @@ case's own LoRA is what these references are scored against.
     tokens, mask = data.conditions("eval").get([case])        # a held-out case's reserved condition
     lora, info = nearest_lora(data, tokens, mask)             # info["case_id"], info["similarity"]
     lora, info = oracle_lora(data.world, data.zoo, case)      # info["case_id"], info["matches"]
+    ridge = RidgeLora.fit(data)                               # once; then any number of queries
+    [(lora, info)] = ridge.predict(tokens, mask)              # info["relative_error"]: the SVD truncation's
     ref = mean_train_map(data)                                # [M, R, C] in [0, 1]; ref > 0.5: majority map
 """
 from __future__ import annotations
@@ -158,6 +162,134 @@ def nearest_lora(data: Triplets, tokens: Tensor, mask: Tensor | None = None, dev
     return weights, {"case_id": ids[0], "similarity": float(sim[0])}
 
 
+# --- the linear reference: kernel ridge regression from the condition to ΔW -----------------------------------
+class RidgeLora:
+    """Linear kernel ridge regression from the pooled condition to each module's ΔW, fitted on training LoRAs.
+
+    Training rows: pooled conditions x_i (`pool_condition`), inputs [N_rows, Dc], each the condition of one case;
+    its target is that case's ΔW = (alpha / r) · B @ A, per module [out, in] (every view of a case is one row with
+    the same target). Centred on their mean x̄, the rows give the linear kernel K = X̃ X̃ᵀ [N_rows, N_rows], and a
+    query x predicts, per module,
+
+        ΔŴ(x) = Ȳ + k(x)ᵀ α,    k(x) = X̃ (x − x̄) [N_rows],    α = (K + λ · mean(diag K) · I)⁻¹ (Y − Ȳ),
+
+    Ȳ the mean target over rows. λ is relative to the kernel's scale, so one default suits every condition encoder.
+    Each ΔŴ is cut to the best rank-k LoRA (`_truncate`), a standard LoRA for `generate` / `save_lora`.
+
+    Memory: α is never formed. Y − Ȳ = (P − 1 ρᵀ) Y_c, P [N_rows, N_cases] the rows' case membership, ρ [N_cases]
+    the cases' share of the rows and Y_c the cases' ΔW, so α = coefficients @ Y_c with coefficients
+    [N_rows, N_cases] = (K + λ s I)⁻¹ (P − 1 ρᵀ), solved once for every module. A prediction is then a weighted sum
+    of the training LoRAs, ΔŴ = Σ_c (ρ_c + (k(x)ᵀ coefficients)_c) ΔW_c, formed from their factors module by
+    module: what is held is the training LoRAs' factors, never a dense [N, out, in] stack.
+
+    `RidgeLora.fit(data)` fits on a setting's train split; the constructor takes rows and LoRAs directly:
+    inputs [N_rows, Dc] pooled conditions, owners [N_rows] the case id of each row, loras {case_id: LoraWeights}
+    (one set of modules, one shape per module), lam λ > 0, rank k >= 1.
+    """
+
+    def __init__(self, inputs: Tensor, owners: Sequence[int], loras: dict[int, LoraWeights], lam: float = 0.1,
+                 rank: int = 4):
+        if not loras:
+            raise LofaError("RidgeLora needs at least one training LoRA; fit it on a zoo with train-split cases")
+        if lam <= 0:
+            raise LofaError(f"RidgeLora: lam must be positive, not {lam}; use a small value (1e-6) to interpolate")
+        if int(rank) < 1:
+            raise LofaError(f"RidgeLora: rank must be a positive integer, not {rank}")
+        if inputs.ndim != 2 or inputs.shape[0] != len(owners):
+            raise LofaError(f"RidgeLora: inputs {list(inputs.shape)} must be [N_rows, Dc] with one owner per row "
+                            f"({len(owners)} owners)")
+        self.case_ids = sorted(loras)
+        column = {c: j for j, c in enumerate(self.case_ids)}
+        unknown = [c for c in owners if int(c) not in column]
+        if unknown:
+            raise LofaError(f"RidgeLora: row of case {unknown[0]} has no LoRA; pass a LoRA for every row's case")
+        self.lam, self.rank = float(lam), int(rank)
+        self.x_mean = inputs.to(torch.float64).mean(0)                                     # x̄ [Dc]
+        self.inputs = inputs.to(torch.float64) - self.x_mean                               # X̃ [N_rows, Dc]
+        kernel = self.inputs @ self.inputs.T                                               # K [N_rows, N_rows]
+        scale = float(kernel.diagonal().mean())
+        # identical conditions give K = 0; any scale then works, since every k(x) is 0 as well
+        scale = scale if scale > 0 else 1.0
+        membership = torch.zeros(len(owners), len(self.case_ids), dtype=torch.float64)    # P
+        membership[torch.arange(len(owners)), torch.tensor([column[int(c)] for c in owners])] = 1.0
+        self.shares = membership.mean(0)                                                   # ρ [N_cases]
+        ridge = kernel + self.lam * scale * torch.eye(len(owners), dtype=torch.float64)
+        self.coefficients = torch.linalg.solve(ridge, membership - self.shares)          # [N_rows, N_cases]
+        self.factors = _stack_factors([loras[c] for c in self.case_ids], self.case_ids)
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, data: Triplets, lam: float = 0.1, rank: int | None = None) -> "RidgeLora":
+        """Fit on the TRAIN split only: every view of a train case's "train" condition is a row, its target the
+        zoo's LoRA of that case. rank: k of the predicted LoRAs (default: the zoo's rank)."""
+        ids = list(data.train_ids)
+        if not ids:
+            raise LofaError("RidgeLora.fit: the data has no train-split case to fit on; build the zoo's train split "
+                            "first")
+        bank = data.conditions("train")
+        rows = torch.tensor([bank.row[c] for c in ids])
+        inputs = pool_condition(bank.tokens[rows].flatten(0, 1), bank.mask[rows].flatten(0, 1))  # [N·V, Dc]
+        owners = torch.tensor(ids).repeat_interleave(bank.views).tolist()
+        loras = {c: data.zoo.load(c)[0] for c in ids}
+        return cls(inputs, owners, loras, lam, data.zoo.config.rank if rank is None else rank)
+
+    @property
+    def dim(self) -> int:
+        return self.inputs.shape[1]
+
+    def case_weights(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The weight of each training case's ΔW in the prediction, [N, N_cases] float64 (columns: `case_ids`);
+        each row sums to 1. tokens [N, K, Dc], mask [N, K] (None: all valid)."""
+        if tokens.ndim != 3 or tokens.shape[-1] != self.dim:
+            raise LofaError(f"query conditions {list(tokens.shape)} must be [N, K, {self.dim}]; encode the query "
+                            "with the condition encoder the ridge model was fitted with")
+        query = pool_condition(tokens.cpu(), None if mask is None else mask.cpu()) - self.x_mean   # [N, Dc]
+        return self.shares + (query @ self.inputs.T) @ self.coefficients
+
+    @torch.no_grad()
+    def predict(self, tokens: Tensor, mask: Tensor | None = None, device="cpu") -> list[tuple[LoraWeights, dict]]:
+        """Predicted LoRAs of N conditions, tokens [N, K, Dc], mask [N, K] (None: all valid), any K.
+
+        Returns one (weights {module_name: LoraFactor(A [k, in], B [out, k], alpha = k)}, info) per condition, info
+        as `mean_lora`'s: "rank", "lam", "relative_error" (‖ΔŴ − B A‖_F / ‖ΔŴ‖_F over all modules) and
+        "module_errors".
+        """
+        out = []
+        for weights in self.case_weights(tokens, mask):
+            lora, errors = {}, {}
+            tail_energy, energy = 0.0, 0.0
+            for name, (A, B, scale, ranks) in self.factors.items():
+                # ΔŴ = Σ_c w_c scale_c B_c A_c as one product of the concatenated factors
+                column_weights = (weights * scale).repeat_interleave(ranks)                      # [Σ r_c]
+                factor, tail, full = _truncate((B * column_weights) @ A, self.rank)
+                lora[name] = LoraFactor(factor.A.to(device), factor.B.to(device), factor.alpha)
+                errors[name] = (tail / full) ** 0.5 if full > 0 else 0.0
+                tail_energy, energy = tail_energy + tail, energy + full
+            out.append((lora, {"rank": self.rank, "lam": self.lam, "module_errors": errors,
+                               "relative_error": (tail_energy / energy) ** 0.5 if energy > 0 else 0.0}))
+        return out
+
+
+def _stack_factors(loras: Sequence[LoraWeights], case_ids: Sequence[int]) -> dict[str, tuple]:
+    """N LoRAs -> {module_name: (A [Σ r_c, in], B [out, Σ r_c], scale [N], ranks [N])} in float64, the factors of
+    every case side by side, so that Σ_c w_c scale_c B_c A_c is one matrix product (ranks may differ by case)."""
+    names = set(loras[0])
+    stacked = {}
+    for name in loras[0]:
+        for lora, case in zip(loras, case_ids):
+            if set(lora) != names:
+                raise LofaError(f"the LoRA of case {case} adapts other modules than case {case_ids[0]}'s; a ridge "
+                                "LoRA needs one set of modules")
+            if lora[name].shape != loras[0][name].shape:
+                raise LofaError(f"module {name} of case {case}'s LoRA is {list(lora[name].shape)}, not "
+                                f"{list(loras[0][name].shape)}; use LoRAs of one base model")
+        stacked[name] = (torch.cat([lora[name].A.to(torch.float64) for lora in loras]),
+                         torch.cat([lora[name].B.to(torch.float64) for lora in loras], dim=1),
+                         torch.tensor([lora[name].scale for lora in loras], dtype=torch.float64),
+                         torch.tensor([lora[name].rank for lora in loras]))
+    return stacked
+
+
 # --- the oracle: retrieval by ground truth ---------------------------------------------------------------------
 def attribute_matches(world, a: int, b: int) -> int:
     """How many ground-truth attributes (component -> value, `Case.attrs`) cases a and b share."""
@@ -219,20 +351,22 @@ def mean_train_map(data: Triplets, tau: float = 0.02, chunk: int = 8) -> Tensor:
 
 
 # --- every reference for a list of cases -------------------------------------------------------------------------
-REFERENCES = ("mean LoRA", "nearest LoRA", "oracle LoRA")
+REFERENCES = ("mean LoRA", "nearest LoRA", "ridge LoRA", "oracle LoRA")
 
 
 @torch.no_grad()
-def reference_loras(data: Triplets, case_ids: Sequence[int], split: str = "eval", device="cpu"):
-    """The three reference predictors' LoRAs for `case_ids`, queried with each case's `split` condition (view 0).
+def reference_loras(data: Triplets, case_ids: Sequence[int], split: str = "eval", device="cpu", lam: float = 0.1):
+    """The reference predictors' LoRAs for `case_ids`, queried with each case's `split` condition (view 0).
 
     Returns ({method: {case_id: LoraWeights}} for the methods of REFERENCES, a pandas DataFrame with one row per
     (method, case): the case whose LoRA was returned, and the nearest LoRA's similarity / the oracle's shared
-    attributes). The mean LoRA is one object shared by every case (it ignores the condition).
+    attributes / the ridge LoRA's truncation error and λ = lam). The mean LoRA is one object shared by every case
+    (it ignores the condition).
     """
     import pandas as pd
 
     mean, mean_info = mean_lora(data.zoo, device=device)
+    ridge = RidgeLora.fit(data, lam=lam)
     loras: dict[str, dict[int, LoraWeights]] = {name: {} for name in REFERENCES}
     rows = []
     bank = data.conditions(split)
@@ -241,10 +375,13 @@ def reference_loras(data: Triplets, case_ids: Sequence[int], split: str = "eval"
         loras["mean LoRA"][case] = mean
         loras["nearest LoRA"][case], near = nearest_lora(data, tokens, mask, device)
         loras["oracle LoRA"][case], oracle = oracle_lora(data.world, data.zoo, case, device)
+        [(loras["ridge LoRA"][case], fitted)] = ridge.predict(tokens, mask, device)
         rows += [{"method": "mean LoRA", "case_id": case, "source_case": None,
                   "svd_error": mean_info["relative_error"]},
                  {"method": "nearest LoRA", "case_id": case, "source_case": near["case_id"],
                   "similarity": near["similarity"]},
+                 {"method": "ridge LoRA", "case_id": case, "source_case": None,
+                  "svd_error": fitted["relative_error"], "lam": fitted["lam"]},
                  {"method": "oracle LoRA", "case_id": case, "source_case": oracle["case_id"],
                   "shared_attributes": oracle["matches"], "attributes": oracle["attributes"]}]
     return loras, pd.DataFrame(rows)
