@@ -29,6 +29,8 @@ from lofa.errors import LofaError
 # The paper's four personalisation settings: (name, world task, condition kind).
 SETTINGS = (("actions-text", "actions", "text"), ("actions-pose", "actions", "pose"),
             ("styles", "styles", "image"), ("identities", "identities", "image"))
+# Held-out and training cases whose ΔW fidelity Stage II's learning curves follow (`Triplets.monitor_batches`)
+MONITOR_CASES = 16
 
 
 class Run:
@@ -223,7 +225,8 @@ class Run:
         from lofa.hypernet import LoFA, Stage1, Stage2, save_pretrained
         from lofa.hypernet.data import DiffusionLoss
         from lofa.hypernet.predictor import CONFIG_FILE
-        from lofa.hypernet.train import Stage1Objective, Stage2Objective, Stage2TrainConfig, TrainConfig, fit
+        from lofa.hypernet.train import (Stage1Objective, Stage2Monitor, Stage2Objective, Stage2TrainConfig, TrainConfig,
+                                        fit)
         from lofa.models.text import TextEncoder
 
         _, task, kind = _setting(setting)
@@ -259,9 +262,10 @@ class Run:
         stage2 = Stage2.from_stage1(stage1)
         if train2.start == "mean":
             stage2.lora_head.set_start(data.mean_factors())
-        fit(stage2, Stage2Objective(data.base, train2, stage1, diffusion),
-            data.batch_fn(train2.batch_size, seed=self.seed + train2.seed + 1), train2, out / "stage2",
-            device=str(self.device), progress=progress)
+        objective = Stage2Objective(data.base, train2, stage1, diffusion)
+        fit(stage2, objective, data.batch_fn(train2.batch_size, seed=self.seed + train2.seed + 1), train2,
+            out / "stage2", device=str(self.device), progress=progress,
+            monitor=Stage2Monitor(objective, data.monitor_batches(MONITOR_CASES)))
         encoder = data.encoder if data.encoder is not None else {"kind": "text", "max_length": data.text.max_length}
         if launch is None or launch.is_main_process:
             save_pretrained(out, stage2, stage1, condition_encoder=encoder,

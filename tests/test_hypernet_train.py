@@ -5,8 +5,9 @@ import torch
 
 from lofa.errors import LofaError
 from lofa.hypernet import BaseWeights, HyperConfig, Stage1, Stage2, TargetSpec
-from lofa.hypernet.train import (LoraBatch, Stage1Objective, Stage2Objective, TrainConfig, fit, lr_factor,
-                                 param_groups, sample_targets)
+from lofa.hypernet.losses import delta, delta_fidelity
+from lofa.hypernet.train import (LoraBatch, Stage1Objective, Stage2Monitor, Stage2Objective, TrainConfig, fit,
+                                 lr_factor, param_groups, sample_targets)
 
 SHAPES = {f"blocks.{i}.attn1.to_{t}": (16, 16) for i in range(2) for t in ("q", "v")}
 SHAPES["blocks.1.ffn.net.2"] = (16, 24)
@@ -144,10 +145,11 @@ def test_stage1_objective_true_maps_follow_the_definition():
         assert torch.equal(maps[j], dw.abs() > 0.02 * (base[t].abs() + 1e-8))
 
 
-def _train_stage2(tmp_path, steps, crash_at=None, stage1=True, diffusion=True):
+def _train_stage2(tmp_path, steps, crash_at=None, stage1=True, diffusion=True, monitor_every=0):
     """Stage II for `steps` steps; the diffusion stand-in draws from the global RNG, so resuming must restore it."""
     spec, base, s1, s2 = stage1_and_2()
-    cfg = TrainConfig(steps=steps, warmup_steps=2, lr=1e-3, checkpoint_every=2, lambda_diff=0.5)
+    cfg = TrainConfig(steps=steps, warmup_steps=2, lr=1e-3, checkpoint_every=2, lambda_diff=0.5,
+                      monitor_every=monitor_every)
     batch_fn = make_batch_fn(spec)
 
     def interrupted(step, rank):
@@ -160,7 +162,8 @@ def _train_stage2(tmp_path, steps, crash_at=None, stage1=True, diffusion=True):
         return sum((B @ A).square().mean() for A, B, _ in lora.values()) * (1 + 0.1 * noise)
 
     obj = Stage2Objective(base, cfg, s1 if stage1 else None, diffusion_loss_fn if diffusion else None)
-    history = fit(s2, obj, interrupted, cfg, tmp_path, device="cpu", progress=False)
+    monitor = Stage2Monitor(obj, {"heldout": [batch_fn(100, 0)], "train": [batch_fn(0, 0), batch_fn(1, 0)]})
+    history = fit(s2, obj, interrupted, cfg, tmp_path, device="cpu", progress=False, monitor=monitor)
     return s2, history
 
 
@@ -179,3 +182,34 @@ def test_resume_after_interruption_equals_uninterrupted_training(tmp_path):
 def test_single_stage_ablation_trains(tmp_path):
     model, history = _train_stage2(tmp_path, steps=2, stage1=False, diffusion=False)
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+
+
+def test_delta_fidelity_is_the_cosine_and_norm_ratio_of_the_dense_weighted_delta():
+    g = torch.Generator().manual_seed(3)
+    shapes, rms = {"a": (7, 5), "b": (4, 9)}, {"a": torch.tensor(0.5), "b": torch.tensor(2.0)}
+    pred = {k: (torch.randn(3, 2, i, generator=g), torch.randn(3, o, 2, generator=g), 2.0) for k, (o, i) in shapes.items()}
+    true = {k: (torch.randn(3, 3, i, generator=g), torch.randn(3, o, 3, generator=g), torch.tensor([1.0, 3.0, 6.0]))
+            for k, (o, i) in shapes.items()}
+    cosine, ratio = delta_fidelity(pred, true, rms)
+    flat = lambda lora: torch.cat([(delta(lora[k]) / rms[k]).flatten(1) for k in shapes], 1)  # noqa: E731
+    p, t = flat(pred), flat(true)
+    torch.testing.assert_close(cosine, torch.nn.functional.cosine_similarity(p, t, dim=1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ratio, p.norm(dim=1) / t.norm(dim=1), rtol=1e-4, atol=1e-5)
+    same, one = delta_fidelity(true, true, rms)
+    torch.testing.assert_close(same, torch.ones(3), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(one, torch.ones(3), rtol=1e-4, atol=1e-4)
+
+
+def test_monitoring_records_learning_curves_without_changing_training(tmp_path):
+    plain, plain_history = _train_stage2(tmp_path / "plain", steps=5)
+    watched, history = _train_stage2(tmp_path / "watched", steps=5, monitor_every=2)
+    for (k, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [h["loss"] for h in history] == [h["loss"] for h in plain_history]
+    measured = [h["step"] for h in history if "heldout_cosine" in h]
+    assert measured == [1, 2, 4, 5] and not any("heldout_cosine" in h for h in plain_history)
+    for h in history:
+        if "heldout_cosine" in h:
+            assert -1 <= h["heldout_cosine"] <= 1 and -1 <= h["train_cosine"] <= 1 and h["train_magnitude"] > 0
+    # the curve moves as the model trains (the stand-in LoRAs are random, so only a change is certain)
+    assert history[0]["train_cosine"] != history[-1]["train_cosine"]

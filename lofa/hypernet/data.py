@@ -243,6 +243,17 @@ class Triplets:
         loras = {n: (self.A[n][rows], self.B[n][rows], alpha) for n in names}
         return LoraBatch(cond, mask, targets, loras, {"case_ids": torch.tensor(list(case_ids)), "step": step})
 
+    def monitor_batches(self, n: int, chunk: int = 8) -> dict[str, list[LoraBatch]]:
+        """What `Stage2Monitor` follows: up to n held-out and n train cases, spread evenly over each sorted split,
+        every target, each queried with its reserved "eval" condition (view 0), in LoraBatches of `chunk` cases."""
+        out = {}
+        for split, ids in (("heldout", self.heldout_ids), ("train", self.train_ids)):
+            ids = sorted(ids)
+            picked = [ids[i] for i in np.linspace(0, len(ids) - 1, min(n, len(ids))).round().astype(int)] if ids else []
+            if picked:
+                out[split] = [self.batch(picked[i:i + chunk], split="eval") for i in range(0, len(picked), chunk)]
+        return out
+
     def batch_fn(self, batch_size: int, matrices: int | None = None, seed: int | None = None
                  ) -> Callable[[int, int], LoraBatch]:
         """batch_fn(step, process_index) -> LoraBatch for `hypernet.train.fit`, a pure function of its arguments.

@@ -114,6 +114,38 @@ def delta_mse(pred: Factors, true: Factors, w_rms: torch.Tensor | float) -> torc
     return squared.mean() / (out_f * in_f) / w_rms ** 2
 
 
+def delta_inner(a: Factors, b: Factors) -> torch.Tensor:
+    """⟨ΔW_a, ΔW_b⟩_F per LoRA -> [N], from the factors alone: ⟨s_a B_a A_a, s_b B_b A_b⟩ = s_a s_b Σ (B_aᵀB_b) ⊙
+    (A_a A_bᵀ), two [r_a, r_b] products instead of two [N, out, in] matrices."""
+    (a_a, b_a, al_a), (a_b, b_b, al_b) = a, b
+    n = a_a.shape[0]
+    s_a = lora_scale(al_a, a_a.shape[-2], n, a_a.device)
+    s_b = lora_scale(al_b, a_b.shape[-2], n, a_a.device)
+    a_b, b_b = a_b.to(a_a.device).float(), b_b.to(a_a.device).float()
+    gram = (b_a.float().transpose(-1, -2) @ b_b) * (a_a.float() @ a_b.transpose(-1, -2))
+    return s_a * s_b * gram.sum(dim=(-1, -2))
+
+
+@torch.no_grad()
+def delta_fidelity(pred: Mapping[str, Factors], true: Mapping[str, Factors], w_rms: Mapping[str, torch.Tensor | float]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How close predicted LoRAs are to the true ones, per LoRA over all their targets -> (cosine [N], magnitude
+    ratio [N]): the cosine between the concatenated ΔŴ_t / rms(W_t) and ΔW_t / rms(W_t) (each layer weighed as the
+    squared-error term weighs it), and ‖ΔŴ‖ / ‖ΔW‖ in the same units (1: the true size; a mean LoRA is smaller)."""
+    missing = [k for k in pred if k not in true]
+    if missing:
+        raise LofaError(f"no ground-truth LoRA for {missing[0]!r}")
+    cross, pp, tt = 0.0, 0.0, 0.0
+    for k in pred:
+        weight = 1.0 / torch.as_tensor(w_rms[k], dtype=torch.float32).to(pred[k][0].device) ** 2
+        cross = cross + weight * delta_inner(pred[k], true[k])
+        pp = pp + weight * delta_inner(pred[k], pred[k])
+        tt = tt + weight * delta_inner(true[k], true[k])
+    pp, tt = pp.clamp_min(0), tt.clamp_min(0)
+    cosine = cross / (pp.sqrt() * tt.sqrt()).clamp_min(1e-30)
+    return cosine, (pp / tt.clamp_min(1e-30)).sqrt()
+
+
 def factor_l1(pred: Factors, true: Factors) -> torch.Tensor:
     """The paper's L1 on A and B, each scaled by sqrt(alpha / r) so both sides use one convention.
 

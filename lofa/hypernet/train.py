@@ -24,7 +24,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from lofa.errors import LofaError
-from lofa.hypernet.losses import DiffusionLossFn, delta, response_map_target, stage1_loss, stage2_loss
+from lofa.hypernet.losses import (DiffusionLossFn, Factors, delta, delta_fidelity, response_map_target, stage1_loss,
+                                  stage2_loss)
 from lofa.hypernet.model import Stage1
 from lofa.hypernet.tokenizer import BaseWeights
 from lofa.io import read_json, save_safetensors, save_torch, write_json
@@ -50,6 +51,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     seed: int = 0
+    # Steps between measurements of the `monitor` that `fit` is given (Stage II: ΔW fidelity on held-out and
+    # training cases), after the first step, every `monitor_every` steps and after the last; 0 never measures.
+    # Measuring changes nothing in training: no gradient, no random numbers.
+    monitor_every: int = 0
 
     # smoke / mini fit the pipeline's budgets on 2 shared CPU cores (Stage I of all four settings: < 1 min / ~4 min)
     PRESETS = {
@@ -85,13 +90,14 @@ class Stage2TrainConfig(TrainConfig):
     recon: str = "delta_mse"
     # lambda_diff 1, not the authors' 10: the reconstruction term here is relative to rms(W).
     PRESETS = {
-        "smoke": {"steps": 10, "warmup_steps": 2, "checkpoint_every": 10, "lr": 2e-3, "lambda_diff": 1.0},
+        "smoke": {"steps": 10, "warmup_steps": 2, "checkpoint_every": 10, "lr": 2e-3, "lambda_diff": 1.0,
+                  "monitor_every": 5},
         # mini: reconstruction only (the diffusion term costs a generator pass per LoRA, which 2 CPU cores cannot
         # afford at 600 steps x 8 LoRAs in the pipeline's budget)
         "mini": {"steps": 600, "batch_size": 8, "warmup_steps": 40, "checkpoint_every": 200, "lr": 3e-3,
-                 "decay": "cosine", "lambda_diff": 0.0},
+                 "decay": "cosine", "lambda_diff": 0.0, "monitor_every": 50},
         "full": {"steps": 3000, "warmup_steps": 150, "batch_size": 8, "checkpoint_every": 500, "lr": 3e-3,
-                 "decay": "cosine", "lambda_diff": 1.0},
+                 "decay": "cosine", "lambda_diff": 1.0, "monitor_every": 100},
         "wan": {},
         "paper": {},
     }
@@ -175,7 +181,8 @@ class Stage2Objective:
             self.stage1.to(device)
         return self
 
-    def __call__(self, model: nn.Module, batch: LoraBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def predict(self, model: nn.Module, batch: LoraBatch) -> dict[str, Factors]:
+        """Stage II's LoRAs for the batch's conditions and targets: {name: (A [N, r, in], B [N, out, r], alpha)}."""
         features = None
         if self.stage1 is not None:
             with torch.no_grad():
@@ -183,12 +190,49 @@ class Stage2Objective:
                                        decode_map=False).features
         out = model(self.base, batch.targets, batch.cond, batch.cond_mask, features)
         stage2 = model.module if hasattr(model, "module") else model
-        pred = {k: (A.float(), B.float(), alpha) for k, (A, B, alpha) in stage2.lora(out, batch.targets).items()}
-        spec = self.base.spec
-        w_rms = {spec.targets[t].name: self.base.rms[t] for t in batch.targets.tolist()}
+        return {k: (A.float(), B.float(), alpha) for k, (A, B, alpha) in stage2.lora(out, batch.targets).items()}
+
+    def w_rms(self, batch: LoraBatch) -> dict[str, torch.Tensor]:
+        """{name: rms(W)} of the batch's targets."""
+        return {self.base.spec.targets[t].name: self.base.rms[t] for t in batch.targets.tolist()}
+
+    def __call__(self, model: nn.Module, batch: LoraBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        pred = self.predict(model, batch)
+        w_rms = self.w_rms(batch)
         return stage2_loss(pred, batch.loras, w_rms, recon=self.cfg.recon, lambda_recon=self.cfg.lambda_recon,
                            lambda_diff=self.cfg.lambda_diff if self.diffusion_loss_fn else 0.0,
                            diffusion_loss_fn=self.diffusion_loss_fn, batch=batch)
+
+
+class Stage2Monitor:
+    """monitor(model) -> {"<split>_cosine": mean, "<split>_magnitude": mean} for `fit`: how close Stage II's
+    predictions are to the zoo's LoRAs of fixed cases while it trains (`delta_fidelity`: cosine of ΔW / rms(W)
+    over all targets, and the norm ratio ‖ΔŴ‖ / ‖ΔW‖), so its learning curves show held-out generalisation and
+    the fit of the cases it trains on side by side.
+
+    batches: {split name: [LoraBatch, ...]}, e.g. {"heldout": [...], "train": [...]}, every target of each case
+    and the conditions to query with (a held-out case's reserved "eval" condition); chunk them as memory needs.
+    """
+
+    def __init__(self, objective: Stage2Objective, batches: dict[str, list[LoraBatch]]):
+        self.objective, self.batches = objective, batches
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        model.eval()
+        device = next(model.parameters()).device
+        metrics = {}
+        for split, chunks in self.batches.items():
+            cosines, ratios = [], []
+            for batch in chunks:
+                batch = batch.to(device)
+                cosine, ratio = delta_fidelity(self.objective.predict(model, batch), batch.loras,
+                                               self.objective.w_rms(batch))
+                cosines.append(cosine.cpu())
+                ratios.append(ratio.cpu())
+            metrics[f"{split}_cosine"] = float(torch.cat(cosines).mean())
+            metrics[f"{split}_magnitude"] = float(torch.cat(ratios).mean())
+        return metrics
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -303,13 +347,15 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, acce
 
 def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
         batch_fn: Callable[[int, int], LoraBatch], cfg: TrainConfig, out_dir: str | Path, *,
-        device: str | None = None, accelerator=None, progress: bool = True) -> list[dict]:
+        device: str | None = None, accelerator=None, progress: bool = True,
+        monitor: Callable[[nn.Module], dict[str, float]] | None = None) -> list[dict]:
     """Train `model` in place for cfg.steps optimizer steps (resuming from out_dir/checkpoints if present).
 
     objective(model, batch) -> (loss, metrics), with a `to(device)` method, is e.g. Stage1Objective /
     Stage2Objective (moved to the process's device here). Returns the history, one
     dict per step (step, loss, lr, grad_norm and the objective's metrics), also written to out_dir/history.json at
-    every checkpoint.
+    every checkpoint. `monitor(model) -> metrics` (e.g. `Stage2Monitor`), when given and cfg.monitor_every > 0,
+    adds its metrics to the records of step 1, every monitor_every-th step and the last step.
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -338,6 +384,10 @@ def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step + 1, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm), "processes": acc.num_processes, **metrics}
+        if monitor is not None and cfg.monitor_every > 0 and (
+                step == 0 or (step + 1) % cfg.monitor_every == 0 or step + 1 == cfg.steps):
+            with acc.autocast():
+                record.update(monitor(model))
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
