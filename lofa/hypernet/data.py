@@ -243,16 +243,20 @@ class Triplets:
         loras = {n: (self.A[n][rows], self.B[n][rows], alpha) for n in names}
         return LoraBatch(cond, mask, targets, loras, {"case_ids": torch.tensor(list(case_ids)), "step": step})
 
-    def monitor_batches(self, n: int, chunk: int = 8) -> dict[str, list[LoraBatch]]:
-        """What `Stage2Monitor` follows: up to n held-out and n train cases, spread evenly over each sorted split,
-        every target, each queried with its reserved "eval" condition (view 0), in LoraBatches of `chunk` cases."""
+    def monitor_cases(self, n: int) -> dict[str, list[int]]:
+        """{"heldout": ids, "train": ids}: up to n cases of each split, spread evenly over its sorted case ids (the
+        cases Stage II's learning curves follow; a split without cases is left out)."""
         out = {}
-        for split, ids in (("heldout", self.heldout_ids), ("train", self.train_ids)):
-            ids = sorted(ids)
-            picked = [ids[i] for i in np.linspace(0, len(ids) - 1, min(n, len(ids))).round().astype(int)] if ids else []
-            if picked:
-                out[split] = [self.batch(picked[i:i + chunk], split="eval") for i in range(0, len(picked), chunk)]
+        for split, ids in (("heldout", sorted(self.heldout_ids)), ("train", sorted(self.train_ids))):
+            if ids:
+                out[split] = [ids[i] for i in np.linspace(0, len(ids) - 1, min(n, len(ids))).round().astype(int)]
         return out
+
+    def monitor_batches(self, n: int, chunk: int = 8) -> dict[str, list[LoraBatch]]:
+        """What `Stage2Monitor` follows: the `monitor_cases(n)`, every target, each queried with its reserved "eval"
+        condition (view 0), in LoraBatches of `chunk` cases."""
+        return {split: [self.batch(ids[i:i + chunk], split="eval") for i in range(0, len(ids), chunk)]
+                for split, ids in self.monitor_cases(n).items()}
 
     def batch_fn(self, batch_size: int, matrices: int | None = None, seed: int | None = None
                  ) -> Callable[[int, int], LoraBatch]:
@@ -386,6 +390,20 @@ def stage1_maps(stage1, data: Triplets, case_ids: Sequence[int], split: str = "e
         o, i = data.spec.targets[t].shape
         maps[:, t, :o, :i] = (target_logits > 0).cpu()
     return maps
+
+
+@torch.no_grad()
+def delta_fidelity_per_case(data: Triplets, case_ids: Sequence[int], loras: Sequence[dict]
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """How close any LoRAs ({name: LoraFactor}, e.g. predicted or a reference's) are to the zoo LoRAs of
+    `case_ids`, as Stage II's learning curves measure it (`losses.delta_fidelity`) -> (cosine [N], magnitude [N])."""
+    from lofa.hypernet.losses import delta_fidelity
+
+    if len(loras) != len(case_ids):
+        raise LofaError(f"{len(loras)} LoRAs for {len(case_ids)} cases")
+    w_rms = {t.name: data.base.rms[i] for i, t in enumerate(data.spec.targets)}
+    cosine, ratio = delta_fidelity(stack_loras(loras), data.batch(case_ids).loras, w_rms)
+    return cosine.numpy(), ratio.numpy()
 
 
 @torch.no_grad()
