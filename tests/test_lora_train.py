@@ -292,3 +292,35 @@ def test_replicates_cli_refuses_a_run_without_a_base(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no trained identities base" in err
     assert not (tmp_path / "none").exists()
+
+
+def test_training_from_a_given_lora_starts_at_its_delta_and_snapshots_follow_the_run():
+    """init: step 0 is the given LoRA's ΔW (its alpha honoured); snapshots are the LoRA after those steps, the last
+    one the returned LoRA."""
+    world, text, gen = StubWorld(), StubText(), tiny_generator(torch.float64)
+    cfg = tiny_config(steps=6)
+    start = _random_lora(gen, cfg.rank, seed=4, alpha=2.0 * cfg.rank)  # scale 2, the recipe's is 1
+    weights, info = train_lora(gen, world, 1, cfg, seed=3, text=text, init=start, snapshots=(0, 3, 6))
+    assert info["init"] == "given" and sorted(info["snapshots"]) == [0, 3, 6]
+    for name, factor in start.items():
+        torch.testing.assert_close(info["snapshots"][0][name].delta_w, factor.delta_w)
+        torch.testing.assert_close(info["snapshots"][6][name].delta_w, weights[name].delta_w)
+    assert any(not torch.allclose(info["snapshots"][3][n].B, weights[n].B) for n in weights)
+    # the recipe's own start (B = 0) gives another LoRA on the same data
+    plain, plain_info = train_lora(gen, world, 1, cfg, seed=3, text=text)
+    assert "init" not in plain_info and "snapshots" not in plain_info
+    assert any(not torch.allclose(plain[n].B, weights[n].B) for n in weights)
+
+
+def test_a_given_initial_lora_must_match_the_recipe():
+    world, text, gen = StubWorld(), StubText(), tiny_generator()
+    cfg = tiny_config(steps=2)
+    good = _random_lora(gen, cfg.rank, seed=4)
+    with pytest.raises(LofaError, match="rank 2 at"):
+        train_lora(gen, world, 1, cfg, text=text, init=_random_lora(gen, 2, seed=4))
+    with pytest.raises(LofaError, match="has no factors for"):
+        train_lora(gen, world, 1, cfg, text=text, init={k: v for k, v in list(good.items())[1:]})
+    with pytest.raises(LofaError, match="which this recipe does not train"):
+        train_lora(gen, world, 1, cfg, text=text, init={**good, "extra.module": next(iter(good.values()))})
+    with pytest.raises(LofaError, match="snapshot step 3 is outside 0..2"):
+        train_lora(gen, world, 1, cfg, text=text, snapshots=(3,))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -226,10 +227,16 @@ def _dtype(gen: nn.Module) -> torch.dtype:
 
 
 def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, device="cpu", *, text=None,
-               progress: bool = False) -> tuple[LoraWeights, dict]:
+               progress: bool = False, init: LoraWeights | None = None, snapshots: Sequence[int] = ()
+               ) -> tuple[LoraWeights, dict]:
     """Train one LoRA for `case_id` with peft on `gen.net`; `gen` comes back unchanged.
 
     gen: a `lofa.models.Generator` (on `device`); text: a TextEncoder (default: MiniLM on `device`).
+    init: start from this LoRA instead of the recipe's init (B = 0), e.g. LoFA's prediction for the case (the
+    paper's "LoFA as an initialisation"): every target module with the recipe's rank; its alpha is honoured (B is
+    rescaled to the recipe's alpha / rank, so ΔW at step 0 is the given LoRA's). The renders, batches, t and noise
+    are the same as without it. snapshots: steps (0 <= s <= cfg.steps) after which the LoRA is copied, returned in
+    metadata["snapshots"] {step: LoraWeights} (step 0: the start).
     Returns (weights {module_name: LoraFactor(A [r, in], B [out, r], alpha)}, metadata dict).
     """
     from peft import LoraConfig
@@ -237,9 +244,14 @@ def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, de
     if getattr(gen.net, "peft_config", None):
         raise LofaError("the generator already carries peft adapters; unload them (gen.net.unload_lora()) first")
     cfg = cfg.for_task(world.task)
+    targets = gen.lora_target_modules(cfg.include_ffn)
+    bad_steps = [s for s in snapshots if not 0 <= int(s) <= cfg.steps]
+    if bad_steps:
+        raise LofaError(f"snapshot step {bad_steps[0]} is outside 0..{cfg.steps}; snapshot steps the run takes")
+    if init is not None:
+        check_init(init, targets, cfg.rank)
     text = text_encoder(text, device)
     start = time.perf_counter()
-    targets = gen.lora_target_modules(cfg.include_ffn)
     stream = CaseStream(world, text, case_id, cfg, seed, device, _dtype(gen))
     with frozen(gen):
         gen.net.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets,
@@ -248,14 +260,24 @@ def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, de
             layers = {name: gen.net.get_submodule(name) for name in targets}
             params = []
             inits = stream.init_factors({n: tuple(l.base_layer.weight.shape) for n, l in layers.items()})
+            if init is not None:
+                recipe_scale = cfg.alpha / cfg.rank
+                inits = {n: (init[n].A, init[n].B * (init[n].scale / recipe_scale)) for n in layers}
             with torch.no_grad():
                 for name, layer in layers.items():
                     layer.lora_A["lofa"].weight.copy_(inits[name][0])
                     layer.lora_B["lofa"].weight.copy_(inits[name][1])
                     params += [layer.lora_A["lofa"].weight, layer.lora_B["lofa"].weight]
+
+            def current() -> LoraWeights:
+                return {name: LoraFactor(layer.lora_A["lofa"].weight.detach().clone(),
+                                         layer.lora_B["lofa"].weight.detach().clone(), float(cfg.alpha))
+                        for name, layer in layers.items()}
+
+            taken = {0: current()} if 0 in snapshots else {}
             opt = make_optimizer(params, cfg)
             losses, prior_losses = [], []
-            for _ in tqdm(range(cfg.steps), desc=f"LoRA case {case_id}", leave=False, disable=not progress):
+            for step in tqdm(range(cfg.steps), desc=f"LoRA case {case_id}", leave=False, disable=not progress):
                 fine, prior = lora_losses(gen, [stream.next_batch()], cfg)
                 objective = fine.sum() + (cfg.prior_weight * prior.sum() if prior is not None else 0)
                 objective.backward()
@@ -265,14 +287,35 @@ def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, de
                 losses.append(fine.detach())
                 if prior is not None:
                     prior_losses.append(prior.detach())
-            weights = {name: LoraFactor(layer.lora_A["lofa"].weight.detach().clone(),
-                                        layer.lora_B["lofa"].weight.detach().clone(), float(cfg.alpha))
-                       for name, layer in layers.items()}
+                if step + 1 in snapshots:
+                    taken[step + 1] = current()
+            weights = current()
         finally:
             gen.net.unload_lora()
     losses = torch.cat(losses).cpu()  # waits for the device, so the wall time below is complete
     prior_losses = torch.cat(prior_losses).cpu() if prior_losses else None
-    return weights, stream.info(losses, prior_losses, time.perf_counter() - start, "peft")
+    info = stream.info(losses, prior_losses, time.perf_counter() - start, "peft")
+    if init is not None:
+        info["init"] = "given"
+    if snapshots:
+        info["snapshots"] = taken
+    return weights, info
+
+
+def check_init(init: LoraWeights, targets: Sequence[str], rank: int) -> None:
+    """A LoRA to start training from must adapt exactly `targets`, each with the recipe's rank."""
+    missing = [n for n in targets if n not in init]
+    if missing:
+        raise LofaError(f"the initial LoRA has no factors for {missing[0]!r}; start from a LoRA of this base and "
+                        "recipe (its target modules)")
+    extra = sorted(set(init) - set(targets))
+    if extra:
+        raise LofaError(f"the initial LoRA adapts {extra[0]!r}, which this recipe does not train; use a LoRA of the "
+                        "same target modules")
+    wrong = [n for n in targets if init[n].rank != rank]
+    if wrong:
+        raise LofaError(f"the initial LoRA has rank {init[wrong[0]].rank} at {wrong[0]!r}, the recipe rank {rank}; "
+                        "predict or import it at the recipe's rank")
 
 
 # ---------------------------------------------------------------------------------------------------------------
