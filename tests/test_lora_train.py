@@ -324,3 +324,25 @@ def test_a_given_initial_lora_must_match_the_recipe():
         train_lora(gen, world, 1, cfg, text=text, init={**good, "extra.module": next(iter(good.values()))})
     with pytest.raises(LofaError, match="snapshot step 3 is outside 0..2"):
         train_lora(gen, world, 1, cfg, text=text, snapshots=(3,))
+
+
+def test_finetune_from_gives_every_start_the_same_data_and_keeps_the_asked_steps():
+    from lofa.baselines.initialisation import finetune_from
+
+    world, text, gen = StubWorld(), StubText(), tiny_generator(torch.float64)
+    recipe = tiny_config(steps=50)
+    cases = [1, 5]
+    given = {c: _random_lora(gen, recipe.rank, seed=10 + c) for c in cases}
+    methods = finetune_from(gen, world, cases, {"zero": None, "given": given}, recipe, steps=(4, 0), seed=3,
+                            text=text, progress=False)
+    assert sorted(methods) == ["given @ 0", "given @ 4", "zero @ 0", "zero @ 4"]
+    name = gen.lora_target_modules()[0]
+    assert not methods["zero @ 0"][1][name].B.any()                       # the recipe's start, B = 0
+    torch.testing.assert_close(methods["given @ 0"][5][name].delta_w, given[5][name].delta_w)
+    # the recipe start after 4 steps is what a plain 4-step run with the same seed gives
+    plain, _ = train_lora(gen, world, 1, dataclasses.replace(recipe, steps=4), seed=3, text=text)
+    torch.testing.assert_close(methods["zero @ 4"][1][name].B, plain[name].B)
+    with pytest.raises(LofaError, match="has no LoRA for case 5"):
+        finetune_from(gen, world, cases, {"given": {1: given[1]}}, recipe, steps=(4,), seed=3, text=text)
+    with pytest.raises(LofaError, match="at least one >= 1"):
+        finetune_from(gen, world, cases, {"zero": None}, recipe, steps=(0,), seed=3, text=text)
