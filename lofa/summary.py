@@ -36,13 +36,34 @@ def results_summary(figures: Path) -> list[str]:
         cosine = maps.pivot_table(index="setting", columns="predictor", values="cosine", sort=False)
         parts = [f"{s} {row['Stage I']:.2f} vs {row['mean train map']:.2f}" for s, row in cosine.iterrows()]
         lines.append("held-out map cosine, Stage I vs mean training map (05_stage1_metrics.csv): " + "; ".join(parts))
+    curves, levels = table("06_stage2_fidelity_curves.csv"), table("06_reference_fidelity.csv")
+    if curves is not None and levels is not None:
+        last = curves.groupby("setting", sort=False).last()
+        level = levels.groupby(["setting", "cases", "method"]).cosine.mean()
+        for setting, row in last.iterrows():
+            parts = [f"{split} LoFA {row[f'{split}_cosine']:.2f} (" + ", ".join(
+                f"{method.split()[0]} {level[(setting, split, method)]:.2f}" for method in REFERENCE_ORDER
+                if (setting, split, method) in level) + ")" for split in ("heldout", "train")]
+            lines.append(f"ΔW cosine to the zoo LoRA after Stage II step {int(row.step)}, {setting} "
+                         "(06_stage2_fidelity_curves.csv, 06_reference_fidelity.csv): " + "; ".join(parts))
     verdicts = table("07_reference_verdicts.csv")
     if verdicts is not None:
         acc = verdicts[verdicts.metric == "acc"]
         for (setting, split), block in acc.groupby(["setting", "split"], sort=False):
             parts = [f"{r.reference} {r.difference:+.2f} ({_short(r.verdict)})" for r in block.itertuples()]
             lines.append(f"LoFA exact-case acc, {setting} {split} (07_reference_verdicts.csv): " + "; ".join(parts))
+    reached = table("08_steps_to_reach.csv")
+    if reached is not None:
+        for task, block in reached.groupby("task", sort=False):
+            parts = [f"{r.start} {'not within ' + str(int(r.recipe_steps)) if pd.isna(r.steps_to_reach) else int(r.steps_to_reach)}"
+                     for r in block.itertuples()]
+            lines.append(f"fine-tuning steps to the per-case LoRA's exact-case acc, {task} (08_steps_to_reach.csv): "
+                         + "; ".join(parts))
     return lines
+
+
+# the reference predictors in the order the summary names them (notebook 06's learning-curve table)
+REFERENCE_ORDER = ("mean LoRA", "nearest LoRA", "ridge LoRA", "oracle LoRA")
 
 
 def _short(verdict: str) -> str:

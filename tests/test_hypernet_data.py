@@ -205,8 +205,39 @@ def test_response_maps_of_loras_and_of_stage1(setup):
     cfg = HyperConfig(d_model=32, n_heads=2, depth=1, patch=16, rank=RANK, alpha=float(RANK), cond_dim=data.cond_dim,
                       map_rank=4)
     torch.manual_seed(0)
-    pred = stage1_maps(Stage1(cfg, data.spec).eval(), data, ids)
+    stage1 = Stage1(cfg, data.spec).eval()
+    pred = stage1_maps(stage1, data, ids)
     assert pred.shape == maps.shape and pred.dtype == torch.bool
+    # calibration: the map density of the train LoRAs is what lora_maps count, and deciding at a high prior
+    # adds responding entries to the logit-0 map, never removes any
+    density = data.map_density()
+    train_maps, _ = lora_maps(data.base, data.batch(data.train_ids).loras)
+    assert density == pytest.approx(float(train_maps.float().mean()))
+    stage1.set_map_density(0.99)
+    calibrated, raw = stage1_maps(stage1, data, ids), stage1_maps(stage1, data, ids, calibrated=False)
+    assert torch.equal(raw, pred) and (calibrated | ~raw).all() and calibrated.sum() > raw.sum()
+
+
+def test_learning_curve_cases_and_fidelity_of_any_loras(setup):
+    from lofa.hypernet.data import delta_fidelity_per_case
+    from lofa.lora.formats import LoraFactor
+
+    _, _, zoo, data = setup
+    cases = data.monitor_cases(3)
+    assert set(cases) == {"heldout", "train"} and len(cases["train"]) == min(3, len(data.train_ids))
+    assert set(cases["heldout"]) <= set(data.heldout_ids) and cases["train"] == sorted(set(cases["train"]))
+    assert cases["train"][0] == min(data.train_ids) and cases["train"][-1] == max(data.train_ids)
+    batches = data.monitor_batches(3, chunk=2)
+    assert [c for b in batches["train"] for c in b.extra["case_ids"].tolist()] == cases["train"]
+    ids = cases["heldout"]
+    own = [zoo.load(c)[0] for c in ids]
+    cosine, magnitude = delta_fidelity_per_case(data, ids, own)
+    np.testing.assert_allclose(cosine, 1.0, rtol=1e-4)
+    np.testing.assert_allclose(magnitude, 1.0, rtol=1e-4)
+    half = [{n: LoraFactor(f.A, -f.B / 2, f.alpha) for n, f in lora.items()} for lora in own]
+    cosine, magnitude = delta_fidelity_per_case(data, ids, half)
+    np.testing.assert_allclose(cosine, -1.0, rtol=1e-4)
+    np.testing.assert_allclose(magnitude, 0.5, rtol=1e-4)
 
 
 def test_delta_l1_per_case_is_zero_for_the_zoo_lora_and_grows_with_the_error(setup):

@@ -213,3 +213,28 @@ def test_monitoring_records_learning_curves_without_changing_training(tmp_path):
             assert -1 <= h["heldout_cosine"] <= 1 and -1 <= h["train_cosine"] <= 1 and h["train_magnitude"] > 0
     # the curve moves as the model trains (the stand-in LoRAs are random, so only a change is certain)
     assert history[0]["train_cosine"] != history[-1]["train_cosine"]
+
+
+def test_stage1_decides_at_the_training_density():
+    spec, base, s1, _ = stage1_and_2()
+    logits = torch.tensor([-3.0, -1.0, 0.5, 2.0])
+    assert s1.decide(logits).tolist() == [False, False, True, True]     # unfitted: logit 0
+    s1.set_map_density(0.9)                                               # log(0.9 / 0.1) = 2.197
+    assert float(s1.map_offset) == pytest.approx(2.1972246)
+    assert s1.decide(logits).tolist() == [False, True, True, True]
+    assert s1.decide(logits, calibrated=False).tolist() == [False, False, True, True]
+    with pytest.raises(LofaError, match="strictly between 0 and 1"):
+        s1.set_map_density(1.0)
+    # saved and restored with the weights; a file from before the calibration decides at logit 0
+    state = s1.state_dict()
+    fresh = stage1_and_2()[2]
+    fresh.load_state_dict(state)
+    assert float(fresh.map_offset) == pytest.approx(2.1972246)
+    del state["map_offset"]
+    fresh.load_state_dict(state)
+    assert float(fresh.map_offset) == 0.0
+    # the training metrics decide as the model does: a huge prior predicts every entry
+    s1.set_map_density(1 - 1e-7)
+    obj = Stage1Objective(base, TrainConfig(matrices_per_sample=2), tau=0.02)
+    _, metrics = obj(s1, make_batch_fn(spec, m=2)(0, 0))
+    assert metrics["pred_density"] == 1.0

@@ -16,9 +16,24 @@ def test_the_summary_reads_each_table_and_leaves_out_what_the_run_did_not_make(t
                   {"setting": "styles", "split": "heldout", "metric": "clip_t", "reference": "mean LoRA",
                    "difference": 9.0, "ci_low": 1.0, "ci_high": 10.0, "cases": 6, "verdict": "better"}]
                  ).to_csv(tmp_path / "07_reference_verdicts.csv", index=False)
+    pd.DataFrame([{"setting": "styles", "step": 1, "heldout_cosine": 0.1, "train_cosine": 0.2},
+                  {"setting": "styles", "step": 50, "heldout_cosine": 0.3, "train_cosine": 0.6}]
+                 ).to_csv(tmp_path / "06_stage2_fidelity_curves.csv", index=False)
+    pd.DataFrame([{"setting": "styles", "cases": split, "method": method, "case_id": c, "cosine": value + c / 100}
+                  for split, method, value in (("heldout", "mean LoRA", 0.1), ("heldout", "ridge LoRA", 0.2),
+                                               ("train", "mean LoRA", 0.15), ("train", "ridge LoRA", 0.5))
+                  for c in (-1, 1)]).to_csv(tmp_path / "06_reference_fidelity.csv", index=False)
+    pd.DataFrame([{"task": "identities", "start": "LoFA (identities)", "steps_to_reach": 25.0, "recipe_steps": 200},
+                  {"task": "identities", "start": "recipe start", "steps_to_reach": float("nan"), "recipe_steps": 200}]
+                 ).to_csv(tmp_path / "08_steps_to_reach.csv", index=False)
     lines = results_summary(tmp_path)
+    assert lines[1] == ("ΔW cosine to the zoo LoRA after Stage II step 50, styles (06_stage2_fidelity_curves.csv, "
+                        "06_reference_fidelity.csv): heldout LoFA 0.30 (mean 0.10, ridge 0.20); train LoFA 0.60 "
+                        "(mean 0.15, ridge 0.50)")
+    assert lines[3] == ("fine-tuning steps to the per-case LoRA's exact-case acc, identities (08_steps_to_reach.csv): "
+                        "LoFA (identities) 25; recipe start not within 200")
     assert lines[0] == ("per-case LoRA exact-case recognition / ground truth's (03_lora_target.csv): "
                         "styles 0.50 [0.30, 0.70]")
-    assert lines[1] == ("LoFA exact-case acc, styles heldout (07_reference_verdicts.csv): mean LoRA +0.25 (better); "
+    assert lines[2] == ("LoFA exact-case acc, styles heldout (07_reference_verdicts.csv): mean LoRA +0.25 (better); "
                         "per-case LoRA -0.10 (n.s.)")  # only the exact-case metric
-    assert len(lines) == 2
+    assert len(lines) == 4

@@ -243,6 +243,17 @@ class Triplets:
         loras = {n: (self.A[n][rows], self.B[n][rows], alpha) for n in names}
         return LoraBatch(cond, mask, targets, loras, {"case_ids": torch.tensor(list(case_ids)), "step": step})
 
+    @torch.no_grad()
+    def map_density(self, tau: float = 0.02, chunk: int = 16) -> float:
+        """The fraction of responding entries over the TRAIN LoRAs' response maps (every valid entry of every
+        target), the prior Stage I decides at (`Stage1.set_map_density`)."""
+        responding, total = 0, 0
+        for i in range(0, len(self.train_ids), chunk):
+            maps, valid = lora_maps(self.base, self.batch(self.train_ids[i:i + chunk]).loras, tau)
+            responding += int((maps & valid).sum())
+            total += int(valid.sum())
+        return responding / total
+
     def monitor_cases(self, n: int) -> dict[str, list[int]]:
         """{"heldout": ids, "train": ids}: up to n cases of each split, spread evenly over its sorted case ids (the
         cases Stage II's learning curves follow; a split without cases is left out)."""
@@ -379,16 +390,16 @@ def valid_entries(spec: TargetSpec) -> Tensor:
 
 @torch.no_grad()
 def stage1_maps(stage1, data: Triplets, case_ids: Sequence[int], split: str = "eval",
-                views: Sequence[int] | None = None) -> Tensor:
-    """Stage I's predicted maps (logit > 0) [N, M, R, C] bool for these cases' `split` conditions (`lora_maps`
-    layout)."""
+                views: Sequence[int] | None = None, calibrated: bool = True) -> Tensor:
+    """Stage I's predicted maps [N, M, R, C] bool for these cases' `split` conditions (`lora_maps` layout), decided
+    at the training density (`Stage1.decide`; calibrated=False: at logit 0)."""
     device = next(stage1.parameters()).device
     batch = data.batch(case_ids, split=split, views=views).to(device)
     logits = stage1(data.base.to(device), batch.targets, batch.cond, batch.cond_mask).logits
     maps = torch.zeros(len(case_ids), len(data.spec), *map_size(data.spec), dtype=torch.bool)
     for t, target_logits in enumerate(logits):
         o, i = data.spec.targets[t].shape
-        maps[:, t, :o, :i] = (target_logits > 0).cpu()
+        maps[:, t, :o, :i] = stage1.decide(target_logits, calibrated).cpu()
     return maps
 
 

@@ -74,11 +74,11 @@ def map_metrics(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | 
     }
 
 
-def stage1_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, balance: str = "balanced"
-                ) -> tuple[torch.Tensor, dict[str, float]]:
-    """logits, target, valid [..., out, in] -> (BCE, metrics with predictions at p > 0.5)."""
+def stage1_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, balance: str = "balanced",
+                offset: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """logits, target, valid [..., out, in] -> (BCE, metrics of the map logit + offset > 0; `Stage1.map_offset`)."""
     loss = balanced_bce(logits, target, valid, balance)
-    return loss, {"bce": float(loss.detach()), **map_metrics(logits.detach() > 0, target, valid)}
+    return loss, {"bce": float(loss.detach()), **map_metrics(logits.detach() + offset > 0, target, valid)}
 
 
 def _delta_l1(a_p, b_p, s_p, a_t, b_t, s_t, w_rms):

@@ -376,6 +376,29 @@ class Stage1(nn.Module):
         self.cfg, self.spec = cfg, spec
         self.backbone = HyperNet(cfg, spec)
         self.map_head = ResponseMapHead(cfg)
+        # The balanced BCE weighs responding and silent entries alike, so its logit 0 decides as if half of all
+        # entries responded; at the paper's τ most of ours do (84-95 % at mini), and logit 0 under-predicts them.
+        # Adding the log-odds of the training maps' density π restores the decision at the true prior (logit
+        # adjustment): `set_map_density` fits it, `decide` applies it. 0 (logit 0) until fitted and in older files.
+        self.register_buffer("map_offset", torch.zeros(()))
+
+    @torch.no_grad()
+    def set_map_density(self, density: float) -> None:
+        """Decide at the prior `density` (0 < π < 1, the fraction of responding entries in the training maps):
+        map_offset = log(π / (1 − π))."""
+        if not 0.0 < density < 1.0:
+            raise LofaError(f"map density must lie strictly between 0 and 1, not {density}; fit it on training maps "
+                            "that have both responding and silent entries")
+        self.map_offset.fill_(math.log(density / (1.0 - density)))
+
+    def decide(self, logits: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """Response map from logits (any shape) -> bool: logit + map_offset > 0 (calibrated) or logit > 0."""
+        return logits + self.map_offset.to(logits.dtype) > 0 if calibrated else logits > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # files from before the calibration carry no offset: they decide at logit 0
+        state_dict.setdefault(prefix + "map_offset", self.map_offset.new_zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, base: BaseWeights, targets: torch.Tensor, cond: torch.Tensor,
                 cond_mask: torch.Tensor | None = None, *, prefix: torch.Tensor | None = None,

@@ -159,7 +159,8 @@ class Stage1Objective:
         out = model(self.base, batch.targets, batch.cond, batch.cond_mask)
         logits = torch.cat([x.flatten(1) for x in out.logits], dim=1)           # [N, entries of all targets]
         target = torch.cat([x.flatten(1) for x in self.true_maps(batch)], dim=1)
-        return stage1_loss(logits, target, torch.ones_like(target), self.cfg.map_balance)
+        stage1 = model.module if hasattr(model, "module") else model
+        return stage1_loss(logits, target, torch.ones_like(target), self.cfg.map_balance, float(stage1.map_offset))
 
 
 class Stage2Objective:
