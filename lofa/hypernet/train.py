@@ -227,8 +227,9 @@ class Stage2Monitor:
             cosines, ratios = [], []
             for batch in chunks:
                 batch = batch.to(device)
-                cosine, ratio = delta_fidelity(self.objective.predict(model, batch), batch.loras,
-                                               self.objective.w_rms(batch))
+                pred = self.objective.predict(model, batch)
+                with torch.autocast(device.type, enabled=False):  # the score in float32, whatever the forward ran in
+                    cosine, ratio = delta_fidelity(pred, batch.loras, self.objective.w_rms(batch))
                 cosines.append(cosine.cpu())
                 ratios.append(ratio.cpu())
             metrics[f"{split}_cosine"] = float(torch.cat(cosines).mean())
