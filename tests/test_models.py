@@ -138,8 +138,11 @@ def test_text_encoder():
     assert torch.equal(states[0], states[2])
     assert not torch.allclose(states[0], states[1])
     assert (states[~mask] == 0).all() and mask[:, 0].all()
-    again, _ = TextEncoder(max_length=16).encode(["a red square"])  # a fresh encoder shares the loaded model
-    assert torch.allclose(again[0], states[1], atol=1e-6)
+    # a fresh encoder shares the loaded model, and a prompt's states do not depend on the prompts asked with it
+    again, _ = TextEncoder(max_length=8).encode(["a red square"])
+    crowd, _ = TextEncoder(max_length=8).encode(["a person waving", "a red square", "one bar", "two bars"])
+    assert torch.equal(again[0], crowd[1]) and torch.equal(TextEncoder(max_length=16).encode(["a red square"])[0][0],
+                                                           states[1])
 
 
 class Interrupted(Exception):
