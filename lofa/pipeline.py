@@ -248,9 +248,10 @@ class Run:
         train_rows = [bank.row[c] for c in data.train_ids]
         stage1.backbone.set_condition_stats(bank.tokens[train_rows], bank.mask[train_rows])
         train1 = self.config(TrainConfig)
-        density = data.map_density(cfg.tau)
-        if train1.map_balance == "balanced" and 0 < density < 1:  # the plain BCE's logit 0 is calibrated already
-            stage1.set_map_density(density)
+        if train1.map_balance == "balanced":  # the plain BCE's logit 0 is calibrated already
+            density = data.map_density(cfg.tau)
+            if 0 < density < 1:
+                stage1.set_map_density(density)
         fit(stage1, Stage1Objective(data.base, train1, cfg.tau),
             data.batch_fn(train1.batch_size, train1.matrices_per_sample, seed=self.seed + train1.seed), train1,
             self.path("hypernet", setting, "lofa", "stage1"), device=str(self.device), progress=progress)

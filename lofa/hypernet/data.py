@@ -249,9 +249,11 @@ class Triplets:
         target), the prior Stage I decides at (`Stage1.set_map_density`)."""
         responding, total = 0, 0
         for i in range(0, len(self.train_ids), chunk):
-            maps, valid = lora_maps(self.base, self.batch(self.train_ids[i:i + chunk]).loras, tau)
-            responding += int((maps & valid).sum())
-            total += int(valid.sum())
+            loras = self.batch(self.train_ids[i:i + chunk]).loras
+            for t, target in enumerate(self.spec.targets):  # one target at a time: no [N, M, R, C] map at full scale
+                maps = response_map_target(delta(loras[target.name]), self.base[t].float(), tau)
+                responding += int(maps.sum())
+                total += maps.numel()
         return responding / total
 
     def monitor_cases(self, n: int) -> dict[str, list[int]]:
