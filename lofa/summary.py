@@ -42,7 +42,7 @@ def results_summary(figures: Path) -> list[str]:
         level = levels.groupby(["setting", "cases", "method"]).cosine.mean()
         for setting, row in last.iterrows():
             parts = [f"{split} LoFA {row[f'{split}_cosine']:.2f} (" + ", ".join(
-                f"{method.split()[0]} {level[(setting, split, method)]:.2f}" for method in REFERENCE_ORDER
+                f"{method.split()[0]} {level[(setting, split, method)]:.2f}" for method in levels.method.unique()
                 if (setting, split, method) in level) + ")" for split in ("heldout", "train")]
             lines.append(f"ΔW cosine to the zoo LoRA after Stage II step {int(row.step)}, {setting} "
                          "(06_stage2_fidelity_curves.csv, 06_reference_fidelity.csv): " + "; ".join(parts))
@@ -60,10 +60,6 @@ def results_summary(figures: Path) -> list[str]:
             lines.append(f"fine-tuning steps to the per-case LoRA's exact-case acc, {task} (08_steps_to_reach.csv): "
                          + "; ".join(parts))
     return lines
-
-
-# the reference predictors in the order the summary names them (notebook 06's learning-curve table)
-REFERENCE_ORDER = ("mean LoRA", "nearest LoRA", "ridge LoRA", "oracle LoRA")
 
 
 def _short(verdict: str) -> str:
