@@ -88,6 +88,7 @@ OVERRIDABLE = {
     "HyperConfig": ("lofa.hypernet.config", "HyperConfig"),
     "TrainConfig": ("lofa.hypernet.train", "TrainConfig"),
     "Stage2TrainConfig": ("lofa.hypernet.train", "Stage2TrainConfig"),
+    "TextToLoraConfig": ("lofa.baselines.text_to_lora", "TextToLoraConfig"),
     "GenerateConfig": ("lofa.evaluate", "GenerateConfig"),
     "world.actions": ("lofa.worlds.actions", "ActionsConfig"),
     "world.styles": ("lofa.worlds.styles", "StylesConfig"),

@@ -254,6 +254,34 @@ def ratio_of_means(numerator: np.ndarray, denominator: np.ndarray, n_boot: int =
     return float(num.mean() / den.mean()), float(lo), float(hi)
 
 
+def prediction_cost(model, bank, case_ids: Sequence[int]) -> dict:
+    """What one predicted LoRA costs a method that maps a condition to a LoRA (LoFA, Text-to-LoRA): its parameter
+    count and the median wall time of `model.predict` on one condition alone, over `case_ids`' conditions in `bank`
+    (a ConditionBank, view 0), after one warm-up call -> {"parameters", "predict_ms", "device"}.
+    The call is the whole prediction a user makes (condition tokens in, LoraWeights out), on the model's device.
+    """
+    import time
+
+    modules = [m for m in (getattr(model, "stage1", None), getattr(model, "stage2", None)) if m is not None]
+    modules = modules or [model]
+    parameters = sum(p.numel() for m in modules for p in m.parameters())
+    if not len(case_ids):
+        raise LofaError("prediction_cost needs at least one case to time")
+    tokens, mask = bank.get(list(case_ids))
+    device = next(modules[0].parameters()).device
+    model.predict(tokens[:1], mask[:1])
+    ms = []
+    for i in range(len(tokens)):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model.predict(tokens[i:i + 1], mask[i:i + 1])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ms.append((time.perf_counter() - start) * 1e3)
+    return {"parameters": int(parameters), "predict_ms": float(np.median(ms)), "device": str(device)}
+
+
 def same_coarse_others(world, ids: Sequence[int], rng: np.random.Generator) -> list[int]:
     """For each training case id, a random *other* training case of its coarse category (itself only when its
     category has no other training case)."""

@@ -278,6 +278,25 @@ class Run:
             launch.wait_for_everyone()
         return LoFA.from_pretrained(out, device=self.device, dtype=torch.float32)
 
+    @functools.cache
+    def text_to_lora(self, setting: str, progress: bool = True):
+        """The Text-to-LoRA baseline of a paper setting (`lofa.baselines.text_to_lora`), trained on the same zoo,
+        training cases and condition tokens as LoFA, with Stage II's loop: the steps, LoRAs per step, learning rate,
+        schedule and reconstruction term of `Stage2TrainConfig` (its diffusion term and start are LoFA's and unused;
+        the network's own start is `TextToLoraConfig.start`). Saved in runs/<scale>/baselines/<setting>/text-to-lora/
+        (checkpoints resume; a complete folder is only loaded)."""
+        from lofa.baselines.text_to_lora import CONFIG_FILE, TextToLora, TextToLoraConfig, train_text_to_lora
+        from lofa.hypernet.train import Stage2TrainConfig
+
+        _setting(setting)
+        out = self.path("baselines", setting, "text-to-lora")
+        if (out / CONFIG_FILE).exists():
+            return TextToLora.from_pretrained(out, device=self.device)
+        train = self.config(Stage2TrainConfig)
+        model, _ = train_text_to_lora(self.triplets(setting), self.config(TextToLoraConfig), train, out,
+                                      device=str(self.device), seed=self.seed + train.seed + 1, progress=progress)
+        return model
+
     def hypernet_history(self, setting: str, stage: int, variant: str = "lofa"):
         """Training history of one stage (pandas DataFrame, one row per step: loss, lr, grad_norm and the
         objective's metrics), as `hypernet` wrote it."""
@@ -361,8 +380,13 @@ def _build_stage2(run: Run, key: str) -> None:
     run.hypernet(setting, 2, variant or "lofa", progress=False)
 
 
+def _build_text_to_lora(run: Run, key: str) -> None:
+    run.text_to_lora(key, progress=False)
+
+
 _BUILD_STEPS = {"base": _build_base, "evaluators": _build_evaluators, "condition_encoder": _build_condition_encoder,
-                "zoo": _build_zoo, "zoo_shard": _build_zoo_shard, "stage1": _build_stage1, "stage2": _build_stage2}
+                "zoo": _build_zoo, "zoo_shard": _build_zoo_shard, "stage1": _build_stage1, "stage2": _build_stage2,
+                "text_to_lora": _build_text_to_lora}
 
 
 def _build_job(args: tuple, step: str, key: str) -> None:

@@ -99,3 +99,28 @@ def test_a_step_built_twice_gives_identical_artifacts_in_process_and_in_a_worker
     for rel in ("loss.json", "generator/diffusion_pytorch_model.safetensors"):
         here, in_worker = tmp_path / "a" / "base" / "actions" / rel, tmp_path / "b" / "base" / "actions" / rel
         assert here.read_bytes() == in_worker.read_bytes(), rel
+
+
+def test_text_to_lora_baseline_trains_with_stage2s_loop_once_and_its_cost_is_measured(tmp_path):
+    """Run.text_to_lora trains the baseline on the setting's zoo with Stage II's step budget, saves it, and a later
+    run loads the folder instead of training again; prediction_cost counts its parameters and times a prediction."""
+    from lofa.evaluate import prediction_cost
+    from lofa.hypernet.train import Stage2TrainConfig
+
+    run = Run("smoke", "cpu", 0, tmp_path)
+    model = run.text_to_lora("identities", progress=False)
+    out = tmp_path / "baselines" / "identities" / "text-to-lora"
+    history = (out / "history.json").read_text()
+    assert history.count('"step"') == run.config(Stage2TrainConfig).steps
+    weights = out / "text_to_lora.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = Run("smoke", "cpu", 0, tmp_path).text_to_lora("identities", progress=False)
+    assert weights.stat().st_mtime_ns == stamp and (out / "history.json").read_text() == history
+    data = run.triplets("identities")
+    cost = prediction_cost(again, data.conditions("eval"), data.heldout_ids[:2])
+    assert cost["parameters"] == sum(p.numel() for p in model.parameters()) > 0
+    assert cost["predict_ms"] > 0 and cost["device"] == "cpu"
+    with pytest.raises(LofaError, match="at least one case"):
+        prediction_cost(again, data.conditions("eval"), [])
+    with pytest.raises(LofaError, match="unknown setting"):
+        run.text_to_lora("faces")
