@@ -409,7 +409,7 @@ def test_flop_count_matches_the_reference_estimate():
     spec = bench_targets("paper")
     assert len(spec) == 240 and {t.shape for t in spec.targets} == {(1536, 1536)}
     f = stage_flops(cfg, spec, n_cond=512, stage=1)
-    assert 12e12 < f["prefix"] + f["condition"] < 16e12  # "≈14 TFLOP per stage" (reference notes)
+    assert 12e12 < f["prefix"] + f["condition"] < 16e12  # ≈14 TFLOP per stage, the estimate for the paper configuration
 
 
 def test_bench_latency_smoke_cpu(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """HyperConfig: the shape of the LoFA hypernetwork (both stages share it).
 
-The defaults are the paper configuration (reference-implementation-notes): d_model 768, 12 heads, 8 blocks,
+The defaults are the paper configuration (the authors' released code): d_model 768, 12 heads, 8 blocks,
 MLP ratio 4, QK-norm, 96×96 weight patches, rank-32 LoRA with alpha 32, a 512 × 4096 umT5 text context.
 The targets (which matrices, their shapes, depths and module types) are not here: they come from a
 `lofa.hypernet.tokenizer.TargetSpec` built from the base model, so nothing is tied to Wan.
