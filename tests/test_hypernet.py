@@ -519,6 +519,43 @@ def test_the_start_factors_are_saved_and_loaded_and_a_zero_start_saves_none(tmp_
         assert not torch.allclose(mean[name].B, zero[name].B)
 
 
+def test_a_per_target_head_starts_at_its_start_gets_gradient_only_for_its_targets_and_round_trips(tmp_path):
+    """lora_head="per_target": zero per-target layers at set_start (the prediction is the start factors exactly), a
+    loss on some targets reaches only their layers, and the layers are saved and loaded with the predictor."""
+    spec, weights, base = mixed_base()
+    s1, s2 = random_stage2(tiny_cfg(lora_head="per_target"), spec)
+    head = s2.lora_head
+    assert head.a_per_target.shape == (len(spec), TINY["d_model"], TINY["patch"] * TINY["rank"])
+    start = mean_start(spec)
+    head.set_start(start)
+    cond, mask = condition()
+    targets = torch.tensor([0, 2])
+    f = s1(base, targets, cond, mask, decode_map=False).features
+    lora = s2.lora(s2(base, targets, cond, mask, f), targets)
+    for j, t in enumerate(targets.tolist()):
+        A, B, _ = lora[spec.names[t]]
+        torch.testing.assert_close(A[0], start[t][0], rtol=0, atol=0)
+        torch.testing.assert_close(B[1], start[t][1], rtol=0, atol=0)
+    sum((B @ A).square().sum() for A, B, _ in lora.values()).backward()
+    touched = head.a_per_target.grad.flatten(1).abs().sum(1) > 0
+    assert touched.tolist() == [t in (0, 2) for t in range(len(spec))]
+    assert (head.b_per_target.grad.flatten(1).abs().sum(1) > 0).tolist() == touched.tolist()
+    with torch.no_grad():
+        head.a_per_target.normal_(0, 0.05)
+        head.b_per_target.normal_(0, 0.05)
+    save_pretrained(tmp_path / "m", s2, s1, condition_encoder={"kind": "text", "max_length": 8})
+    loaded = LoFA.from_pretrained(tmp_path / "m", base_weights=weights)
+    assert loaded.cfg.lora_head == "per_target"
+    got = loaded.predict(cond[0], mask[0])
+    every = torch.arange(len(spec))
+    ref = s2.lora(s2(base, every, cond, mask, s1(base, every, cond, mask, decode_map=False).features), every)
+    for name in spec.names:
+        torch.testing.assert_close(got[name].B, ref[name][1][0], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got[name].A, ref[name][0][0], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="lora_head"):
+        tiny_cfg(lora_head="big")
+
+
 def test_the_start_refuses_factors_of_another_rank():
     spec, _, _ = mixed_base()
     _, s2 = random_stage2(tiny_cfg(), spec)

@@ -27,6 +27,11 @@ class HyperConfig:
     # Stage II cross-attends to Stage I's final features after these blocks (0-based); None = after the middle
     # and the last block (the authors': after blocks 4 and 8 of 8); [] = a single-stage model (ablation).
     stage2_cross_after: list[int] | None = None
+    # Stage II's LoRA head: "shared" (the paper's) decodes every weight patch of every target with one linear layer
+    # d -> p·r, so each patch's block of A or B lies in one d-dimensional subspace shared by all targets; "per_target"
+    # adds one such layer per target matrix (zero at the start), which lets the head hold each target's own patterns
+    # (n_targets · 2 · d · p·r more parameters: 0.65 M at mini, 1.1 G at the paper's shapes).
+    lora_head: str = "shared"
     grad_checkpoint: bool = False
 
     PRESETS = {
@@ -43,6 +48,8 @@ class HyperConfig:
     }
 
     def __post_init__(self):
+        if self.lora_head not in ("shared", "per_target"):
+            raise ValueError(f"lora_head {self.lora_head!r}: use 'shared' (the paper's head) or 'per_target'")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.stage2_cross_after is not None:

@@ -302,6 +302,10 @@ class LoraHead(nn.Module):
     mean factors of the training LoRAs, and both projections zero — so training begins at the mean LoRA and the
     network learns only what the condition changes (the residual). A₀ and B₀ are buffers, saved with the weights; a
     head without them (the paper's) has none, so its files and its speed are the paper head's.
+
+    cfg.lora_head = "per_target" adds to each projection one layer per target matrix, `a_per_target` and
+    `b_per_target` [n_targets, d, p·r] (zero at construction and at `set_start`): the shared layer alone can only place
+    a patch's block of A or B in one d-dimensional subspace common to every target.
     """
 
     def __init__(self, cfg: HyperConfig, n_targets: int, grid_rows: int, grid_cols: int):
@@ -314,6 +318,10 @@ class LoraHead(nn.Module):
         nn.init.zeros_(self.b.weight)
         nn.init.zeros_(self.b.bias)
         self.start_shapes = ((n_targets, r, grid_cols * p), (n_targets, grid_rows * p, r))
+        self.a_per_target = self.b_per_target = None
+        if cfg.lora_head == "per_target":
+            self.a_per_target = nn.Parameter(torch.zeros(n_targets, d, p * r))
+            self.b_per_target = nn.Parameter(torch.zeros(n_targets, d, p * r))
         self.register_buffer("a_start", None)  # set_start (or a loaded state dict) fills them
         self.register_buffer("b_start", None)
 
@@ -333,6 +341,9 @@ class LoraHead(nn.Module):
         for layer in (self.a, self.b):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.a_per_target is not None:
+            self.a_per_target.zero_()
+            self.b_per_target.zero_()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a saved head with start factors brings them: make room for them before torch copies them in
@@ -347,8 +358,12 @@ class LoraHead(nn.Module):
         N, m = feats.shape[:2]
         p, r = self.patch, self.rank
         rows, cols = tokenizer.pool(self.norm(feats), targets)
-        a = self.a(cols).view(N, m, -1, p, r).permute(0, 1, 4, 2, 3).reshape(N, m, r, -1)
-        b = self.b(rows).view(N, m, -1, r)
+        a, b = self.a(cols), self.b(rows)                                   # [N, m, GC, p·r], [N, m, GR, p·r]
+        if self.a_per_target is not None:
+            a = a + torch.einsum("nmgd,mde->nmge", cols, self.a_per_target[targets].to(cols.dtype))
+            b = b + torch.einsum("nmgd,mde->nmge", rows, self.b_per_target[targets].to(rows.dtype))
+        a = a.view(N, m, -1, p, r).permute(0, 1, 4, 2, 3).reshape(N, m, r, -1)
+        b = b.view(N, m, -1, r)
         a = a * tokenizer.in_features[targets].to(a.dtype).rsqrt()[:, None, None]
         b = b * w_rms[targets].to(b.dtype)[:, None, None]
         if self.a_start is not None:
