@@ -20,6 +20,7 @@ method.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -260,10 +261,10 @@ def prediction_cost(model, bank, case_ids: Sequence[int]) -> dict:
     (a ConditionBank, view 0), after one warm-up call -> {"parameters", "predict_ms", "device"}.
     The call is the whole prediction a user makes (condition tokens in, LoraWeights out), on the model's device.
     """
-    import time
-
-    modules = [m for m in (getattr(model, "stage1", None), getattr(model, "stage2", None)) if m is not None]
-    modules = modules or [model]
+    if isinstance(model, torch.nn.Module):  # Text-to-LoRA
+        modules = [model]
+    else:  # LoFA: Stage I (when it has one) and Stage II
+        modules = [m for m in (model.stage1, model.stage2) if m is not None]
     parameters = sum(p.numel() for m in modules for p in m.parameters())
     if not len(case_ids):
         raise LofaError("prediction_cost needs at least one case to time")

@@ -55,8 +55,10 @@ def results_summary(figures: Path) -> list[str]:
     reached = table("08_steps_to_reach.csv")
     if reached is not None:
         for task, block in reached.groupby("task", sort=False):
-            parts = [f"{r.start} {'not within ' + str(int(r.recipe_steps)) if pd.isna(r.steps_to_reach) else int(r.steps_to_reach)}"
-                     for r in block.itertuples()]
+            parts = []
+            for r in block.itertuples():
+                steps = f"not within {int(r.recipe_steps)}" if pd.isna(r.steps_to_reach) else int(r.steps_to_reach)
+                parts.append(f"{r.start} {steps}")
             lines.append(f"fine-tuning steps to the per-case LoRA's exact-case acc, {task} (08_steps_to_reach.csv): "
                          + "; ".join(parts))
     return lines

@@ -137,6 +137,11 @@ def sample_targets(n_targets: int, m: int, step: int, seed: int = 0) -> torch.Te
     return torch.randperm(n_targets, generator=g)[: min(m, n_targets)].sort().values
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, also when a multi-process launch has wrapped it (DistributedDataParallel's .module)."""
+    return model.module if hasattr(model, "module") else model
+
+
 class Stage1Objective:
     """loss_fn(model, batch) for Stage I: balanced BCE between the predicted and the true response maps."""
 
@@ -159,8 +164,8 @@ class Stage1Objective:
         out = model(self.base, batch.targets, batch.cond, batch.cond_mask)
         logits = torch.cat([x.flatten(1) for x in out.logits], dim=1)           # [N, entries of all targets]
         target = torch.cat([x.flatten(1) for x in self.true_maps(batch)], dim=1)
-        stage1 = model.module if hasattr(model, "module") else model
-        return stage1_loss(logits, target, torch.ones_like(target), self.cfg.map_balance, float(stage1.map_offset))
+        return stage1_loss(logits, target, torch.ones_like(target), self.cfg.map_balance,
+                           float(_unwrap(model).map_offset))
 
 
 class Stage2Objective:
@@ -190,8 +195,8 @@ class Stage2Objective:
                 features = self.stage1(self.base, batch.targets, batch.cond, batch.cond_mask,
                                        decode_map=False).features
         out = model(self.base, batch.targets, batch.cond, batch.cond_mask, features)
-        stage2 = model.module if hasattr(model, "module") else model
-        return {k: (A.float(), B.float(), alpha) for k, (A, B, alpha) in stage2.lora(out, batch.targets).items()}
+        lora = _unwrap(model).lora(out, batch.targets)
+        return {k: (A.float(), B.float(), alpha) for k, (A, B, alpha) in lora.items()}
 
     def w_rms(self, batch: LoraBatch) -> dict[str, torch.Tensor]:
         """{name: rms(W)} of the batch's targets."""
