@@ -258,12 +258,14 @@ class Run:
         stage1.eval()
         if stage == 1:
             return stage1
-        train2 = dataclasses.replace(self.config(Stage2TrainConfig), **HYPERNET_VARIANTS[variant])
+        changes = dict(HYPERNET_VARIANTS[variant])
+        lora_head = changes.pop("lora_head", None)
+        train2 = dataclasses.replace(self.config(Stage2TrainConfig), **changes)
         diffusion = None
         if train2.lambda_diff:
             diffusion = DiffusionLoss(self.base(task), data.world, data.text or TextEncoder(self.device), data.cfg,
                                       seed=self.seed)
-        stage2 = Stage2.from_stage1(stage1)
+        stage2 = Stage2.from_stage1(stage1, lora_head)
         if train2.start == "mean":
             stage2.lora_head.set_start(data.mean_factors())
         objective = Stage2Objective(data.base, train2, stage1, diffusion)
@@ -397,10 +399,11 @@ def _build_job(args: tuple, step: str, key: str) -> None:
 
 
 # Hypernetwork variants run.hypernet trains, each Stage II from the one Stage I of its setting -> Stage2TrainConfig
-# fields: LoFA as configured, and ablations of its reconstruction term (the L1 on ΔW; the L1 on the factors A and B,
-# the paper's wording) and of its start (ΔW = 0, the paper's head, instead of the mean training LoRA)
+# fields (and "lora_head", HyperConfig's): LoFA as configured, and ablations of its reconstruction term (the L1 on
+# ΔW; the L1 on the factors A and B, the paper's wording), of its start (ΔW = 0, the paper's head, instead of the mean
+# training LoRA) and of its LoRA head (the paper's shared head where the scale's preset has per-target layers)
 HYPERNET_VARIANTS = {"lofa": {}, "recon_l1": {"recon": "delta"}, "recon_factors": {"recon": "factors"},
-                     "zero_start": {"start": "zero"}}
+                     "zero_start": {"start": "zero"}, "shared_head": {"lora_head": "shared"}}
 
 
 def _setting(name: str) -> tuple[str, str, str]:

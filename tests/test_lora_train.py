@@ -117,10 +117,12 @@ def test_grouped_layer_routes_each_sample_to_its_lora():
     assert layer.lora_B.grad[[0, 2]].abs().sum() == 0 and layer.lora_B.grad[1].abs().sum() > 0
 
 
-def test_batched_training_equals_single_training():
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_batched_training_equals_single_training(schedule):
     """Same seed and data: each LoRA of a batch ends at the weights peft training reaches alone (float64)."""
     world, text = StubWorld(), StubText()
-    cfg = tiny_config(prior_weight=0.5, max_grad_norm=0.02)  # small enough that clipping acts
+    # max_grad_norm small enough that clipping acts
+    cfg = tiny_config(prior_weight=0.5, max_grad_norm=0.02, lr_schedule=schedule)
     gen = tiny_generator(torch.float64)
     cases = [0, 1, 3]
     batched = train_lora_batch(gen, world, cases, cfg, seed=7, text=text)
@@ -283,6 +285,41 @@ def test_replicates_of_a_case_agree_more_than_different_cases():
     r = replicate_cosine(tiny_generator(), world, [0, 1, 2], tiny_config(steps=20, lr=3e-3), seed=3, text=text)
     assert r["cases"] == 3
     assert -1.0 <= r["other_case"] < r["same_case"] < 0.9999
+
+
+def test_cosine_schedule_makes_the_last_steps_small():
+    """lr_schedule "cosine" decays lr to 0 over the run: the last step moves ΔW far less than at a constant lr (the
+    same data, init and step count); an unknown schedule is refused."""
+    world, text, gen = StubWorld(), StubText(), tiny_generator(torch.float64)
+    last_move = {}
+    for schedule in ("constant", "cosine"):
+        cfg = tiny_config(steps=8, lr_schedule=schedule)
+        _, info = train_lora(gen, world, 0, cfg, seed=2, text=text, snapshots=[7, 8])
+        before, after = info["snapshots"][7], info["snapshots"][8]
+        last_move[schedule] = sum(float((after[n].delta_w - before[n].delta_w).norm()) for n in after)
+    assert last_move["cosine"] < 0.25 * last_move["constant"]
+    with pytest.raises(LofaError, match="lr_schedule"):
+        tiny_config(lr_schedule="linear")
+
+
+def test_new_renders_replicate_draws_other_renders_and_first_loras_are_reused():
+    """replicate > 0 keeps the case's renders unless new_renders; replicate_cosine(first=...) gives what training
+    replicate 0 itself gives."""
+    from lofa.lora.replicates import replicate_cosine
+    from lofa.lora.train import CaseStream
+
+    world, text, cfg = StubWorld(), StubText(), tiny_config(steps=4)
+    renders = {(r, new): CaseStream(world, text, 1, cfg, 0, "cpu", replicate=r, new_renders=new).pools[0][0]
+               for r, new in ((0, False), (1, False), (1, True))}
+    assert torch.equal(renders[(0, False)], renders[(1, False)])
+    assert not torch.allclose(renders[(0, False)], renders[(1, True)])
+    gen, cases = tiny_generator(), [0, 1, 2]
+    first = [w for w, _ in train_lora_batch(gen, world, cases, cfg, 3, text=text)]
+    trained = replicate_cosine(gen, world, cases, cfg, seed=3, text=text, new_renders=True)
+    reused = replicate_cosine(gen, world, cases, cfg, seed=3, text=text, new_renders=True, first=first)
+    assert trained == pytest.approx(reused, rel=1e-6)
+    with pytest.raises(LofaError, match="one per case"):
+        replicate_cosine(gen, world, cases, cfg, seed=3, text=text, first=first[:2])
 
 
 def test_replicates_cli_refuses_a_run_without_a_base(tmp_path, capsys):

@@ -54,13 +54,18 @@ def test_lofa_train_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, c
     assert not (tmp_path / "runs").exists()
 
 
-def test_recon_factors_variant_trains_stage2_from_the_shared_stage1(tmp_path):
+def test_variants_train_stage2_from_the_shared_stage1(tmp_path):
     """The L1-on-factors ablation: its Stage II starts from the one Stage I (no second Stage I is trained), sees
-    the same batches, and differs from LoFA's only in the reconstruction term."""
+    the same batches, and differs from LoFA's only in the reconstruction term. The shared-head ablation of a
+    per-target configuration has the paper's head, saved and loaded as such."""
     import torch
 
-    run = Run("smoke", "cpu", 0, tmp_path)
+    run = Run("smoke", "cpu", 0, tmp_path, overrides={"HyperConfig": {"lora_head": "per_target"}})
     lofa = run.hypernet("identities", 2, progress=False)
+    shared = run.hypernet("identities", 2, "shared_head", progress=False)
+    assert lofa.stage2.cfg.lora_head == "per_target" and shared.stage2.cfg.lora_head == "shared"
+    assert lofa.stage2.lora_head.a_per_target is not None and shared.stage2.lora_head.a_per_target is None
+    assert not (tmp_path / "hypernet" / "identities" / "shared_head" / "stage1").exists()
     factors = run.hypernet("identities", 2, "recon_factors", progress=False)
     assert not (tmp_path / "hypernet" / "identities" / "recon_factors" / "stage1").exists()
     s1a, s1b = lofa.stage1.state_dict(), factors.stage1.state_dict()

@@ -88,6 +88,20 @@ def test_resume_reconciles_index_and_files(tmp_path):
     assert a.keys() == set(tiny_generator().lora_target_modules())
 
 
+def test_an_index_older_than_a_recipe_field_matches_that_fields_default():
+    """A zoo index written before a LoraTrainConfig field existed describes the field's default behaviour: it is the
+    same zoo as a recipe with the default, and not one with another value."""
+    from dataclasses import asdict
+
+    from lofa.lora.zoo import same_zoo
+
+    expected = {"task": "identities", "seed": 0, "base": "f", "config": asdict(tiny_config())}
+    old = {**expected, "config": {k: v for k, v in expected["config"].items() if k != "lr_schedule"}}
+    assert expected["config"]["lr_schedule"] == "constant" and same_zoo(old, expected)
+    cosine = {**expected, "config": asdict(tiny_config(lr_schedule="cosine"))}
+    assert not same_zoo(old, cosine)
+
+
 def test_resume_refuses_another_recipe_or_base(tmp_path):
     zoo_dir = tmp_path / "zoo"
     _build(zoo_dir, n_cases=2)

@@ -13,6 +13,8 @@ keys and values are computed once per condition and block and shared by every ma
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 
@@ -443,10 +445,12 @@ class Stage2(nn.Module):
         self.lora_head = LoraHead(cfg, len(spec), tokenizer.grid_rows, tokenizer.grid_cols)
 
     @classmethod
-    def from_stage1(cls, stage1: Stage1) -> "Stage2":
-        """A Stage II whose tokenizer, condition projection and blocks are copies of Stage I's."""
+    def from_stage1(cls, stage1: Stage1, lora_head: str | None = None) -> "Stage2":
+        """A Stage II whose tokenizer, condition projection and blocks are copies of Stage I's; `lora_head`
+        ("shared" | "per_target") replaces the configuration's head (Stage I has none)."""
         ref = next(stage1.parameters())
-        stage2 = cls(stage1.cfg, stage1.spec).to(device=ref.device, dtype=ref.dtype)
+        cfg = stage1.cfg if lora_head is None else dataclasses.replace(stage1.cfg, lora_head=lora_head)
+        stage2 = cls(cfg, stage1.spec).to(device=ref.device, dtype=ref.dtype)
         missing, unexpected = stage2.backbone.load_state_dict(stage1.backbone.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("feature_cross.") for k in missing), (missing, unexpected)
         return stage2

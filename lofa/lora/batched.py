@@ -152,19 +152,21 @@ def _clip_per_lora(params: list[torch.Tensor], max_norm: float) -> None:
 
 
 def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed: int = 0, device="cpu", *,
-                     text=None, progress: bool = False, replicate: int = 0) -> list[tuple[LoraWeights, dict]]:
+                     text=None, progress: bool = False, replicate: int = 0, new_renders: bool = False
+                     ) -> list[tuple[LoraWeights, dict]]:
     """Train one LoRA per case in `case_ids`, all in one forward/backward per step; `gen` comes back unchanged.
 
     Same recipe, data and randomness per case as `train_lora`, so the same weights. Returns [(weights, metadata)]
     in case order; metadata's wall_time_s is this batch's wall time divided by its number of LoRAs.
-    replicate > 0 trains on another draw of the training stream (same renders, same init): see lofa.lora.replicates.
+    replicate > 0 trains on another draw of the training stream (same init; same renders unless `new_renders`): see
+    lofa.lora.replicates.
     """
     if not case_ids:
         return []
     cfg = cfg.for_task(world.task)
     text = text_encoder(text, device)
     start = time.perf_counter()
-    streams = [CaseStream(world, text, c, cfg, seed, device, _dtype(gen), replicate) for c in case_ids]
+    streams = [CaseStream(world, text, c, cfg, seed, device, _dtype(gen), replicate, new_renders) for c in case_ids]
     targets = gen.lora_target_modules(cfg.include_ffn)
     shapes = {n: tuple(gen.net.get_submodule(n).weight.shape) for n in targets}
     inits = [s.init_factors(shapes) for s in streams]
@@ -172,7 +174,7 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
     with frozen(gen), grouped_lora(gen.net, factors, cfg.alpha / cfg.rank) as lora:
         lora.route(torch.arange(len(case_ids)).repeat_interleave(streams[0].samples_per_step))
         params = lora.parameters()
-        opt = make_optimizer(params, cfg)
+        opt, sched = make_optimizer(params, cfg)
         losses, prior_losses = [], []
         for _ in tqdm(range(cfg.steps), desc=f"{len(case_ids)} LoRAs", leave=False, disable=not progress):
             fine, prior = lora_losses(gen, [s.next_batch() for s in streams], cfg)
@@ -180,6 +182,7 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
             objective.backward()
             _clip_per_lora(params, cfg.max_grad_norm)
             opt.step()
+            sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(fine.detach())
             if prior is not None:

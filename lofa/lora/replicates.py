@@ -1,12 +1,13 @@
 """How much of a per-case LoRA is its case, and how much is training noise.
 
-Trains each case's LoRA twice — same renders, same initial A (the zoo's shared init), two draws of the training
-stream (batches, t, noise) — and compares ΔW / rms(W) over all adapted matrices by cosine: between the two
-replicates of one case, and between LoRAs of different cases. A hypernetwork that regresses ΔW can at best predict
-the part replicates share; if replicates of one case are far apart, the L1 on ΔW mostly asks for their mean and the
-flow-matching term has to carry the case (see Stage2TrainConfig).
+Trains each case's LoRA twice — same initial A (the zoo's shared init), two draws of the training stream (batches,
+t, noise), and with `new_renders` two draws of the case's renders too — and compares ΔW / rms(W) over all adapted
+matrices by cosine: between the two replicates of one case, and between LoRAs of different cases. A hypernetwork
+that regresses ΔW from the condition can at best predict the part that replicates with new renders share (the
+renders' pose, lighting and background are not in the condition); if replicates of one case are far apart, the
+loss on ΔW mostly asks for their mean.
 
-    python -m lofa.lora.replicates --run-dir runs/mini --task identities [--cases 4] [--device cpu]
+    python -m lofa.lora.replicates --run-dir runs/mini --task identities [--cases 4] [--new-renders] [--device cpu]
 """
 from __future__ import annotations
 
@@ -31,16 +32,26 @@ def delta_vector(lora: LoraWeights, net) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def replicate_cosine(gen, world, case_ids: list[int], cfg, seed: int = 0, device="cpu", *, text=None
-                     ) -> dict[str, float]:
+def replicate_cosine(gen, world, case_ids: list[int], cfg, seed: int = 0, device="cpu", *, text=None,
+                     new_renders: bool = False, first: list[LoraWeights] | None = None) -> dict[str, float]:
     """{"same_case": mean cosine of a case's two replicates, "other_case": mean cosine between different cases
-    (same replicate), "cases": n} for LoRAs trained with recipe `cfg` (a LoraTrainConfig) on `gen`."""
+    (same replicate), "cases": n} for LoRAs trained with recipe `cfg` (a LoraTrainConfig) on `gen`.
+
+    new_renders: the second replicate also draws new renders of its case. first: the cases' LoRAs of replicate 0
+    when already trained (with this recipe and seed), in case order; only replicate 1 is trained then.
+    """
     if len(case_ids) < 2:
         raise LofaError("replicate_cosine needs at least two cases (it also compares different cases)")
+    if first is not None and len(first) != len(case_ids):
+        raise LofaError(f"first holds {len(first)} LoRAs for {len(case_ids)} cases; give one per case, in order")
     vectors = {}
     for r in (0, 1):
-        for i, (weights, _) in enumerate(train_lora_batch(gen, world, case_ids, cfg, seed, device, text=text,
-                                                          replicate=r)):
+        if r == 0 and first is not None:
+            trained = first
+        else:
+            trained = [w for w, _ in train_lora_batch(gen, world, case_ids, cfg, seed, device, text=text,
+                                                      replicate=r, new_renders=new_renders)]
+        for i, weights in enumerate(trained):
             vectors[(r, i)] = delta_vector(weights, gen.net)
 
     def cos(a, b):
@@ -62,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="identities")
     p.add_argument("--cases", type=int, default=4, help="train cases compared (the first of the world's train split)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--new-renders", action="store_true",
+                   help="the second replicate also draws new renders of its case (what a condition can predict)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -71,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = run.config(LoraTrainConfig).for_task(args.task)  # the recipe the task's zoo is trained with
         world = run.world(args.task)
         result = replicate_cosine(run.base(args.task, progress=False), world, world.ids("train")[: args.cases],
-                                  cfg, args.seed, args.device)
+                                  cfg, args.seed, args.device, new_renders=args.new_renders)
     except LofaError as e:
         print(f"lofa.lora.replicates: error: {e}", file=sys.stderr)
         return 2
     print(f"{args.task} ({args.scale}, rank {cfg.rank}, {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
-          f"FFN {cfg.include_ffn}, shared init {cfg.shared_init}): cos(ΔW) between two replicates of one case {result['same_case']:.3f}, "
+          f"FFN {cfg.include_ffn}, shared init {cfg.shared_init}, new renders {args.new_renders}): cos(ΔW) between "
+          f"two replicates of one case {result['same_case']:.3f}, "
           f"between different cases {result['other_case']:.3f} ({result['cases']} cases)")
     return 0
 

@@ -3,7 +3,7 @@ how often ground-truth renders of it are (issue 4's target: >= 0.5), for several
 
     python -m lofa.lora.sweep --run-dir runs/mini [--scale mini] [--device cuda] [--tasks actions ...]
                               [--steps 100 200 400 800] [--knobs] [--set FIELD=VALUE ...] [--cases 48]
-                              [--per-case 2] --out FILE.csv
+                              [--per-case 2] [--replicates] --out FILE.csv
 
 The protocol is notebook 03's section 3 on the run's own bases and evaluators (trained if missing): the zoo's
 selection of cases (every held-out case, then train cases up to `--cases`), `--per-case` samples each with the case's
@@ -70,11 +70,13 @@ def parse_set(items: list[str], cfg_cls) -> dict:
 
 
 def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_case: int, done: set, seed: int = 0,
-               progress: bool = True, fixed: dict | None = None):
+               progress: bool = True, fixed: dict | None = None, replicates: bool = False):
     """Yield one result row per sweep point of `task` (`points`, with `fixed` under each) not in `done`
-    ({(task, label)})."""
+    ({(task, label)}). replicates: also train each case's LoRA a second time on new renders and report the ΔW
+    cosine between a case's two LoRAs and between different cases' (`lofa.lora.replicates`)."""
     from lofa.evaluate import GenerateConfig, denoising_loss, eval_plan, generate, ratio_of_means, score_cases
     from lofa.lora.batched import train_lora_batch
+    from lofa.lora.replicates import replicate_cosine
     from lofa.lora.train import LoraTrainConfig
     from lofa.lora.zoo import ZooConfig, quality_seeds, select_cases
     from lofa.models import TextEncoder
@@ -111,6 +113,11 @@ def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_
                                             progress=False))
         ratio, lo, hi = ratio_of_means(acc, gt_acc, seed=seed)
         denoise = float(np.mean(denoising_loss(gen, world, ids, routed, prompts, denoise_seed, text=text)))
+        agreement = {}
+        if replicates:
+            r = replicate_cosine(gen, world, cases, cfg, seed, run.device, text=text, new_renders=True,
+                                 first=[w for w, _ in trained])
+            agreement = {"replicate cosine": r["same_case"], "other-case cosine": r["other_case"]}
         yield {"task": task, "point": label, "preset": dataclasses.replace(cfg, group_size=recipe.group_size) == recipe,
                "steps": cfg.steps, "lr": cfg.lr, "rank": cfg.rank, "batch_size": cfg.batch_size,
                "include_ffn": cfg.include_ffn, "cases": len(cases), "samples per case": per_case,
@@ -119,7 +126,7 @@ def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_
                "denoise reduction": 1 - denoise / base_denoise,
                "final loss": float(np.mean([info["final_loss"] for _, info in trained])),
                "cost (LoRA-steps x batch, x preset)": cfg.steps * cfg.batch_size / (recipe.steps * recipe.batch_size),
-               "train s": train_s}
+               "train s": train_s, **agreement}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=48, help="every held-out case of the zoo's selection, then train "
                    "cases up to this many (notebook 03's QUALITY_CASES)")
     p.add_argument("--per-case", type=int, default=2)
+    p.add_argument("--replicates", action="store_true",
+                   help="also train each LoRA again on new renders: ΔW cosine of a case's two LoRAs vs other cases'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="FILE.csv")
     args = p.parse_args(argv)
@@ -153,13 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         done = set(zip(table.task, table.point)) if len(table) else set()
         for task in args.tasks:
             for row in sweep_task(run, task, args.steps, args.knobs, args.cases, args.per_case, done, args.seed,
-                                   fixed=fixed):
+                                   fixed=fixed, replicates=args.replicates):
                 table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
                 with atomic_path(out) as tmp:
                     table.to_csv(tmp, index=False, float_format="%.4g")
                 print(f"{task:10s} {row['point']:24s} ratio {row['ratio']:.2f} [{row['ratio ci_low']:.2f}, "
                       f"{row['ratio ci_high']:.2f}]  LoRA {row['LoRA acc']:.2f}  ground truth {row['gt acc']:.2f}  "
-                      f"base {row['base acc']:.2f}  train {row['train s']:.0f} s", flush=True)
+                      f"base {row['base acc']:.2f}  train {row['train s']:.0f} s"
+                      + (f"  replicate cos {row['replicate cosine']:.3f} other {row['other-case cosine']:.3f}"
+                         if args.replicates else ""), flush=True)
     except LofaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import hashlib
 import os
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -110,7 +110,10 @@ def same_zoo(found: dict, expected: dict) -> bool:
 
 
 def _recipe(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _FREE_FIELDS}
+    """The recipe fields of an index's config; a field the index lacks (it was written before the field existed)
+    takes its dataclass default, which is the behaviour the recipe had then."""
+    defaults = {f.name: f.default for f in fields(LoraTrainConfig) if f.default is not MISSING}
+    return {k: v for k, v in {**defaults, **config}.items() if k not in _FREE_FIELDS}
 
 
 def _check_same_zoo(found: dict, expected: dict, where: Path) -> None:
@@ -217,7 +220,7 @@ class Zoo:
         if index is None:
             raise LofaError(f"{self.dir} has no {INDEX}; build the zoo with lofa.lora.zoo.build_zoo first")
         self.task, self.seed, self.base = index["task"], index["seed"], index["base"]
-        self.config = LoraTrainConfig(**index["config"])
+        self.config = LoraTrainConfig(**index["config"])  # a field the index lacks takes its default
         self.entries = {e["case_id"]: e for e in index["loras"]}
 
     def __len__(self) -> int:
