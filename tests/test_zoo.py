@@ -102,6 +102,33 @@ def test_an_index_older_than_a_recipe_field_matches_that_fields_default():
     assert not same_zoo(old, cosine)
 
 
+def test_a_zoo_written_before_a_recipe_field_existed_resumes(tmp_path):
+    """The LoRA files and index of an older zoo lack a field added since (here lr_schedule): resuming with the
+    field's default reads every LoRA and trains nothing; with another value it is refused."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    zoo_dir = tmp_path / "zoo"
+    _build(zoo_dir, n_cases=2)
+    index = json.loads((zoo_dir / INDEX).read_text())
+    del index["config"]["lr_schedule"]
+    (zoo_dir / INDEX).write_text(json.dumps(index))
+    for path in (zoo_dir / "loras").iterdir():
+        with safe_open(path, "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+        record = json.loads(meta["lofa"])
+        del record["lr_schedule"]
+        save_file(tensors, path, metadata={**meta, "lofa": json.dumps(record)})
+        assert "lr_schedule" not in load_lora(path)[1]
+    files = {p: p.stat().st_mtime_ns for p in (zoo_dir / "loras").iterdir()}
+    zoo = _build(zoo_dir, n_cases=2)
+    assert len(zoo.case_ids()) == 2 and {p: p.stat().st_mtime_ns for p in files} == files
+    with pytest.raises(LofaError, match="lr_schedule"):
+        _build(zoo_dir, n_cases=2, lr_schedule="cosine")
+
+
 def test_resume_refuses_another_recipe_or_base(tmp_path):
     zoo_dir = tmp_path / "zoo"
     _build(zoo_dir, n_cases=2)

@@ -148,7 +148,8 @@ def _reconcile(zoo_dir: Path, header: dict, clean: bool = True) -> dict[int, dic
         if meta.get("case_id") is None or lora_filename(meta["case_id"]) != path.name:
             raise LofaError(f"{path} is not a LoRA of this zoo (its metadata names case {meta.get('case_id')!r}); "
                             f"move it out of {lora_dir}")
-        _check_same_zoo({**meta, "config": {k: meta.get(k) for k in header["config"]}}, header, path)
+        # a field the file's metadata lacks predates the field: `_recipe` gives it its default
+        _check_same_zoo({**meta, "config": {k: meta[k] for k in header["config"] if k in meta}}, header, path)
         entries[meta["case_id"]] = {**meta, "file": f"{LORA_DIR}/{path.name}"}
     return entries
 

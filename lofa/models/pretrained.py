@@ -124,7 +124,7 @@ def install_zoo(scale: str, task: str, out_dir: Path, header: dict) -> bool:
     from lofa.lora.zoo import INDEX, same_zoo
 
     where = folder(scale, task) / "zoo"
-    if not where.exists() or (Path(out_dir) / INDEX).exists():
+    if not (where / INDEX).exists() or (Path(out_dir) / INDEX).exists():
         return False
     verify(scale, task)
     if not same_zoo(read_json(where / INDEX), header):
