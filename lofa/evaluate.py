@@ -35,12 +35,13 @@ from lofa.lora.formats import LoraWeights
 from lofa.metrics.scores import bootstrap_ci
 from lofa.models.text import text_encoder
 
-# Per-sample metrics of each task: the ground-truth ones (exact case, coarse category) and the paper-style ones
-# (Table 1: CLIP-T, Dynamic Degree; Table 2: CSD, CLIP-T; Table 3: Face Sim, DINO, CLIP-I).
+# Per-sample metrics of each task: the ground-truth ones (exact case, the fraction of its components, coarse
+# category) and the paper-style ones (Table 1: CLIP-T, Dynamic Degree; Table 2: CSD, CLIP-T; Table 3: Face Sim,
+# DINO, CLIP-I).
 METRICS = {
-    "actions": ("acc", "coarse_acc", "clip_t", "dynamic"),
-    "styles": ("acc", "coarse_acc", "csd", "clip_t"),
-    "identities": ("acc", "coarse_acc", "face_sim", "dino", "clip_i"),
+    "actions": ("acc", "attr_acc", "coarse_acc", "clip_t", "dynamic"),
+    "styles": ("acc", "attr_acc", "coarse_acc", "csd", "clip_t"),
+    "identities": ("acc", "attr_acc", "coarse_acc", "face_sim", "dino", "clip_i"),
 }
 
 

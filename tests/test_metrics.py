@@ -164,8 +164,8 @@ def trained(request, tmp_path_factory):
 
 def test_right_case_beats_wrong_case_on_every_evaluator(trained):
     world, ev, _, table = trained
-    expected = {"acc", "clip_t", "dynamic", "smoothness", "fvd"} if world.modality == "video" else \
-        {"acc", "clip_t", "fid", "face_sim", "dino", "clip_i", "face_div"}
+    expected = {"acc", "attr_acc", "clip_t", "dynamic", "smoothness", "fvd"} if world.modality == "video" else \
+        {"acc", "attr_acc", "clip_t", "fid", "face_sim", "dino", "clip_i", "face_div"}
     if world.task == "styles":
         expected.add("csd")
     assert expected <= set(table.metric), table
@@ -207,6 +207,8 @@ def test_score_keys_and_bad_input(trained):
     refs = world.condition(ids, seed=SANITY_SEED + 21) if world.task != "actions" else None
     s = ev.score(x, ids, [ev.caption(i) for i in ids], refs)
     assert all(v.shape == (4,) for v in s.values())
+    components = [k for k in s if k.startswith("acc:")]
+    assert components and np.allclose(s["attr_acc"], np.mean([s[k] for k in components], axis=0))
     metrics = ev.paper_metrics(x, [0, 0, 1, 1], [ev.caption(i) for i in [0, 0, 1, 1]], refs,
                                real=world.render(ids, seed=SANITY_SEED + 22))
     want = {"actions": {"FVD", "CLIP-T", "DD", "MS"}, "styles": {"FVD", "CLIP-T", "CSD", "DD", "MS"},
