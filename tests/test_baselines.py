@@ -175,6 +175,35 @@ def test_oracle_case_prefers_more_shared_attributes_then_the_coarse_category_the
     assert oracle_case(world, 2, [2, 3]) == (2, 3)            # a candidate case is its own oracle
 
 
+def test_attribute_features_are_one_hot_per_component_and_the_oracle_ridge_fits_a_linear_world():
+    """attribute_features: one 1 per component, equal rows for equal attributes. On LoRAs whose ΔW is linear in the
+    one-hot attributes, the oracle ridge (`fit_attributes` on the train cases) predicts a held-out case's ΔW."""
+    from lofa.baselines import attribute_features
+
+    def case(i, split, **attrs):
+        return Case(i, f"c{i}", attrs, 0, split)
+
+    values = [(a, b) for a in range(3) for b in range(2)]
+    world = SimpleNamespace(cases=[case(i, "heldout" if i == 5 else "train", a=a, b=b)
+                                   for i, (a, b) in enumerate(values)])
+    x = attribute_features(world, range(6))
+    assert x.shape == (6, 5) and torch.equal(x.sum(1), torch.full((6,), 2.0, dtype=torch.float64))
+    assert torch.equal(attribute_features(world, [4, 4])[0], x[4])
+    g = torch.Generator().manual_seed(0)
+    effects = torch.randn(5, 4 * 2, generator=g, dtype=torch.float64)         # B's share of each attribute value
+    a = torch.randn(2, 3, generator=g, dtype=torch.float64)
+
+    def lora(i):  # rank 2, one A for all: ΔW = B A with B linear in the attributes
+        return {"m": LoraFactor(a.float(), (x[i] @ effects).reshape(4, 2).float(), 2.0)}
+
+    train = [0, 1, 2, 3, 4]
+    data = SimpleNamespace(train_ids=train, world=world, zoo=SimpleNamespace(
+        load=lambda c: (lora(c), {}), config=SimpleNamespace(rank=2)))
+    ridge = RidgeLora.fit_attributes(data, lam=1e-9)
+    [(pred, _)] = ridge.predict(attribute_features(world, [5])[:, None])
+    assert _frobenius_error(_delta(pred), _delta(lora(5))) < 1e-3
+
+
 def test_mean_train_map_is_the_mean_of_the_training_response_maps(data):
     ref = mean_train_map(data, chunk=5)
     assert ref.dtype == torch.float32 and ref.shape[0] == len(data.spec)

@@ -8,6 +8,9 @@ A predicted LoRA is worth something only where it beats what needs no hypernetwo
   retrieval can do, and only a known world can give it (an upper reference, not a method).
 - `RidgeLora`: the linear reference, kernel ridge regression (linear kernel) from the pooled condition to the
   per-module ΔW of the training LoRAs. A hypernetwork that learns no more than a linear map of its condition ties with it.
+- `RidgeLora.fit_attributes`: the same regression from the case's ground-truth attributes (one-hot,
+  `attribute_features`) instead of its condition: what a linear map gets from a condition encoder that loses nothing
+  the world defines (an upper reference only a known world can give, like the oracle).
 - `mean_train_map`: Stage I's condition-blind reference, the entry-wise mean response map of the training LoRAs.
 
 Every LoRA comes back as the zoo returns one, `(LoraWeights, info)` like `Zoo.load`, so `lofa.evaluate.generate`
@@ -233,6 +236,19 @@ class RidgeLora:
         loras = {c: data.zoo.load(c)[0] for c in ids}
         return cls(inputs, owners, loras, lam, data.zoo.config.rank if rank is None else rank)
 
+    @classmethod
+    @torch.no_grad()
+    def fit_attributes(cls, data: Triplets, lam: float = 0.1, rank: int | None = None) -> "RidgeLora":
+        """Fit on the TRAIN split with each case's one-hot ground-truth attributes (`attribute_features`, one row a
+        case) as its input; query with `predict(attribute_features(world, ids)[:, None])`."""
+        ids = list(data.train_ids)
+        if not ids:
+            raise LofaError("RidgeLora.fit_attributes: the data has no train-split case to fit on; build the zoo's "
+                            "train split first")
+        loras = {c: data.zoo.load(c)[0] for c in ids}
+        return cls(attribute_features(data.world, ids), ids, loras, lam,
+                   data.zoo.config.rank if rank is None else rank)
+
     @property
     def dim(self) -> int:
         return self.inputs.shape[1]
@@ -290,7 +306,21 @@ def _stack_factors(loras: Sequence[LoraWeights], case_ids: Sequence[int]) -> dic
     return stacked
 
 
-# --- the oracle: retrieval by ground truth ---------------------------------------------------------------------
+# --- the oracles: retrieval and regression by ground truth --------------------------------------------------------
+def attribute_features(world, case_ids: Sequence[int]) -> Tensor:
+    """One-hot ground-truth attributes of cases, [N, Σ_k V_k] float64: for each component k (`Case.attrs`, sorted by
+    name) a block over the values V_k that the world's cases take, 1 at the case's value."""
+    components = sorted(world.cases[0].attrs)
+    values = {k: sorted({repr(c.attrs[k]) for c in world.cases}) for k in components}
+    out = torch.zeros(len(case_ids), sum(len(v) for v in values.values()), dtype=torch.float64)
+    for i, case in enumerate(case_ids):
+        offset = 0
+        for k in components:
+            out[i, offset + values[k].index(repr(world.cases[case].attrs[k]))] = 1.0
+            offset += len(values[k])
+    return out
+
+
 def attribute_matches(world, a: int, b: int) -> int:
     """How many ground-truth attributes (component -> value, `Case.attrs`) cases a and b share."""
     attrs_a, attrs_b = world.cases[a].attrs, world.cases[b].attrs
@@ -351,7 +381,7 @@ def mean_train_map(data: Triplets, tau: float = 0.02, chunk: int = 8) -> Tensor:
 
 
 # --- every reference for a list of cases -------------------------------------------------------------------------
-REFERENCES = ("mean LoRA", "nearest LoRA", "ridge LoRA", "oracle LoRA")
+REFERENCES = ("mean LoRA", "nearest LoRA", "ridge LoRA", "oracle LoRA", "oracle ridge LoRA")
 
 
 @torch.no_grad()
@@ -360,18 +390,22 @@ def reference_loras(data: Triplets, case_ids: Sequence[int], split: str = "eval"
 
     Returns ({method: {case_id: LoraWeights}} for the methods of REFERENCES, a pandas DataFrame with one row per
     (method, case): the case whose LoRA was returned, and the nearest LoRA's similarity / the oracle's shared
-    attributes / the ridge LoRA's truncation error and λ = lam). The mean LoRA is one object shared by every case
+    attributes / the ridge LoRAs' truncation error and λ = lam). The mean LoRA is one object shared by every case
     (it ignores the condition).
     """
     import pandas as pd
 
     mean, mean_info = mean_lora(data.zoo, device=device)
     ridge = RidgeLora.fit(data, lam=lam)
+    attribute_ridge = RidgeLora.fit_attributes(data, lam=lam)
+    features = attribute_features(data.world, list(case_ids))
     loras: dict[str, dict[int, LoraWeights]] = {name: {} for name in REFERENCES}
     rows = []
     bank = data.conditions(split)
-    for case in case_ids:
+    for i, case in enumerate(case_ids):
         tokens, mask = bank.get([case])
+        [(loras["oracle ridge LoRA"][case], by_attributes)] = attribute_ridge.predict(features[i:i + 1, None], None,
+                                                                                      device)
         loras["mean LoRA"][case] = mean
         loras["nearest LoRA"][case], near = nearest_lora(data, tokens, mask, device)
         loras["oracle LoRA"][case], oracle = oracle_lora(data.world, data.zoo, case, device)
@@ -383,5 +417,7 @@ def reference_loras(data: Triplets, case_ids: Sequence[int], split: str = "eval"
                  {"method": "ridge LoRA", "case_id": case, "source_case": None,
                   "svd_error": fitted["relative_error"], "lam": fitted["lam"]},
                  {"method": "oracle LoRA", "case_id": case, "source_case": oracle["case_id"],
-                  "shared_attributes": oracle["matches"], "attributes": oracle["attributes"]}]
+                  "shared_attributes": oracle["matches"], "attributes": oracle["attributes"]},
+                 {"method": "oracle ridge LoRA", "case_id": case, "source_case": None,
+                  "svd_error": by_attributes["relative_error"], "lam": by_attributes["lam"]}]
     return loras, pd.DataFrame(rows)
