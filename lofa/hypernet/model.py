@@ -13,10 +13,8 @@ keys and values are computed once per condition and block and shared by every ma
 """
 from __future__ import annotations
 
-import dataclasses
-
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -449,7 +447,7 @@ class Stage2(nn.Module):
         """A Stage II whose tokenizer, condition projection and blocks are copies of Stage I's; `lora_head`
         ("shared" | "per_target") replaces the configuration's head (Stage I has none)."""
         ref = next(stage1.parameters())
-        cfg = stage1.cfg if lora_head is None else dataclasses.replace(stage1.cfg, lora_head=lora_head)
+        cfg = stage1.cfg if lora_head is None else replace(stage1.cfg, lora_head=lora_head)
         stage2 = cls(cfg, stage1.spec).to(device=ref.device, dtype=ref.dtype)
         missing, unexpected = stage2.backbone.load_state_dict(stage1.backbone.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("feature_cross.") for k in missing), (missing, unexpected)
