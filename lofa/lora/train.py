@@ -39,11 +39,11 @@ class LoraTrainConfig:
     steps: int = 100
     batch_size: int = 2             # samples of the case per step
     lr: float = 2e-3
-    # "cosine": lr decays to 0 over the run. At a constant lr AdamW's steps stay lr-sized to the end, so the final
-    # weights carry the last steps' gradient noise; decaying lr lets a LoRA settle, which makes two LoRAs of one case
-    # agree more and so gives a hypernetwork targets the condition can predict (lofa.lora.replicates --new-renders,
-    # identities at mini, 4 cases: ΔW cosine of two LoRAs of a case on different renders 0.28 constant, 0.46 cosine,
-    # 0.52 cosine with n_renders 64; between cases 0.02-0.03 throughout).
+    # "constant" | "cosine" (lr decays to 0 over the run). At a constant lr AdamW's steps stay lr-sized to the end,
+    # so the final weights carry the last steps' gradient noise; the decay removes it, so two LoRAs of one case agree
+    # more (lofa.lora.replicates --new-renders). That noise barely changes what a LoRA generates, and the decay
+    # lowers recognition at equal lr (figures/bench/lora_sweep_replicates_mini_h100.csv), so the presets keep
+    # "constant".
     lr_schedule: str = "constant"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0      # clipped per LoRA
