@@ -128,28 +128,47 @@ def validate_overrides(overrides: Any) -> None:
         if name not in OVERRIDABLE:
             raise LofaError(f"overrides name an unknown config {name!r}; valid names: {', '.join(OVERRIDABLE)}")
         module, cls_name = OVERRIDABLE[name]
-        _check_fields(name, getattr(importlib.import_module(module), cls_name), fields)
+        check_fields(f"overrides {name}", getattr(importlib.import_module(module), cls_name), fields)
 
 
-def _check_fields(where: str, cls: type, fields: Any, allow_task_overrides: bool = True) -> None:
+def check_fields(where: str, cls: type, fields: Any, allow_task_overrides: bool = True,
+                 task: str | None = None) -> None:
+    """Refuse (LofaError, one line starting with `where`) a {field: value} mapping for the dataclass `cls` with an
+    unknown field or a value whose type does not fit the field's annotation. None stands for no fields."""
     if fields is None:
         return  # `ZooConfig:` with nothing under it, as YAML reads an empty section
     if not isinstance(fields, dict):
-        raise LofaError(f"overrides {where}: give a mapping of field: value, not {fields!r}")
+        raise LofaError(f"{where}: give a mapping of field: value, not {fields!r}")
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls) if allow_task_overrides or f.name != "task_overrides"]
     for field, value in fields.items():
         if field not in valid:
-            raise LofaError(f"overrides {where}: {cls.__name__} has no field {field!r}; valid fields: "
+            raise LofaError(f"{where}: {cls.__name__} has no field {field!r}; valid fields: "
                             f"{', '.join(valid)}")
         if not _conforms(value, hints[field]):
-            raise LofaError(f"overrides {where}.{field}: {value!r} is not of type {_type_name(hints[field])}")
+            raise LofaError(f"{where}.{field}: {value!r} is not of type {_type_name(hints[field])}")
+        if field == "model_overrides":
+            _check_model_overrides(f"{where}.model_overrides", value, task)
         if field == "task_overrides":
-            for task, task_fields in value.items():
-                if task not in TASKS:
-                    raise LofaError(f"overrides {where}.task_overrides: unknown task {task!r}; valid tasks: "
+            for task_name, task_fields in value.items():
+                if task_name not in TASKS:
+                    raise LofaError(f"{where}.task_overrides: unknown task {task_name!r}; valid tasks: "
                                     f"{', '.join(TASKS)}")
-                _check_fields(f"{where}.task_overrides.{task}", cls, task_fields, allow_task_overrides=False)
+                check_fields(f"{where}.task_overrides.{task_name}", cls, task_fields, allow_task_overrides=False,
+                             task=task_name)
+
+
+def _check_model_overrides(where: str, fields: dict, task: str | None) -> None:
+    """BaseTrainConfig.model_overrides are fields of the task's generator config (VideoDiTConfig for video worlds,
+    ImageUNetConfig for image worlds); without a task they apply to every task's base, so they must fit each."""
+    from lofa.models.generator import GENERATOR_CONFIGS
+    from lofa.models.train_base import KIND_BY_MODALITY
+    from lofa.worlds import world_class
+
+    tasks = TASKS if task is None else (task,)
+    kinds = sorted({KIND_BY_MODALITY[world_class(t).modality] for t in tasks})
+    for kind in kinds:
+        check_fields(where, GENERATOR_CONFIGS[kind], fields, allow_task_overrides=False)
 
 
 def _conforms(value: Any, hint: Any) -> bool:

@@ -125,6 +125,8 @@ def _show(pixels: np.ndarray, grid: tuple[int, int], tile: tuple[int, int], row_
     for spine in ax.spines.values():
         spine.set_visible(False)
     ax.xaxis.tick_top()
+    if col_labels is not None:
+        col_labels = [wrap_label(label, _chars_per_tile(ax, pixels.shape, tw, label_size)) for label in col_labels]
     ax.set_yticks([PAD + i * (th + PAD) + th / 2 for i in range(nrows)], row_labels or [])
     ax.set_xticks([PAD + j * (tw + PAD) + tw / 2 for j in range(ncols)], col_labels or [])
     ax.tick_params(length=0, labelsize=label_size, pad=2)
@@ -133,6 +135,48 @@ def _show(pixels: np.ndarray, grid: tuple[int, int], tile: tuple[int, int], row_
     if title:
         ax.set_title(title, loc="left", fontsize=label_size + 2, fontweight="bold")
     return ax.figure
+
+
+# Width of an average character of the tick labels' font as a fraction of the font size (DejaVu Sans is about
+# 0.55-0.6; taken high, so that a label fitted by it never reaches the next column's).
+CHAR_WIDTH = 0.65
+
+
+def _chars_per_tile(ax, mosaic_shape: tuple[int, ...], tile_width: int, label_size: float) -> int:
+    """How many characters of a column label fit above one tile, from the drawn size of the mosaic in `ax`.
+
+    imshow keeps the pixels square, so the mosaic fills the axes' width or height, whichever binds. The axes may
+    shrink a little when the figure's layout is tightened afterwards: 90 % of the width is used.
+    """
+    fig = ax.figure
+    box = ax.get_position()
+    width_in, height_in = box.width * fig.get_figwidth(), box.height * fig.get_figheight()
+    inches_per_px = min(width_in / mosaic_shape[1], height_in / mosaic_shape[0])
+    tile_points = 0.9 * tile_width * inches_per_px * 72
+    return max(4, int(tile_points / (CHAR_WIDTH * label_size)))
+
+
+def wrap_label(label: str, width: int) -> str:
+    """`label` broken into lines of at most `width` characters after its separators ("-", "_", " "), so that
+    column labels such as case names ("p0007-round-tan-short-black") stay above their own column. A part longer
+    than `width` stays whole on its own line."""
+    lines, line = [], ""
+    part = ""
+    for char in label:
+        part += char
+        if char in "-_ ":
+            if line and len(line) + len(part) > width:
+                lines.append(line)
+                line = ""
+            line += part
+            part = ""
+    if part:
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    lines.append(line)
+    return "\n".join(lines)
 
 
 def _checked(x: Tensor, ndim: int, what: str) -> Tensor:

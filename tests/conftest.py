@@ -4,6 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Fuzzing (tests/test_fuzz.py): "ci" tries the same bounded inputs on every run; "explore" is a long random search
+# (pytest --hypothesis-profile explore).
+settings.register_profile("ci", max_examples=150, derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", max_examples=2000, deadline=None, database=None)
+settings.load_profile("ci")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Small, deterministic CPU work: tests share two cores with whatever else runs.

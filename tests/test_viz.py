@@ -103,3 +103,35 @@ def test_video_grid_draws_filmstrips_into_a_given_axis():
 def test_bad_input_raises_lofa_error(call):
     with pytest.raises(LofaError):
         call()
+
+
+def test_long_column_labels_are_wrapped_so_they_never_overlap():
+    """The layout of notebook 06's samples figure: four panels in one column, the last of four square images.
+    Case names as column labels are wrapped at their separators to stay above their own column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lofa.viz import wrap_label
+
+    names = ["p0007-round-tan-short-black", "p0009-round-pale-curly-brown", "p0017-round-beige-grey",
+             "p0026-long-beige-none"]
+    fig, axes = plt.subplots(4, 1, figsize=(11, 3.4 * 4), squeeze=False)
+    for ax in axes[:3, 0]:
+        video_grid(torch.zeros(8, 3, 4, 16, 16), ncols=2, frames=4, col_labels=["left_arm_swing-slow-low-small"] * 2,
+                   ax=ax)
+    image_grid(torch.zeros(16, 3, 16, 16), ncols=4, row_labels=list("abcd"), col_labels=names, ax=axes[3, 0])
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in axes[:, 0]:
+        boxes = [label.get_window_extent(renderer) for label in ax.get_xticklabels()]
+        for left, right in zip(boxes, boxes[1:]):
+            assert left.x1 < right.x0, [label.get_text() for label in ax.get_xticklabels()]
+    drawn = [label.get_text() for label in axes[3, 0].get_xticklabels()]
+    assert [text.replace("\n", "") for text in drawn] == names  # wrapped, nothing cut
+    assert all("\n" in text for text in drawn)
+    plt.close(fig)
+    assert wrap_label("a-b", 10) == "a-b" and wrap_label("abc-def", 4) == "abc-\ndef"
+    assert wrap_label("averyveryverylongname", 4) == "averyveryverylongname"

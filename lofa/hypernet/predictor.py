@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from lofa.config import resolve_device
+from lofa.config import check_fields, resolve_device
 from lofa.errors import LofaError
 from lofa.hypernet.config import HyperConfig
 from lofa.hypernet.model import Stage1, Stage2, Stage2Output, trim_condition
@@ -100,30 +100,29 @@ class LoFA:
         directory = Path(directory)
         try:
             meta = read_json(directory / CONFIG_FILE)
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for a file that is not text
             raise LofaError(f"{directory / CONFIG_FILE} is not valid JSON; the checkpoint is damaged") from None
         if meta is None:
             raise LofaError(f"{directory} has no {CONFIG_FILE}: not a LoFA checkpoint (or an interrupted save); "
                             "checkpoints of the pipeline are in runs/<scale>/hypernet/<setting>/lofa/")
-        cfg = HyperConfig(**meta["hyper"])
-        spec = TargetSpec.from_dict(meta["targets"])
-        stage2 = Stage2(cfg, spec)
+        try:
+            stage2, stage1, encoder, base = _build_from_config(meta, directory)
+        except LofaError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError, RuntimeError) as err:
+            # a config.json of another model (a diffusers folder) or a damaged one: the fields are read as Python
+            # values, so any of these can come out of a wrong one
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+            raise LofaError(f"{directory / CONFIG_FILE} is not a valid LoFA checkpoint config ({reason}); give a "
+                            "folder written by lofa train or save_pretrained") from None
         _load_weights(stage2, directory / "stage2.safetensors")
-        stage1 = None
-        if "stage1" in meta["stages"]:
-            stage1 = Stage1(cfg, spec)
+        if stage1 is not None:
             _load_weights(stage1, directory / "stage1.safetensors")
-        encoder = meta.get("condition_encoder")
-        if encoder and encoder.get("path"):
-            encoder = {**encoder, "path": str(directory / encoder["path"])}
-        base = meta.get("base")
-        if base is not None and not Path(base).is_absolute():
-            base = str(directory / base)
         lofa = cls(stage2, stage1, condition_encoder=encoder, base=base).to(device, dtype)
         if base_weights is None and base is not None:
             from lofa.lora.formats import load_base_weights
 
-            base_weights = load_base_weights(base, spec.names)
+            base_weights = load_base_weights(base, stage2.spec.names)
         if base_weights is not None:
             lofa.set_base(base_weights)
         return lofa
@@ -283,6 +282,33 @@ class LoFA:
     def condition_kind(self) -> str | None:
         """"text", "image" or "pose": the condition the checkpoint was trained on (None when it names none)."""
         return (self.condition_encoder or {}).get("kind")
+
+
+def _build_from_config(meta: dict, directory: Path) -> tuple[Stage2, Stage1 | None, dict | None, str | None]:
+    """The untrained stages, the condition-encoder reference and the base path a checkpoint's config.json names."""
+    check_fields(f"{directory / CONFIG_FILE}: hyper", HyperConfig, meta["hyper"], allow_task_overrides=False)
+    cfg = HyperConfig(**meta["hyper"])
+    spec = TargetSpec.from_dict(meta["targets"])
+    stage2 = Stage2(cfg, spec)
+    stage1 = Stage1(cfg, spec) if "stage1" in meta["stages"] else None
+    encoder = meta.get("condition_encoder")
+    if encoder is not None:
+        if not isinstance(encoder, dict) or encoder.get("kind") not in CONDITION_OPTION:
+            raise ValueError(f"condition_encoder {encoder!r} names no condition kind ({', '.join(CONDITION_OPTION)})")
+        if encoder["kind"] == "text":
+            length = encoder.get("max_length", 32)
+            if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+                raise ValueError(f"condition_encoder max_length {length!r} is not a positive integer")
+        else:
+            if not isinstance(encoder.get("path"), str):
+                raise ValueError(f"the {encoder['kind']} condition encoder has no file path")
+            encoder = {**encoder, "path": str(directory / encoder["path"])}
+    base = meta.get("base")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"base {base!r} is not a path")
+    if base is not None and not Path(base).is_absolute():
+        base = str(directory / base)
+    return stage2, stage1, encoder, base
 
 
 def _load_weights(module: nn.Module, path: Path) -> None:

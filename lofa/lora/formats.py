@@ -279,6 +279,28 @@ def _peft_config(header: dict, component: str | None, path: Path) -> dict | None
     return None
 
 
+def _alpha(stored: torch.Tensor | None, config: dict | None, name: str, rank: int, path: Path) -> float:
+    """Alpha of module `name`: its own `.alpha` tensor (one number), else the peft config's, else the rank (scale
+    1). A non-finite, non-positive or non-numeric alpha is a LofaError."""
+    if stored is not None:
+        if stored.numel() != 1 or stored.is_complex():
+            raise LofaError(f"{path}: module {name!r} has an alpha of shape {list(stored.shape)}; alpha is one "
+                            "number, the file is damaged")
+        alpha = float(stored.double().reshape(()))
+    elif config is not None:
+        try:
+            alpha = _config_alpha(config, name, rank)
+        except (TypeError, ValueError, AttributeError, re.error):
+            raise LofaError(f"{path}: the adapter config's lora_alpha / alpha_pattern for {name!r} is not a number; "
+                            "the file's metadata is damaged") from None
+    else:
+        alpha = float(rank)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise LofaError(f"{path}: module {name!r} has alpha {alpha:g}; alpha must be a positive number (the scale "
+                        "is alpha / rank), the file is damaged")
+    return alpha
+
+
 def _config_alpha(config: dict, name: str, rank: int) -> float:
     """Alpha of module `name` under a peft LoraConfig dict, in the ΔW = (alpha / r) B A convention."""
     alpha = float(config.get("lora_alpha", rank))
@@ -386,19 +408,23 @@ def load_lora(path: str | os.PathLike, module_names: Iterable[str] | None = None
             missing = "down / lora_A" if "A" not in part else "up / lora_B"
             raise LofaError(f"{path}: module {name!r} has no {missing} factor; the file is incomplete")
         A, B = part["A"], part["B"]
-        if A.dim() != 2 or B.dim() != 2:
+        if A.dim() in (3, 4) and B.dim() in (3, 4):
             raise LofaError(f"{path}: module {name!r} has {A.dim()}-D factors; convolutional LoRA (LoCon) is not "
                             "supported, only linear layers")
+        if A.dim() != 2 or B.dim() != 2:
+            raise LofaError(f"{path}: module {name!r} has factors of shape A {list(A.shape)} and B "
+                            f"{list(B.shape)}; a LoRA factor is a matrix, the file is damaged")
+        if not (A.is_floating_point() and B.is_floating_point()):
+            dtype = str((B if A.is_floating_point() else A).dtype).replace("torch.", "")
+            raise LofaError(f"{path}: module {name!r} has a factor of dtype {dtype}; LoRA factors are floating "
+                            "point, the file is damaged")
         if A.shape[0] != B.shape[1]:
             raise LofaError(f"{path}: module {name!r} has A {list(A.shape)} and B {list(B.shape)} of different "
                             "rank; the file is damaged")
         rank = A.shape[0]
-        if "alpha" in part:
-            alpha = float(part["alpha"].float().reshape(-1)[0])
-        elif config is not None:
-            alpha = _config_alpha(config, name, rank)
-        else:
-            alpha = float(rank)
+        if rank == 0:
+            raise LofaError(f"{path}: module {name!r} has rank 0 (A {list(A.shape)}); the file is damaged or empty")
+        alpha = _alpha(part.get("alpha"), config, name, rank, path)
         factor = LoraFactor(A=A, B=B, alpha=alpha)
         _check_finite(factor, name, path)
         weights[name] = factor
@@ -537,9 +563,11 @@ def _base_files(path: Path) -> list[Path]:
             index = indexes[0]
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise LofaError(f"{index}: not a safetensors index (no 'weight_map'); the folder is damaged") \
-                    from None
+            except (ValueError, KeyError, TypeError):  # ValueError: not JSON, or not text
+                weight_map = None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise LofaError(f"{index}: not a safetensors index (no 'weight_map' of tensor names to files); the "
+                                "folder is damaged")
             files = [folder / f for f in sorted(set(weight_map.values()))]
             missing = [f for f in files if not f.exists()]
             if missing:
@@ -612,7 +640,14 @@ def load_base_weights(path: str | os.PathLike, names: Iterable[str] | None = Non
     unknown = [n for n in names if n not in base]
     if unknown:
         raise LofaError(f"{path}: the base model has no linear module {unknown[0]!r}")
-    return {n: base[n] for n in names}
+    weights = {n: base[n] for n in names}
+    for name, W in weights.items():
+        if not W.is_floating_point():
+            raise LofaError(f"{path}: base weight {name!r} has dtype {str(W.dtype).replace('torch.', '')}, not a "
+                            "floating-point type; the file is not a model's weights (or is quantised: dequantise it)")
+        if not torch.isfinite(W).all():
+            raise LofaError(f"{path}: base weight {name!r} contains NaN or inf; the base model file is damaged")
+    return weights
 
 
 def check_compatible(lora: LoraWeights, base_shapes: Mapping[str, Sequence[int] | torch.Tensor]) -> None:

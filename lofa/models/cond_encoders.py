@@ -138,7 +138,8 @@ def load_condition_encoder(path, device="cpu") -> _CondEncoder:
             raise LofaError(f"{path} is not a lofa condition encoder (no lofa_cond_encoder metadata); re-train it")
         encoder = make_condition_encoder(CondEncoderConfig(**json.loads(meta)))
         encoder.load_state_dict(load_file(str(path)))
-    except (SafetensorError, OSError, RuntimeError, json.JSONDecodeError) as err:
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError, KeyError, AttributeError) as err:
+        # ValueError covers bad JSON; TypeError / KeyError a damaged config; RuntimeError mismatched weights
         raise LofaError(f"{path}: not a readable condition encoder ({' '.join(str(err).split())[:200]}); "
                         "re-train it") from None
     return encoder.to(device).eval()
@@ -229,8 +230,9 @@ def check_pose(x: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.T
         raise LofaError(f"pose of shape {list(x.shape)}; this checkpoint's pose encoder takes {list(shape)} "
                         f"([3, T, H, W]); resample the sequence to {shape[1]} frames of {shape[2]} x {shape[3]}")
     if not x.is_floating_point():
-        raise LofaError(f"pose of dtype {str(x.dtype).replace('torch.', '')} with values in [{x.min().item()}, "
-                        f"{x.max().item()}]; expected {POSE_LAYOUT} (uint8 frames: x / 127.5 - 1)")
+        span = "" if x.is_complex() or x.numel() == 0 else f" with values in [{x.min().item()}, {x.max().item()}]"
+        raise LofaError(f"pose of dtype {str(x.dtype).replace('torch.', '')}{span}; expected {POSE_LAYOUT} (uint8 "
+                        "frames: x / 127.5 - 1)")
     x = x.float()
     if not torch.isfinite(x).all():
         raise LofaError("pose contains NaN or inf; expected finite values in [-1, 1]")
@@ -245,7 +247,9 @@ def _read_tensor(path: Path) -> torch.Tensor:
     """The one tensor of a .pt / .npy / .safetensors file."""
     try:
         if path.suffix == ".pt":
-            x = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about odd pickles it then refuses: the error says it
+                warnings.simplefilter("ignore")
+                x = torch.load(path, map_location="cpu", weights_only=True)
         elif path.suffix == ".npy":
             import numpy as np
 
@@ -260,20 +264,23 @@ def _read_tensor(path: Path) -> torch.Tensor:
     except LofaError:
         raise
     except Exception as err:  # pickle, numpy and safetensors each raise their own types for a damaged file
-        raise LofaError(f"{path}: cannot read a tensor ({' '.join(str(err).split()) or type(err).__name__})") \
-            from None
+        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        raise LofaError(f"{path}: cannot read a tensor ({reason}); save the condition with numpy.save, torch.save "
+                        "or safetensors") from None
     if not isinstance(x, torch.Tensor):
         raise LofaError(f"{path} holds a {type(x).__name__}, not a tensor; save the condition as one tensor")
     return x
 
 
 def _open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+        with warnings.catch_warnings():  # PIL warns about damage it then fails on (corrupt EXIF): the error says it
+            warnings.simplefilter("ignore")
+            image = Image.open(path)
+            image.load()
+    except Exception as err:  # PIL's decoders raise many types on damaged data (OSError, SyntaxError, EOFError...)
         raise LofaError(f"{path}: not a readable image ({' '.join(str(err).split())})") from None
     return image
 

@@ -54,6 +54,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+# The config class of each generator kind (the kinds Generator.build takes).
+GENERATOR_CONFIGS = {"video_dit": VideoDiTConfig, "image_unet": ImageUNetConfig}
+
+
 class Generator(nn.Module):
     """A velocity predictor v(x_t, t, context) around a diffusers model `.net`.
 
@@ -92,7 +96,7 @@ class Generator(nn.Module):
     @classmethod
     def build(cls, kind: str, scale: str = "mini", overrides: dict | None = None) -> "Generator":
         """A fresh generator of `kind` ("video_dit" | "image_unet") at a scale preset."""
-        config_cls = {"video_dit": VideoDiTConfig, "image_unet": ImageUNetConfig}.get(kind)
+        config_cls = GENERATOR_CONFIGS.get(kind)
         if config_cls is None:
             raise LofaError(f"unknown generator kind {kind!r}; use 'video_dit' or 'image_unet'")
         return cls.from_config(preset(config_cls, scale, overrides))

@@ -32,6 +32,13 @@ _WORLDS = {"actions": (ActionsWorld, ActionsConfig), "styles": (StylesWorld, Sty
            "identities": (IdentitiesWorld, IdentitiesConfig)}
 
 
+def world_class(task: str) -> type[World]:
+    """The World subclass of a paper task (its class attributes, e.g. `modality`, without building a world)."""
+    if task not in _WORLDS:
+        raise LofaError(f"unknown world task {task!r}; choose one of {', '.join(WORLD_TASKS)}")
+    return _WORLDS[task][0]
+
+
 def make_world(task: str, scale: str = "mini", seed: int = 0, overrides: dict | str | Path | None = None) -> World:
     """The world of a paper task at a scale preset ("smoke" | "mini" | "full"), config fields overridden by a dict
     or a YAML file."""
@@ -41,5 +48,5 @@ def make_world(task: str, scale: str = "mini", seed: int = 0, overrides: dict | 
     return world_cls(preset(cfg_cls, scale, overrides), seed)
 
 
-__all__ = ["WORLD_TASKS", "Case", "World", "make_world", "ActionsWorld", "ActionsConfig", "StylesWorld",
+__all__ = ["WORLD_TASKS", "Case", "World", "make_world", "world_class", "ActionsWorld", "ActionsConfig", "StylesWorld",
            "StylesConfig", "IdentitiesWorld", "IdentitiesConfig"]
