@@ -219,9 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             if not _out_of_gpu_memory(e):
                 raise
-            fix = "lower the batch size with --overrides or use --device cpu"
-            if "overrides" not in args:  # the command takes no recipe: the device is the one thing to change
+            if "overrides" in args:  # the recipe's batch sizes are the command's to change
+                fix = "lower the batch size with --overrides or use --device cpu"
+            elif "device" in args:
                 fix = "use --device cpu"
+            else:
+                fix = "free GPU memory (other processes hold it) and rerun"
             print(f"lofa {args.command}: error: out of GPU memory in {args.command}; {fix}", file=sys.stderr)
             return 2
 

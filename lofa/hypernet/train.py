@@ -399,11 +399,13 @@ def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
         model.train()
         with acc.autocast():
             loss, metrics = objective(model, batch)
-        check_finite(loss.detach(), f"{what} loss", step + 1, last_good)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        # a finite loss can still have an inf gradient (an overflow in the backward pass): clipping would make
-        # every weight NaN
+        # Before the optimizer step, so no weight (and no checkpoint) gets a NaN. After the backward pass: its
+        # all-reduce gives every process the same gradient norm, so under a multi-process launch all of them stop
+        # (a process that stopped alone would leave the others waiting). A finite loss can still have an inf
+        # gradient (an overflow in the backward pass), which clipping would turn into NaN weights.
+        check_finite(loss.detach(), f"{what} loss", step + 1, last_good)
         check_finite(grad_norm, f"{what} gradient norm", step + 1, last_good)
         optimizer.step()
         scheduler.step()

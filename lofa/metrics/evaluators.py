@@ -143,10 +143,11 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[torch.Generator], torch.Tens
     losses = []
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
         loss = loss_fn(g)
-        check_finite(loss.detach(), f"evaluator {desc} loss", step + 1, fix="lower the learning rate (EvalConfig.lr)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        # before the optimizer step, so no weight gets a NaN; a finite loss can still have an inf gradient
+        check_finite(loss.detach(), f"evaluator {desc} loss", step + 1, fix="lower the learning rate (EvalConfig.lr)")
         check_finite(grad_norm, f"evaluator {desc} gradient norm", step + 1,
                      fix="lower the learning rate (EvalConfig.lr)")
         opt.step()

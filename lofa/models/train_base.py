@@ -153,9 +153,10 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
         with autocast:
             loss = flow_matching_loss(gen, x0, context, mask, generator=g, t_sampling=cfg.t_sampling,
                                       t_mean=cfg.t_mean, t_std=cfg.t_std)
-        check_finite(loss.detach(), f"base generator ({world.task}) loss", step + 1, last_good)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        # before the optimizer step, so no weight (and no checkpoint) gets a NaN
+        check_finite(loss.detach(), f"base generator ({world.task}) loss", step + 1, last_good)
         if cfg.grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
             # an inf gradient under a finite loss (an overflow in the backward pass) would make every weight NaN
