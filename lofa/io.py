@@ -85,10 +85,11 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
         except SafetensorError as e:
             # safetensors gives the file system's error as text ("I/O error: No space left on device (os error
             # 28)"): raise it as the OSError it was, so that atomic_path can say what to do
-            code = re.search(r"\(os error (\d+)\)", str(e))
-            if code is None:
+            found = re.search(r"\(os error (\d+)\)", str(e))
+            if found is None:
                 raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code)) from e
 
 
 class _WriteErrorKeeper:
