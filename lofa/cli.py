@@ -2,12 +2,14 @@
 imported only when their subcommand runs, so `lofa --help` is instant.
 
 Every option has a help text with its default; a usage error prints one line and exits 2, as bad input found by
-the library does (LofaError).
+the library does (LofaError), and so does running out of GPU memory. Output piped into a reader that stops early
+(`lofa response-map ... | head`) ends the command quietly, as Unix tools do.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -187,18 +189,44 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"lofa: warning: {message}", file=sys.stderr if file is None else file)
 
 
+def _out_of_gpu_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's CUDA out-of-memory error. Without torch imported the command used no GPU (and
+    importing it here would slow every other error down)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # here, so that a reader gone before the last output is a BrokenPipeError below
+            return code
         except LofaError as e:
             print(f"lofa {args.command}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"lofa {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            # The reader of stdout stopped early (`| head`): stop quietly. Python flushes stdout again at exit,
+            # so point it at devnull first, as the Python docs recommend (signal module, "Note on SIGPIPE").
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE: the status of a tool the closed pipe stopped
+        except Exception as e:
+            if not _out_of_gpu_memory(e):
+                raise
+            if "overrides" in args:  # the recipe's batch sizes are the command's to change
+                fix = "lower the batch size with --overrides or use --device cpu"
+            elif "device" in args:
+                fix = "use --device cpu"
+            else:
+                fix = "free GPU memory (other processes hold it) and rerun"
+            print(f"lofa {args.command}: error: out of GPU memory in {args.command}; {fix}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

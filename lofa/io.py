@@ -1,34 +1,59 @@
-"""Atomic artifact writes: every file appears complete or not at all, so any step can be killed and resumed."""
+"""Atomic artifact writes: every file appears complete or not at all, so any step can be killed and resumed.
+
+A write the file system refuses (full disk, quota, permissions, read-only mount) raises a one-line LofaError that
+names the file, after the temp file is removed and with the old file, if any, untouched.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from lofa.errors import LofaError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+# errno of a write the file system refuses -> (what went wrong, what to do): the user's to fix, not a bug
+WRITE_ERRORS = {
+    errno.ENOSPC: ("no space left on device", "free space and rerun"),
+    errno.EDQUOT: ("disk quota exceeded", "free space and rerun"),
+    errno.EACCES: ("permission denied", "make the folder writable or write somewhere else"),
+    errno.EPERM: ("operation not permitted", "make the folder writable or write somewhere else"),
+    errno.EROFS: ("read-only file system", "write somewhere else"),
+}
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    The temp file lives in the same folder so the final `os.replace` is atomic on POSIX.
+    The temp file lives in the same folder so the final `os.replace` is atomic on POSIX. An OSError of
+    `WRITE_ERRORS` (from the folder, the temp file, the block's writes or the rename) becomes a LofaError
+    "cannot write <path>: <reason>; <what to do>".
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the permissions open() would give
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the permissions open() would give
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        reason, fix = WRITE_ERRORS[e.errno]
+        raise LofaError(f"cannot write {path}: {reason}; {fix}") from e
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
@@ -50,16 +75,51 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """safetensors.torch.save_file, atomically. Tensors are made contiguous (safetensors requires it)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            # safetensors gives the file system's error as text ("I/O error: No space left on device (os error
+            # 28)"): raise it as the OSError it was, so that atomic_path can say what to do
+            found = re.search(r"\(os error (\d+)\)", str(e))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code)) from e
+
+
+class _WriteErrorKeeper:
+    """A binary file for torch.save that keeps the OSError of a write that failed. torch.save catches it and raises
+    a RuntimeError ("unexpected pos ...") in its place, which has lost what went wrong (a full disk: ENOSPC)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
     """torch.save, atomically (for optimizer states and other non-tensor-dict checkpoints)."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        out = _WriteErrorKeeper(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error

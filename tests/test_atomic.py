@@ -1,5 +1,6 @@
 """Atomic writes, tested by failing them midway: the serializer writes part of the new file and then raises (or
-the process dies), and the old file must still be there, whole, with no temp file beside it after a raise."""
+the process dies), and the old file must still be there, whole, with no temp file beside it after a raise; a full
+disk is reported as one line (LofaError)."""
 import json
 import os
 import pathlib
@@ -12,14 +13,19 @@ import safetensors.torch
 import torch
 
 from lofa import io
+from lofa.errors import LofaError
 
 OLD = b'{"old": true}\n'
 
 
 def _half_then_raise(path, data: bytes):
-    """What a serializer does when the disk fills up: part of the bytes land in `path`, then an error."""
-    with open(path, "wb") as f:
-        f.write(data[: len(data) // 2])
+    """What a serializer does when the disk fills up: part of the bytes land in `path` (a path or an open binary
+    file), then an error."""
+    if hasattr(path, "write"):
+        path.write(data[: len(data) // 2])
+    else:
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
     raise OSError(28, "No space left on device")
 
 
@@ -63,7 +69,7 @@ def test_a_write_failing_midway_leaves_the_old_file_whole(tmp_path, monkeypatch,
     path = tmp_path / "artifact"
     path.write_bytes(OLD)
     monkeypatch.setattr(owner, name, failing)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(LofaError, match=f"^cannot write {path}: no space left on device; free space and rerun$"):
         write(path)
     assert path.read_bytes() == OLD
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]  # the half-written temp file is gone

@@ -273,6 +273,8 @@ class TextToLoraObjective:
     (`lofa.hypernet.losses.RECON_TERMS`: "delta" L1(ΔŴ − ΔW) / rms(W), "delta_mse" its squared form), so that
     Text-to-LoRA is trained on the same term as LoFA's Stage II when compared with it."""
 
+    name = "Text-to-LoRA"
+
     def __init__(self, base: BaseWeights, recon: str = "delta"):
         if recon not in ("delta", "delta_mse"):
             raise LofaError(f"Text-to-LoRA trains on ΔW: recon must be 'delta' or 'delta_mse', not {recon!r}")

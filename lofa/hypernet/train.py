@@ -24,6 +24,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from lofa.errors import LofaError
+from lofa.faults import check_finite
 from lofa.hypernet.losses import (DiffusionLossFn, Factors, delta, delta_fidelity, response_map_target, stage1_loss,
                                   stage2_loss)
 from lofa.hypernet.model import Stage1
@@ -145,6 +146,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 class Stage1Objective:
     """loss_fn(model, batch) for Stage I: balanced BCE between the predicted and the true response maps."""
 
+    name = "Stage I"
+
     def __init__(self, base: BaseWeights, cfg: TrainConfig, tau: float = 0.02):
         self.base, self.cfg, self.tau = base, cfg, tau
 
@@ -174,6 +177,8 @@ class Stage2Objective:
     `stage1` (frozen, evaluated in the same step, in memory) gives the features Stage II attends to; None trains
     the single-stage ablation. The diffusion term is the caller's: it gets the predicted {name: (A, B, alpha)}.
     """
+
+    name = "Stage II"
 
     def __init__(self, base: BaseWeights, cfg: TrainConfig, stage1: Stage1 | None = None,
                  diffusion_loss_fn: DiffusionLossFn | None = None):
@@ -332,15 +337,23 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer, sche
     return path
 
 
+def latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
+    """(step, folder) of the complete checkpoint a restart resumes from, or None when there is none."""
+    latest = read_json(ckpt_dir / "latest.json")
+    if latest is None:
+        return None
+    return latest["step"], ckpt_dir / latest["path"]
+
+
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, accelerator
                     ) -> tuple[int, list[dict]]:
     """Restore the checkpoint latest.json points to -> (step, history); (0, []) when there is none."""
     from safetensors.torch import load_file
 
-    latest = read_json(ckpt_dir / "latest.json")
+    latest = latest_checkpoint(ckpt_dir)
     if latest is None:
         return 0, []
-    path = ckpt_dir / latest["path"]
+    path = latest[1]
     accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors"),
                                                               device=str(accelerator.device)))
     trainer = torch.load(path / "trainer.pt", map_location=accelerator.device, weights_only=False)
@@ -359,7 +372,9 @@ def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
     """Train `model` in place for cfg.steps optimizer steps (resuming from out_dir/checkpoints if present).
 
     objective(model, batch) -> (loss, metrics), with a `to(device)` method, is e.g. Stage1Objective /
-    Stage2Objective (moved to the process's device here). Returns the history, one
+    Stage2Objective (moved to the process's device here); its `name` (e.g. "Stage II") names it in errors. A NaN or
+    inf loss or gradient norm stops training with a LofaError naming the step and the last good checkpoint, before
+    the optimizer step, so no checkpoint ever holds the non-finite weights. Returns the history, one
     dict per step (step, loss, lr, grad_norm and the objective's metrics), also written to out_dir/history.json at
     every checkpoint. `monitor(model) -> metrics` (e.g. `Stage2Monitor`), when given and cfg.monitor_every > 0,
     adds its metrics to the records of step 1, every monitor_every-th step and the last step.
@@ -375,6 +390,8 @@ def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
     start, history = load_checkpoint(ckpt_dir, model, optimizer, scheduler, acc)
     if start >= cfg.steps:
         return history[: cfg.steps]
+    last_good = latest_checkpoint(ckpt_dir)  # (step, folder): where a non-finite error says to resume from
+    what = getattr(objective, "name", "training")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {out_dir.name}",
                disable=not (progress and acc.is_main_process))
     for step in bar:
@@ -382,10 +399,14 @@ def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
         model.train()
         with acc.autocast():
             loss, metrics = objective(model, batch)
-        if not torch.isfinite(loss):
-            raise LofaError(f"non-finite loss at step {step}; lower the learning rate or check the batch")
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        # Before the optimizer step, so no weight (and no checkpoint) gets a NaN. After the backward pass: its
+        # all-reduce gives every process the same gradient norm, so under a multi-process launch all of them stop
+        # (a process that stopped alone would leave the others waiting). A finite loss can still have an inf
+        # gradient (an overflow in the backward pass), which clipping would turn into NaN weights.
+        check_finite(loss.detach(), f"{what} loss", step + 1, last_good)
+        check_finite(grad_norm, f"{what} gradient norm", step + 1, last_good)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -398,7 +419,9 @@ def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler, history, acc, cfg.keep_checkpoints)
+            path = save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler, history, acc,
+                                   cfg.keep_checkpoints)
+            last_good = (step + 1, path)
             if acc.is_main_process:
                 write_json(out_dir / "history.json", history)
     return history

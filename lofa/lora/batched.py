@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Iterator
 
 import torch
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lofa.errors import LofaError
 from lofa.lora.formats import LoraFactor, LoraWeights
-from lofa.lora.train import (CaseStream, LoraTrainConfig, _dtype, check_lora, frozen,
+from lofa.lora.train import (DIVERGED_FIX, CaseStream, LoraTrainConfig, _dtype, check_lora, divergence, frozen,
                              lora_losses, make_optimizer)
 from lofa.models.text import text_encoder
 
@@ -160,6 +161,11 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
     in case order; metadata's wall_time_s is this batch's wall time divided by its number of LoRAs.
     replicate > 0 trains on another draw of the training stream (same init; same renders unless `new_renders`): see
     lofa.lora.replicates.
+
+    A LoRA whose loss or factors go NaN or inf (`divergence`) is reported with a warning and retrained alone, in a
+    group of one; the group's other LoRAs are kept as they are (each LoRA has its own samples, loss, gradient
+    clipping and optimizer state, so a diverging one changes nothing of the others). A LoRA that diverges alone too
+    raises a LofaError naming its case.
     """
     if not case_ids:
         return []
@@ -190,6 +196,21 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
         losses = torch.stack(losses).cpu()  # waits for the device, so the wall time below is complete
         prior_losses = torch.stack(prior_losses).cpu() if prior_losses else None
         wall = (time.perf_counter() - start) / len(case_ids)
-        return [(lora.weights(g, cfg.alpha),
-                 s.info(losses[:, g], None if prior_losses is None else prior_losses[:, g], wall, "batched"))
-                for g, s in enumerate(streams)]
+        results, diverged = [], []
+        for g, s in enumerate(streams):
+            g_prior = None if prior_losses is None else prior_losses[:, g]
+            weights = lora.weights(g, cfg.alpha)
+            results.append((weights, s.info(losses[:, g], g_prior, wall, "batched")))
+            diverged.append(divergence(losses[:, g], g_prior, weights))
+    # outside the grouped layers: a retrain installs its own
+    for g, why in enumerate(diverged):
+        if why is None:
+            continue
+        case_id = case_ids[g]
+        if len(case_ids) == 1:
+            raise LofaError(f"the LoRA of case {case_id} diverged (trained alone): {why}; {DIVERGED_FIX}")
+        warnings.warn(f"the LoRA of case {case_id} diverged in a group of {len(case_ids)} ({why}); retraining it "
+                      "alone")
+        results[g] = train_lora_batch(gen, world, [case_id], cfg, seed, device, text=text, replicate=replicate,
+                                      new_renders=new_renders)[0]
+    return results

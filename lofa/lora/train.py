@@ -251,7 +251,8 @@ def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, de
     paper's "LoFA as an initialisation"): every target module with the recipe's rank; its alpha is honoured (B is
     rescaled to the recipe's alpha / rank, so ΔW at step 0 is the given LoRA's). The renders, batches, t and noise
     are the same as without it. snapshots: steps (0 <= s <= cfg.steps) after which the LoRA is copied, returned in
-    metadata["snapshots"] {step: LoraWeights} (step 0: the start).
+    metadata["snapshots"] {step: LoraWeights} (step 0: the start). A LoRA whose loss or factors go NaN or inf
+    raises a LofaError naming the case and the step (`divergence`).
     Returns (weights {module_name: LoraFactor(A [r, in], B [out, r], alpha)}, metadata dict).
     """
     from peft import LoraConfig
@@ -310,12 +311,35 @@ def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, de
             gen.net.unload_lora()
     losses = torch.cat(losses).cpu()  # waits for the device, so the wall time below is complete
     prior_losses = torch.cat(prior_losses).cpu() if prior_losses else None
+    why = divergence(losses, prior_losses, weights)
+    if why is not None:
+        raise LofaError(f"the LoRA of case {case_id} diverged: {why}; {DIVERGED_FIX}")
     info = stream.info(losses, prior_losses, time.perf_counter() - start, "peft")
     if init is not None:
         info["init"] = "given"
     if snapshots:
         info["snapshots"] = taken
     return weights, info
+
+
+# What to change when a LoRA's training diverges.
+DIVERGED_FIX = "lower the learning rate (LoraTrainConfig.lr) or train in fp32 (precision) and rerun"
+
+
+def divergence(losses: torch.Tensor, prior_losses: torch.Tensor | None, weights: LoraWeights) -> str | None:
+    """Why one LoRA's training diverged, or None when it did not: a NaN or inf in its per-step losses [steps] or
+    prior losses [steps] (None: no prior preservation), or in its final factors.
+
+    Checked once after training, not at every step: a per-step check would wait for the device at every step.
+    """
+    for what, curve in (("loss", losses), ("prior loss", prior_losses)):
+        if curve is not None and not torch.isfinite(curve).all():
+            step = int((~torch.isfinite(curve)).nonzero()[0, 0])
+            return f"its {what} is {float(curve[step])} at step {step + 1}"
+    for name, f in weights.items():
+        if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
+            return f"its factors at {name!r} are not finite"
+    return None
 
 
 def check_init(init: LoraWeights, targets: Sequence[str], rank: int) -> None:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from lofa.config import as_dict
 from lofa.errors import LofaError
+from lofa.faults import check_finite
 from lofa.io import read_json, save_safetensors, write_json
 from lofa.metrics import scores
 from lofa.metrics.features import (ContrastiveModel, Embedder, MultiHeadClassifier, info_nce, mean_pool,
@@ -132,7 +133,8 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[torch.Generator], torch.Tens
     """AdamW with a one-cycle schedule over `steps`; loss_fn(generator) draws its own ground-truth batch.
 
     Returns the loss curve. The generator (seeded by `seed`) fixes batch composition and augmentation, so a
-    rerun reproduces the run.
+    rerun reproduces the run. A NaN or inf loss stops training with a LofaError naming `desc` and the step
+    (a role keeps no checkpoint of its own: `train_evaluators` saves each role once it has finished).
     """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -143,7 +145,11 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[torch.Generator], torch.Tens
         loss = loss_fn(g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        # before the optimizer step, so no weight gets a NaN; a finite loss can still have an inf gradient
+        check_finite(loss.detach(), f"evaluator {desc} loss", step + 1, fix="lower the learning rate (EvalConfig.lr)")
+        check_finite(grad_norm, f"evaluator {desc} gradient norm", step + 1,
+                     fix="lower the learning rate (EvalConfig.lr)")
         opt.step()
         sched.step()
         losses.append(loss.item())

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from lofa.config import as_dict, for_task
 from lofa.diffusion import condition_dropout, flow_matching_loss
 from lofa.errors import LofaError
+from lofa.faults import check_finite
 from lofa.io import read_json, save_torch, write_json
 from lofa.models.generator import Generator
 from lofa.models.text import TextEncoder
@@ -92,7 +93,9 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
 
     out_dir/generator/ — the trained Generator (diffusers folder); out_dir/loss.json — per-step loss and lr;
     out_dir/summary.json — config, wall time, steps/s (written last: its presence means the run is complete);
-    out_dir/checkpoint.pt — resumable training state (removed once complete).
+    out_dir/checkpoint.pt — resumable training state (removed once complete). A NaN or inf loss or gradient norm
+    stops training with a LofaError naming the step and the checkpoint a rerun resumes from, before the optimizer
+    step, so the checkpoint never holds non-finite weights.
     """
     out_dir = Path(out_dir)
     device = torch.device(device)
@@ -126,6 +129,7 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         log, start, wall = state["log"], state["step"], state["wall"]
+    last_good = (start, ckpt_path) if start > 0 else None  # where a non-finite error says to resume from
 
     def checkpoint(step: int) -> None:
         save_torch({"gen": gen.state_dict(), "ema": ema.state_dict() if ema is not None else None,
@@ -151,8 +155,12 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
                                       t_mean=cfg.t_mean, t_std=cfg.t_std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        # before the optimizer step, so no weight (and no checkpoint) gets a NaN
+        check_finite(loss.detach(), f"base generator ({world.task}) loss", step + 1, last_good)
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
+            # an inf gradient under a finite loss (an overflow in the backward pass) would make every weight NaN
+            check_finite(grad_norm, f"base generator ({world.task}) gradient norm", step + 1, last_good)
         opt.step()
         sched.step()
         if ema is not None:
@@ -165,6 +173,7 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             checkpoint(step + 1)
+            last_good = (step + 1, ckpt_path)
 
     final = (ema if ema is not None else gen).eval()
     final.save(out_dir / "generator")
