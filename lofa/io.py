@@ -57,6 +57,57 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; it replaces `path` (a folder) only if the block succeeds.
+
+    A write the file system refuses becomes the same one-line LofaError as in `atomic_path` (a safetensors file
+    written in the block included), and the temporary folder is removed; the old folder stays whole.
+    """
+    import shutil
+
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+        except Exception as e:
+            raise _os_error(e) or e
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        reason, fix = WRITE_ERRORS[e.errno]
+        raise LofaError(f"cannot write {path}: {reason}; {fix}") from e
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _os_error(err: Exception) -> OSError | None:
+    """The OSError behind a safetensors write error, which gives the file system's error only as text ("I/O error:
+    No space left on device (os error 28)"); None for any other error."""
+    from safetensors import SafetensorError
+
+    if isinstance(err, OSError):
+        return err
+    found = re.search(r"\(os error (\d+)\)", str(err)) if isinstance(err, SafetensorError) else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    error = OSError(code, os.strerror(code))
+    error.__cause__ = err
+    return error
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -75,21 +126,14 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """safetensors.torch.save_file, atomically. Tensors are made contiguous (safetensors requires it)."""
-    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         try:
             save_file(tensors, str(tmp), metadata=metadata)
-        except SafetensorError as e:
-            # safetensors gives the file system's error as text ("I/O error: No space left on device (os error
-            # 28)"): raise it as the OSError it was, so that atomic_path can say what to do
-            found = re.search(r"\(os error (\d+)\)", str(e))
-            if found is None:
-                raise
-            code = int(found.group(1))
-            raise OSError(code, os.strerror(code)) from e
+        except Exception as e:
+            raise _os_error(e) or e  # as the OSError it was, so that atomic_path can say what to do
 
 
 class _WriteErrorKeeper:

@@ -383,6 +383,28 @@ def test_a_checkpoint_written_on_a_full_disk_is_one_line_and_the_old_one_stays(t
     assert torch.load(path) == {"step": 2} and _only(tmp_path) == ["trainer.pt"]
 
 
+def test_a_generator_saved_on_a_full_disk_is_one_line_and_the_old_folder_stays(tmp_path, monkeypatch):
+    """Generator.save writes through diffusers' save_pretrained (safetensors), in a folder swapped in whole."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from lofa.models.generator import Generator
+
+    generator = Generator.build("image_unet", "smoke")
+    generator.save(tmp_path / "base")
+    before = sorted(p.name for p in (tmp_path / "base").iterdir())
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(LofaError, match=f"^cannot write {tmp_path / 'base'}: no space left on device; free space"):
+        generator.save(tmp_path / "base")
+    assert _only(tmp_path) == ["base"] and sorted(p.name for p in (tmp_path / "base").iterdir()) == before
+    monkeypatch.undo()
+    Generator.load(tmp_path / "base")  # still whole
+
+
 @pytest.mark.parametrize("code, reason", [(errno.EACCES, "permission denied"), (errno.EROFS, "read-only file system"),
                                           (errno.EDQUOT, "disk quota exceeded")])
 def test_a_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, code, reason):

@@ -6,21 +6,18 @@ LoRA goes on `.net` (peft / diffusers `add_adapter`), whose module names are the
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from lofa.config import preset
 from lofa.errors import LofaError
+from lofa.io import atomic_dir
 from lofa.models.image_unet import ImageUNetConfig, make_image_unet
 from lofa.models.video_dit import VideoDiTConfig, config_from_wan, make_video_dit, use_fast_rope
 
@@ -32,26 +29,6 @@ X0_T_MIN = 0.05          # x0-prediction: v = (x_t - x0) / max(t, X0_T_MIN), as 
 _ATTN_TARGET = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _FFN_TARGET = {"video_dit": re.compile(r"(^|\.)ffn\.net\.(0\.proj|2)$"),
                "image_unet": re.compile(r"(^|\.)ff\.net\.(0\.proj|2)$")}
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 # The config class of each generator kind (the kinds Generator.build takes).

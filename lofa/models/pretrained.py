@@ -135,7 +135,7 @@ def install_zoo(scale: str, task: str, out_dir: Path, header: dict) -> bool:
 
 def _copy_tree(src: Path, dest: Path) -> None:
     """Replace `dest` by a copy of `src`, atomically (a half-copied folder never takes its name)."""
-    from lofa.models.generator import atomic_dir
+    from lofa.io import atomic_dir
 
     with atomic_dir(dest) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
@@ -161,7 +161,7 @@ def export_zoo(run, task: str, dest: Path, command: str) -> dict:
     complete. Returns the manifest."""
     from lofa.lora.formats import LoraFactor, load_lora, save_lora
     from lofa.lora.zoo import INDEX, LORA_DIR, PIPELINE_PREFIX
-    from lofa.models.generator import atomic_dir
+    from lofa.io import atomic_dir
     from lofa.reproduce import device_description
 
     zoo = run.zoo(task, progress=False)
@@ -196,7 +196,7 @@ def export(run, task: str, dest: Path, quality: dict, command: str) -> dict:
     """Write the shipped folder of `task` from `run`'s trained base and evaluators to `dest` (atomically);
     returns its manifest. A zoo shipped in `dest` belonged to the old base and goes with it (`--part zoo` remakes
     it)."""
-    from lofa.models.generator import atomic_dir
+    from lofa.io import atomic_dir
     from lofa.reproduce import device_description, git_commit, package_versions
 
     base_dir, eval_dir = run.path("base", task), run.path("evaluators", task)
