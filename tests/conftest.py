@@ -8,7 +8,7 @@ from hypothesis import settings
 
 # Fuzzing (tests/test_fuzz.py): "ci" tries the same bounded inputs on every run; "explore" is a long random search
 # (pytest --hypothesis-profile explore).
-settings.register_profile("ci", max_examples=150, derandomize=True, database=None, deadline=None)
+settings.register_profile("ci", max_examples=300, derandomize=True, database=None, deadline=None)
 settings.register_profile("explore", max_examples=2000, deadline=None, database=None)
 settings.load_profile("ci")
 
