@@ -22,11 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from lofa.errors import LofaError
+from lofa.config import TAU
 from lofa.io import atomic_path
 from lofa.lora.formats import (BaseWeights, LoraFactor, LoraWeights, check_compatible, detect_format, load_lora,
                                natural_key)
 
-TAU = 0.02
 EPS = 1e-8
 CHUNK_ELEMENTS = 1 << 22  # ΔW entries per chunk: 16 MB in float32
 PLOT_POOL = 32  # cells per side of a module's pooled map in plots

@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from lofa.config import SCALES
+from lofa.config import SCALES, TAU
 from lofa.errors import LofaError
 
 DEVICES = ["auto", "cpu", "cuda"]
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base model: a diffusers model or pipeline folder, or one .safetensors file (required)")
     m.add_argument("--lora", required=True, metavar="PATH",
                    help="LoRA .safetensors file or folder, in diffusers/peft, Wan/DiffSynth or kohya naming (required)")
-    m.add_argument("--tau", type=float, default=0.02, help="response threshold τ on |ΔW| / |W| (the paper's 2 %%)")
+    m.add_argument("--tau", type=float, default=TAU, help="response threshold τ on |ΔW| / |W| (the paper's 2 %%)")
     m.add_argument("--json", action="store_true", help="print one JSON object instead of the readable summary")
     m.add_argument("--plot", metavar="FILE", help="also save a figure of the response map to FILE (PNG, PDF, ...)")
     m.set_defaults(func=_Command("lofa.analysis:cli_response_map"))

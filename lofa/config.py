@@ -20,6 +20,10 @@ SCALES = ("smoke", "mini", "full", "wan", "paper")
 
 T = TypeVar("T")
 
+# The paper's response threshold τ: an entry of a weight matrix responds to a LoRA when |ΔW| / |W| > τ (2 %). Every
+# default τ in the package (response maps, Stage I targets, the CLI) is this one.
+TAU = 0.02
+
 
 def preset(cls: type[T], scale: str = "mini", overrides: dict | str | Path | None = None) -> T:
     """Instance of `cls` at `scale`, then `overrides` (a dict or a YAML file path) on top.

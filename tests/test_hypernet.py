@@ -7,8 +7,8 @@ import torch
 
 from lofa.errors import LofaError
 from lofa.hypernet import BaseWeights, HyperConfig, LoFA, Stage1, Stage2, TargetSpec, merge_lora_, save_pretrained
-from lofa.hypernet.losses import (balanced_bce, delta_l1, factor_l1, map_metrics, response_map_target,
-                                  stage2_loss)
+from lofa.analysis import response_map
+from lofa.hypernet.losses import balanced_bce, delta_l1, factor_l1, map_metrics, stage2_loss
 from lofa.hypernet.model import trim_condition
 
 TINY = dict(d_model=32, n_heads=2, depth=2, patch=8, rank=4, alpha=8.0, cond_dim=12, cond_len=10, map_rank=4)
@@ -205,10 +205,12 @@ def test_stage1_logits_of_a_target_do_not_depend_on_its_batch_mates():
         torch.testing.assert_close(every[t], alone, rtol=1e-4, atol=1e-4)
 
 
-def test_response_map_target_and_metrics():
+def test_response_map_broadcasts_over_a_batch_and_metrics():
     w = torch.tensor([[1.0, 0.01], [0.5, -2.0]])
     dw = torch.tensor([[0.03, 0.001], [0.001, 0.05]])
-    assert response_map_target(dw, w, tau=0.02).tolist() == [[True, True], [False, True]]
+    assert response_map(dw, w, tau=0.02).tolist() == [[True, True], [False, True]]
+    batch = response_map(torch.stack([dw, torch.zeros_like(dw)]), w, tau=0.02)  # w [out, in] over ΔW [N, out, in]
+    assert batch.shape == (2, 2, 2) and batch[0].tolist() == [[True, True], [False, True]] and not batch[1].any()
     pred = torch.tensor([True, True, False, False])
     true = torch.tensor([True, False, True, False])
     m = map_metrics(pred, true)

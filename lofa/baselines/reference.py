@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lofa.config import TAU
 from lofa.errors import LofaError
 from lofa.hypernet.data import ConditionBank, Triplets, lora_maps, map_size
 from lofa.lora.formats import LoraFactor, LoraWeights
@@ -364,7 +365,7 @@ def oracle_lora(world, zoo: Zoo, case_id: int, device="cpu") -> tuple[LoraWeight
 
 # --- Stage I's reference ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def mean_train_map(data: Triplets, tau: float = 0.02, chunk: int = 8) -> Tensor:
+def mean_train_map(data: Triplets, tau: float = TAU, chunk: int = 8) -> Tensor:
     """The mean response map of the train-split LoRAs, in Stage I's layout: [M, R, C] float32 in [0, 1].
 
     Entry (t, i, j) is the fraction of training LoRAs whose map R = |ΔW| > τ·|W| (`lora_maps`, Stage I's own

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lofa.config import TAU
+
 
 @dataclass
 class HyperConfig:
@@ -23,7 +25,7 @@ class HyperConfig:
     cond_dim: int = 4096            # width Dc of the condition tokens (umT5-XXL 4096, MiniLM 384, ...)
     cond_len: int = 512             # condition tokens K the encoder pads to (benchmarks use it; any K works)
     map_rank: int = 32              # rank of the Stage I response-map logit factors U V^T
-    tau: float = 0.02               # response-map threshold on |ΔW| / |W|
+    tau: float = TAU                # response-map threshold on |ΔW| / |W| (the paper's 2 %)
     # Stage II cross-attends to Stage I's final features after these blocks (0-based); None = after the middle
     # and the last block (the authors': after blocks 4 and 8 of 8); [] = a single-stage model (ablation).
     stage2_cross_after: list[int] | None = None

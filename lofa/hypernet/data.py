@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 
 from lofa.diffusion import flow_matching_loss, randn, sample_t
 from lofa.errors import LofaError
-from lofa.hypernet.losses import delta, response_map_target
+from lofa.analysis import response_map
+from lofa.config import TAU
+from lofa.hypernet.losses import delta
 from lofa.hypernet.train import LoraBatch
 from lofa.hypernet.tokenizer import BaseWeights, TargetSpec
 
@@ -244,14 +246,14 @@ class Triplets:
         return LoraBatch(cond, mask, targets, loras, {"case_ids": torch.tensor(list(case_ids)), "step": step})
 
     @torch.no_grad()
-    def map_density(self, tau: float = 0.02, chunk: int = 16) -> float:
+    def map_density(self, tau: float = TAU, chunk: int = 16) -> float:
         """The fraction of responding entries over the TRAIN LoRAs' response maps (every valid entry of every
         target), the prior Stage I decides at (`Stage1.set_map_density`)."""
         responding, total = 0, 0
         for i in range(0, len(self.train_ids), chunk):
             loras = self.batch(self.train_ids[i:i + chunk]).loras
             for t, target in enumerate(self.spec.targets):  # one target at a time: no [N, M, R, C] map at full scale
-                maps = response_map_target(delta(loras[target.name]), self.base[t].float(), tau)
+                maps = response_map(delta(loras[target.name]), self.base[t].float(), tau)
                 responding += int(maps.sum())
                 total += maps.numel()
         return responding / total
@@ -367,7 +369,7 @@ def map_size(spec: TargetSpec) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def lora_maps(base: BaseWeights, loras: dict[str, tuple], tau: float = 0.02) -> tuple[Tensor, Tensor]:
+def lora_maps(base: BaseWeights, loras: dict[str, tuple], tau: float = TAU) -> tuple[Tensor, Tensor]:
     """Response maps R = |ΔW| > τ·|W| of N LoRAs over every target of `base`, zero-padded to `map_size`.
 
     loras {name: (A [N, r, in], B [N, out, r], alpha)} -> (maps [N, M, R, C] bool, valid [N, M, R, C] bool).
@@ -378,7 +380,7 @@ def lora_maps(base: BaseWeights, loras: dict[str, tuple], tau: float = 0.02) -> 
     for t, target in enumerate(spec.targets):
         o, i = target.shape
         A, B, alpha = loras[target.name]
-        maps[:, t, :o, :i] = response_map_target(delta((A, B, alpha)), base[t].to(A.device).float(), tau).cpu()
+        maps[:, t, :o, :i] = response_map(delta((A, B, alpha)), base[t].to(A.device).float(), tau).cpu()
     return maps, valid_entries(spec).expand_as(maps)
 
 

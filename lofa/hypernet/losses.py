@@ -33,12 +33,6 @@ def delta(factors: Factors) -> torch.Tensor:
     return s[:, None, None] * (B.float() @ A.float())
 
 
-def response_map_target(delta_w: torch.Tensor, w: torch.Tensor, tau: float = 0.02, eps: float = 1e-8
-                        ) -> torch.Tensor:
-    """R = |ΔW| > τ·(|W| + eps) as bool, broadcasting w [out, in] over delta_w [..., out, in]."""
-    return delta_w.abs() > tau * (w.abs().to(delta_w.dtype) + eps)
-
-
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, balance: str = "balanced"
                  ) -> torch.Tensor:
     """BCE over the `valid` entries; "balanced" weighs the responding and the silent entries half each (the map is

@@ -23,10 +23,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from lofa.analysis import response_map
+from lofa.config import TAU
 from lofa.errors import LofaError
 from lofa.faults import check_finite
-from lofa.hypernet.losses import (DiffusionLossFn, Factors, delta, delta_fidelity, response_map_target, stage1_loss,
-                                  stage2_loss)
+from lofa.hypernet.losses import DiffusionLossFn, Factors, delta, delta_fidelity, stage1_loss, stage2_loss
 from lofa.hypernet.model import Stage1
 from lofa.hypernet.tokenizer import BaseWeights
 from lofa.io import read_json, save_safetensors, save_torch, write_json
@@ -148,7 +149,7 @@ class Stage1Objective:
 
     name = "Stage I"
 
-    def __init__(self, base: BaseWeights, cfg: TrainConfig, tau: float = 0.02):
+    def __init__(self, base: BaseWeights, cfg: TrainConfig, tau: float = TAU):
         self.base, self.cfg, self.tau = base, cfg, tau
 
     def to(self, device) -> "Stage1Objective":
@@ -160,7 +161,7 @@ class Stage1Objective:
         maps = []
         for t in batch.targets.tolist():
             A, B, alpha = batch.loras[self.base.spec.targets[t].name]
-            maps.append(response_map_target(delta((A, B, alpha)), self.base[t].float(), self.tau))
+            maps.append(response_map(delta((A, B, alpha)), self.base[t].float(), self.tau))
         return maps
 
     def __call__(self, model: nn.Module, batch: LoraBatch) -> tuple[torch.Tensor, dict[str, float]]:
