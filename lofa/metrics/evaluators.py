@@ -292,7 +292,8 @@ def _role_loss(role: str, net, world, pool: GroundTruthPool, cfg: EvalConfig, la
                         for i, v, p, r in zip(ids, variant, plain, rows)]
             t = text(captions, ids.tolist()).to(device)
             x = robust_aug(pool.batch(rows), g, cfg.noise_aug).to(device)
-            return info_nce(net.encode_render(x), net.encode_text(t), net.logit_scale)
+            # CLIP's learnable inverse temperature, capped at 100
+            return info_nce(net.logit_scale.exp().clamp(max=100.0) * net.encode_render(x) @ net.encode_text(t).T)
     elif role in ("style", "face"):
         def loss(g):
             ids = ids_for(g)

@@ -131,13 +131,10 @@ def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE between matched rows of normalised a [N, D] and b [N, D] (CLIP's loss).
-
-    log_scale: learnable log inverse temperature, capped at 100 as in CLIP.
-    """
-    logits = log_scale.exp().clamp(max=100.0) * a @ b.T
-    labels = torch.arange(len(a), device=a.device)
+def info_nce(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP's loss) over a similarity matrix logits [N, N] = scale · a @ b.T of two batches whose
+    rows i are the positive pairs: cross-entropy of each row and each column towards its diagonal entry."""
+    labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 

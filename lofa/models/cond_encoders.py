@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lofa.config import preset
 from lofa.errors import LofaError
+from lofa.metrics.features import info_nce
 
 PairsFn = Callable[[Sequence[int], int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -344,13 +345,6 @@ def world_pairs(world) -> PairsFn:
     return pairs
 
 
-def info_nce(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE over unit embeddings za, zb [N, P]; row i of za and zb are the positive pair."""
-    logits = za @ zb.T / temperature
-    labels = torch.arange(za.shape[0], device=za.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
 @torch.no_grad()
 def retrieval_accuracy(encoder: _CondEncoder, pairs_fn: PairsFn, case_ids: Sequence[int], seed: int,
                        device="cpu") -> float:
@@ -386,7 +380,7 @@ def train_condition_encoder(encoder: _CondEncoder, pairs_fn: PairsFn, case_ids: 
     for step in tqdm(range(steps), desc="condition encoder", disable=not progress):
         ids = [case_ids[i] for i in torch.randperm(len(case_ids), generator=g)[:batch_size].tolist()]
         a, b = pairs_fn(ids, seed * 10**5 + step)
-        loss = info_nce(encoder.embed(a.to(device)), encoder.embed(b.to(device)), temperature)
+        loss = info_nce(encoder.embed(a.to(device)) @ encoder.embed(b.to(device)).T / temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
