@@ -573,3 +573,20 @@ def test_bad_overrides_stop_lofa_train_before_any_work(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "--hypothesis-show-statistics"]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--task", "nosuch", "--scale", "smoke", "--device", "cpu"], "unknown task 'nosuch'"),
+    (["reproduce", "--scale", "smoke", "--only", "99", "--device", "cpu"], "--only '99' matches no notebook"),
+    (["train", "--setting", "nosuch", "--scale", "smoke", "--device", "cpu"], "unknown setting 'nosuch'"),
+    (["pretrain", "--task", "identities", "--scale", "smoke", "--device", "cpu", "--overrides", "/nonexistent.yaml"],
+     "overrides file /nonexistent.yaml not found"),
+    (["bench", "latency", "--preset", "smoke", "--device", "cpu", "--runs", "0"], "at least 20 runs"),
+    (["response-map", "--base", "/nonexistent", "--lora", "/nonexistent"], "/nonexistent: no such file or folder"),
+])
+def test_every_command_refuses_bad_input_through_lofa_in_one_line_and_makes_nothing(tmp_path, argv, message):
+    if argv[0] in ("pretrain", "reproduce", "train"):
+        argv = [*argv, "--run-root", str(tmp_path / "runs")]
+    code, _, err = run_cli(argv)
+    assert_refused(code, err, argv[0])
+    assert message in err and not (tmp_path / "runs").exists(), err
