@@ -6,8 +6,9 @@ import torch
 from lofa.errors import LofaError
 from lofa.hypernet import BaseWeights, HyperConfig, Stage1, Stage2, TargetSpec
 from lofa.hypernet.losses import delta, delta_fidelity
-from lofa.hypernet.train import (LoraBatch, Stage1Objective, Stage2Monitor, Stage2Objective, TrainConfig, fit,
-                                 lr_factor, param_groups, sample_targets)
+from lofa.hypernet.train import (MIN_LR_RATIO, LoraBatch, Stage1Objective, Stage2Monitor, Stage2Objective,
+                                 TrainConfig, fit, param_groups, sample_targets)
+from lofa.schedules import lr_factor, lr_scheduler
 
 SHAPES = {f"blocks.{i}.attn1.to_{t}": (16, 16) for i in range(2) for t in ("q", "v")}
 SHAPES["blocks.1.ffn.net.2"] = (16, 24)
@@ -124,12 +125,36 @@ def test_no_weight_decay_on_norms_biases_embeddings():
 
 
 def test_warmup_then_constant_or_cosine():
-    cfg = TrainConfig(steps=100, warmup_steps=10)
-    assert [lr_factor(s, cfg) for s in (0, 4, 9, 10, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
-    cos = TrainConfig(steps=100, warmup_steps=10, decay="cosine")
-    assert lr_factor(10, cos) == pytest.approx(1.0) and lr_factor(99, cos) == pytest.approx(0.1, abs=1e-3)
-    with pytest.raises(LofaError):
-        lr_factor(50, TrainConfig(decay="linear", warmup_steps=1))
+    assert [lr_factor(s, warmup_steps=10, total_steps=100, decay="constant") for s in (0, 4, 9, 10, 99)] == \
+        [0.1, 0.5, 1.0, 1.0, 1.0]
+    cos = dict(warmup_steps=10, total_steps=100, decay="cosine", min_ratio=MIN_LR_RATIO)
+    assert lr_factor(10, **cos) == pytest.approx(1.0) and lr_factor(99, **cos) == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(100, **cos) == lr_factor(500, **cos) == pytest.approx(0.1)  # the floor after the last step
+    assert lr_factor(5, warmup_steps=0, total_steps=10) == pytest.approx(0.5)  # no warm-up: cosine to 0 from step 0
+    with pytest.raises(LofaError, match="unknown lr decay 'linear'"):
+        lr_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), warmup_steps=1, total_steps=9,
+                     decay="linear")
+
+
+def test_the_schedule_survives_a_checkpoint():
+    """The scheduler's state_dict round trip (what fit's checkpoints hold) resumes the same learning rates."""
+    def run(steps, state=None):
+        p = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.SGD([p], lr=2.0)
+        sched = lr_scheduler(opt, warmup_steps=3, total_steps=12, decay="cosine", min_ratio=0.1)
+        if state is not None:
+            sched.load_state_dict(state)
+        lrs = []
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        return lrs, sched.state_dict()
+
+    straight, _ = run(10)
+    first, state = run(4)
+    second, _ = run(6, state)
+    assert first + second == straight
 
 
 def test_stage1_objective_true_maps_follow_the_definition():

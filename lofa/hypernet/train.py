@@ -11,7 +11,6 @@ with it), so a resumed run sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
-import math
 import random
 import shutil
 from dataclasses import dataclass, field, replace
@@ -31,6 +30,10 @@ from lofa.hypernet.losses import DiffusionLossFn, Factors, delta, delta_fidelity
 from lofa.hypernet.model import Stage1
 from lofa.hypernet.tokenizer import BaseWeights
 from lofa.io import read_json, save_safetensors, save_torch, write_json
+from lofa.schedules import lr_scheduler
+
+# Where the cosine decay of the hypernetwork's and Text-to-LoRA's learning rate ends, as a fraction of TrainConfig.lr.
+MIN_LR_RATIO = 0.1
 
 
 @dataclass
@@ -266,18 +269,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warm-up, then constant or cosine."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.decay == "constant":
-        return 1.0
-    if cfg.decay == "cosine":
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    raise LofaError(f"unknown decay {cfg.decay!r}; use 'constant' or 'cosine'")
-
-
 def make_accelerator(cfg: TrainConfig, device: str | None = None):
     """An Accelerator for `device` ("cpu", "cuda" or None = whatever accelerate picks, e.g. under accelerate launch).
 
@@ -385,7 +376,8 @@ def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
     acc = accelerator or make_accelerator(cfg, device)
     optimizer = make_optimizer(model, cfg)
     # Stepped by hand once per optimizer step: accelerate's prepared scheduler steps once per process.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    scheduler = lr_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, decay=cfg.decay,
+                             min_ratio=MIN_LR_RATIO)
     model, optimizer = acc.prepare(model, optimizer)
     objective.to(acc.device)
     start, history = load_checkpoint(ckpt_dir, model, optimizer, scheduler, acc)

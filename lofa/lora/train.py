@@ -27,6 +27,7 @@ from lofa.diffusion import flow_matching_loss, sample_t
 from lofa.errors import LofaError
 from lofa.lora.formats import LoraFactor, LoraWeights, check_compatible
 from lofa.models.text import text_encoder
+from lofa.schedules import lr_scheduler
 
 
 @dataclass
@@ -220,9 +221,7 @@ def make_optimizer(params: list[torch.Tensor], cfg: LoraTrainConfig
     """AdamW and the recipe's lr schedule (stepped once per training step). AdamW's state is per element, so
     stacked adapters [G, ...] keep G independent optimizer states."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.lr_schedule == "cosine":
-        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps))
-    return opt, torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    return opt, lr_scheduler(opt, warmup_steps=0, total_steps=cfg.steps, decay=cfg.lr_schedule)
 
 
 @contextlib.contextmanager

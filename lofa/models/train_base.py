@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from lofa.faults import check_finite
 from lofa.io import read_json, save_torch, write_json
 from lofa.models.generator import Generator
 from lofa.models.text import TextEncoder
+from lofa.schedules import lr_scheduler
 
 KIND_BY_MODALITY = {"video": "video_dit", "image": "image_unet"}
 
@@ -68,13 +68,6 @@ class BaseTrainConfig:
         return for_task(self, task)
 
 
-def _lr_factor(step: int, cfg: BaseTrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def record(cfg: BaseTrainConfig) -> dict:
     """The config as summary.json stores it (JSON turns tuples into lists), for completeness checks."""
     return json.loads(json.dumps(as_dict(cfg)))
@@ -114,7 +107,8 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
     gen = Generator.build(kind, cfg.model_scale, cfg.model_overrides).to(device).train()
     ema = copy.deepcopy(gen).requires_grad_(False) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    sched = lr_scheduler(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, decay="cosine",
+                         min_ratio=cfg.min_lr_ratio)
     log = {"step": [], "loss": [], "lr": []}
     start, wall = 0, 0.0
 
