@@ -48,10 +48,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        if e.errno not in WRITE_ERRORS:
+        refused = _write_refused(path, e)
+        if refused is None:
             raise
-        reason, fix = WRITE_ERRORS[e.errno]
-        raise LofaError(f"cannot write {path}: {reason}; {fix}") from e
+        raise refused from e
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
@@ -83,13 +83,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old)
     except OSError as e:
-        if e.errno not in WRITE_ERRORS:
+        refused = _write_refused(path, e)
+        if refused is None:
             raise
-        reason, fix = WRITE_ERRORS[e.errno]
-        raise LofaError(f"cannot write {path}: {reason}; {fix}") from e
+        raise refused from e
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _write_refused(path: Path, err: OSError) -> LofaError | None:
+    """The one-line LofaError of a write the file system refused (WRITE_ERRORS); None for any other OSError."""
+    if err.errno not in WRITE_ERRORS:
+        return None
+    reason, fix = WRITE_ERRORS[err.errno]
+    return LofaError(f"cannot write {path}: {reason}; {fix}")
 
 
 def _os_error(err: Exception) -> OSError | None:

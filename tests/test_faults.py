@@ -305,19 +305,11 @@ WRITE_FAULTS = {
 
 @pytest.fixture(scope="module")
 def image_checkpoint(tmp_path_factory):
-    """A tiny image-conditioned LoFA checkpoint and a reference image (as tests/test_conditions.py builds them)."""
-    from test_hypernet import mixed_base, random_stage2, tiny_cfg
-
-    from lofa.hypernet import save_pretrained
-    from lofa.models.cond_encoders import CondEncoderConfig, make_condition_encoder
+    """A tiny image-conditioned LoFA checkpoint (root/image) and a reference image (root/ref.png)."""
+    from test_hypernet import tiny_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
-    spec, weights, _ = mixed_base()
-    save_file({f"{n}.weight": w.contiguous() for n, w in weights.items()}, root / "base.safetensors")
-    encoder = make_condition_encoder(CondEncoderConfig(kind="image", channels=(4, 8), dim=12, proj_dim=4,
-                                                       input_shape=(3, 16, 16)))
-    _, s2 = random_stage2(tiny_cfg(cond_dim=12), spec)
-    save_pretrained(root / "image", s2, None, condition_encoder=encoder, base="../base.safetensors")
+    tiny_checkpoint(root, "image", input_shape=(3, 16, 16), name="image")
     Image.new("RGB", (40, 30), (200, 40, 90)).save(root / "ref.png")
     return root
 

@@ -261,21 +261,10 @@ def test_fuzzed_base_models_are_read_or_refused_in_one_line(tmp_path_factory, la
 # --- LoFA checkpoints --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny image-conditioned LoFA checkpoint over a UNet-like base saved beside it."""
-    from test_hypernet import mixed_base, random_stage2, tiny_cfg
+    """A tiny image-conditioned LoFA checkpoint (both stages) over a UNet-like base saved beside it."""
+    from test_hypernet import tiny_checkpoint
 
-    from lofa.hypernet import save_pretrained
-    from lofa.models.cond_encoders import CondEncoderConfig, make_condition_encoder
-
-    root = tmp_path_factory.mktemp("ckpt")
-    spec, weights, _ = mixed_base()
-    save_file({f"{n}.weight": w.contiguous() for n, w in weights.items()}, root / "base.safetensors")
-    encoder = make_condition_encoder(CondEncoderConfig(kind="image", channels=(4, 8), dim=12, proj_dim=4,
-                                                       input_shape=(3, 16, 16)))
-    _, s2 = random_stage2(tiny_cfg(cond_dim=12), spec)
-    s1, _ = random_stage2(tiny_cfg(cond_dim=12), spec)
-    save_pretrained(root / "lofa", s2, s1, condition_encoder=encoder, base="../base.safetensors")
-    return root / "lofa"
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "image", input_shape=(3, 16, 16), stage1=True)
 
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 40) | st.floats(allow_nan=True) |
@@ -386,19 +375,9 @@ def check_lora_file(path) -> None:
 
 @pytest.fixture(scope="module")
 def pose_checkpoint(tmp_path_factory):
-    from test_hypernet import mixed_base, random_stage2, tiny_cfg
+    from test_hypernet import tiny_checkpoint
 
-    from lofa.hypernet import save_pretrained
-    from lofa.models.cond_encoders import CondEncoderConfig, make_condition_encoder
-
-    root = tmp_path_factory.mktemp("pose")
-    spec, weights, _ = mixed_base()
-    save_file({f"{n}.weight": w.contiguous() for n, w in weights.items()}, root / "base.safetensors")
-    encoder = make_condition_encoder(CondEncoderConfig(kind="pose", channels=(4, 8), dim=12, proj_dim=4,
-                                                       grid=(2, 2, 2), input_shape=POSE_SHAPE))
-    _, s2 = random_stage2(tiny_cfg(cond_dim=12), spec)
-    save_pretrained(root / "lofa", s2, None, condition_encoder=encoder, base="../base.safetensors")
-    return root / "lofa"
+    return tiny_checkpoint(tmp_path_factory.mktemp("pose"), "pose", input_shape=POSE_SHAPE)
 
 
 POSE_SHAPE = (3, 4, 8, 8)
@@ -458,17 +437,9 @@ def test_fuzzed_pose_arrays_through_lofa_predict(pose_checkpoint, tmp_path_facto
 
 @pytest.fixture(scope="module")
 def text_checkpoint(tmp_path_factory):
-    from test_hypernet import mixed_base, random_stage2, tiny_cfg
+    from test_hypernet import tiny_checkpoint
 
-    from lofa.hypernet import save_pretrained
-
-    root = tmp_path_factory.mktemp("text")
-    spec, weights, _ = mixed_base()
-    save_file({f"{n}.weight": w.contiguous() for n, w in weights.items()}, root / "base.safetensors")
-    _, s2 = random_stage2(tiny_cfg(cond_dim=384), spec)
-    save_pretrained(root / "lofa", s2, None, condition_encoder={"kind": "text", "max_length": 8},
-                    base="../base.safetensors")
-    return root / "lofa"
+    return tiny_checkpoint(tmp_path_factory.mktemp("text"), "text")
 
 
 PROMPTS = st.one_of(st.text(max_size=40), st.text(alphabet=" \t\n\r\u00a0\u3000", max_size=5),

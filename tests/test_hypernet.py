@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from lofa.analysis import response_map
 from lofa.errors import LofaError
 from lofa.hypernet import BaseWeights, HyperConfig, LoFA, Stage1, Stage2, TargetSpec, merge_lora_, save_pretrained
-from lofa.analysis import response_map
 from lofa.hypernet.losses import balanced_bce, delta_l1, factor_l1, map_metrics, stage2_loss
 from lofa.hypernet.model import trim_condition
 
@@ -53,6 +53,27 @@ def random_stage2(cfg, spec, seed=0):
             if not p.any():
                 p.normal_(0, 0.05)
     return s1.eval(), s2.eval()
+
+
+def tiny_checkpoint(root, kind, input_shape=None, stage1=False, name="lofa"):
+    """A tiny LoFA checkpoint root/name conditioned on `kind` ("text", "image" or "pose", whose encoder takes
+    `input_shape`), over the mixed UNet-like base saved as root/base.safetensors -> the checkpoint folder."""
+    from safetensors.torch import save_file
+
+    from lofa.models.cond_encoders import CondEncoderConfig, make_condition_encoder
+
+    spec, weights, _ = mixed_base()
+    save_file({f"{n}.weight": w.contiguous() for n, w in weights.items()}, root / "base.safetensors")
+    if kind == "text":
+        encoder, cond_dim = {"kind": "text", "max_length": 8}, 384
+    else:
+        grid = {"grid": (2, 2, 2)} if kind == "pose" else {}
+        encoder = make_condition_encoder(CondEncoderConfig(kind=kind, channels=(4, 8), dim=12, proj_dim=4,
+                                                           input_shape=input_shape, **grid))
+        cond_dim = 12
+    s1, s2 = random_stage2(tiny_cfg(cond_dim=cond_dim), spec)
+    save_pretrained(root / name, s2, s1 if stage1 else None, condition_encoder=encoder, base="../base.safetensors")
+    return root / name
 
 
 # --- target spec and tokenizer -----------------------------------------------------------------------------------
