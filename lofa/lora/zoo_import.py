@@ -197,7 +197,7 @@ def truncate_rank(factor: LoraFactor, rank: int) -> tuple[LoraFactor, float, flo
     """
     Qb, Rb = torch.linalg.qr(factor.B.double())
     Qa, Ra = torch.linalg.qr(factor.A.double().T)
-    U, S, Vh = torch.linalg.svd(factor.scale * Rb @ Ra.T)
+    U, S, Vh = torch.linalg.svd(factor.scale * Rb @ Ra.T, full_matrices=False)
     keep = min(rank, S.shape[0])
     root = S[:keep].sqrt()
     B = torch.zeros(factor.B.shape[0], rank, dtype=torch.float64)
@@ -302,11 +302,12 @@ def _read_sources(lora_dir: Path, conditions: Path, lines: list[ConditionLine], 
         if line.kind != "prompt":
             check_condition_file(conditions.parent / line.value, line.kind, where)
         path = lora_dir / line.file
-        lora, _ = load_lora(path, module_names=list(base))
         try:
+            lora, _ = load_lora(path, module_names=list(base))
             check_compatible(lora, base.shapes)
         except LofaError as err:
-            raise LofaError(f"{path}: {err}") from None
+            # some refusals (a kohya name the base lacks, a module of another base) do not say which file
+            raise (err if str(path) in str(err) else LofaError(f"{path}: {err}")) from None
         digest = _sha256(path)
         if digest in by_hash:
             first = by_hash[digest]
