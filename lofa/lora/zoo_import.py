@@ -74,7 +74,7 @@ def read_conditions(path: str | os.PathLike) -> list[ConditionLine]:
     if not path.is_file():
         raise LofaError(f"{path}: no such file; give the JSONL of conditions, one line per LoRA file")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is no line
     except UnicodeDecodeError as err:
         raise LofaError(f"{path}: not UTF-8 text (byte {err.start}); save the JSONL as UTF-8") from None
     except OSError as err:
