@@ -14,7 +14,8 @@ What is written (one folder, built in a temporary folder and swapped in whole: a
 nothing half-written, and a refused one leaves nothing at all):
     index.json                    header {"task": "imported", "seed": None, "config": None, "base": fingerprint,
                                   "condition_kind", "tau", "ranks", "rank", "modules"} + "loras": one entry per LoRA
-    loras/case_00000.safetensors  the LoRA in the zoo's naming (diffusers, `save_lora`), entry as its metadata
+    loras/case_00000.safetensors  the LoRA in the zoo's naming (diffusers, `save_lora`: alpha / r folded into B,
+                                  factors in the source's dtype), its index entry as the file's metadata
     conditions/case_00000.png     a copy of each image / pose condition (prompts live in the index)
 
 Each entry: case_id, split ("train"), file, source (name in the LoRA folder), sha256 (of the source file), line,
