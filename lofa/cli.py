@@ -140,6 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
                     "sees one)")
     pr.set_defaults(func=_Command("lofa.hypernet.predictor:cli_predict"))
 
+    z = sub.add_parser("zoo", help="LoRA zoos (the LoRA collections LoFA trains on)",
+                       description="LoRA zoos: index.json + loras/case_XXXXX.safetensors (lofa.lora.zoo).")
+    zsub = z.add_subparsers(dest="zoo", required=True, metavar="ZOO_COMMAND")
+    zi = zsub.add_parser("import", help="make a zoo of existing LoRA files and a JSONL of their conditions",
+                         description="Import a folder of LoRA files (diffusers/peft, Wan/DiffSynth or kohya naming) "
+                         "and a JSONL with one line per file, {\"file\": \"a.safetensors\", \"prompt\": \"...\"} "
+                         "(or \"image\" / \"pose\": a path relative to the JSONL's folder), as a zoo: LoRAs "
+                         "rewritten in diffusers naming, conditions copied, index.json with each LoRA's sha256, "
+                         "rank, alpha and response-map density. Case id = line order. Written whole or not at all.")
+    zi.add_argument("dir", metavar="DIR", help="folder of the LoRA .safetensors files; every one needs a line")
+    zi.add_argument("--conditions", required=True, metavar="FILE.jsonl",
+                    help="JSONL, one line per LoRA file: \"file\" and one of \"prompt\", \"image\", \"pose\" "
+                    "(one kind per zoo; required)")
+    zi.add_argument("--base", required=True, metavar="PATH",
+                    help="base model the LoRAs adapt: a diffusers model or pipeline folder, or one .safetensors "
+                    "file (required)")
+    zi.add_argument("--out", required=True, metavar="ZOO_DIR", help="zoo folder to write (required)")
+    zi.add_argument("--tau", type=float, default=0.02,
+                    help="response threshold τ on |ΔW| / |W| of each LoRA's density in the index")
+    zi.add_argument("--ranks", default="strict", choices=["strict", "pad", "truncate"],
+                    help="LoRAs of different ranks: strict refuses them; pad zero-pads to the largest rank (ΔW "
+                    "unchanged); truncate keeps the top --rank singular directions of each ΔW (changes ΔW; the "
+                    "relative error is in the index)")
+    zi.add_argument("--rank", type=int, metavar="R", help="the zoo's rank with --ranks truncate (required there)")
+    zi.add_argument("--force", action="store_true", help="replace the --out folder if it exists")
+    zi.set_defaults(func=_Command("lofa.lora.zoo_import:cli_zoo_import"))
+
     b = sub.add_parser("bench", help="benchmarks that print their figures",
                        description="Benchmarks that print their figures.")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")

@@ -87,9 +87,15 @@ def lora_filename(case_id: int) -> str:
 
 def base_fingerprint(gen, names: list[str]) -> str:
     """Hash of the base weights the LoRAs adapt, so a zoo is never resumed on another base."""
+    return weights_fingerprint({name: gen.net.get_submodule(name).weight for name in names}, names)
+
+
+def weights_fingerprint(weights, names: list[str]) -> str:
+    """`base_fingerprint` of base weights given as {module_name: W [out, in]} (a dict or a lazy
+    `lofa.lora.formats.BaseWeights`): the same hash of the same tensors, in the order of `names`."""
     h = hashlib.sha256()
     for name in names:
-        w = gen.net.get_submodule(name).weight.detach().float().cpu().contiguous()
+        w = weights[name].detach().float().cpu().contiguous()
         h.update(name.encode())
         h.update(w.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -221,7 +227,8 @@ class Zoo:
         if index is None:
             raise LofaError(f"{self.dir} has no {INDEX}; build the zoo with lofa.lora.zoo.build_zoo first")
         self.task, self.seed, self.base = index["task"], index["seed"], index["base"]
-        self.config = LoraTrainConfig(**index["config"])  # a field the index lacks takes its default
+        # a field the index lacks takes its default; an imported zoo (lofa.lora.zoo_import) has no recipe: None
+        self.config = None if index["config"] is None else LoraTrainConfig(**index["config"])
         self.entries = {e["case_id"]: e for e in index["loras"]}
 
     def __len__(self) -> int:
