@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="base model the LoRAs adapt: a diffusers model or pipeline folder, or one .safetensors "
                     "file (required)")
     zi.add_argument("--out", required=True, metavar="ZOO_DIR", help="zoo folder to write (required)")
-    zi.add_argument("--tau", type=float, default=0.02,
+    zi.add_argument("--tau", type=float, default=TAU,
                     help="response threshold τ on |ΔW| / |W| of each LoRA's density in the index")
     zi.add_argument("--ranks", default="strict", choices=["strict", "pad", "truncate"],
                     help="LoRAs of different ranks: strict refuses them; pad zero-pads to the largest rank (ΔW "
@@ -223,8 +223,15 @@ def _out_of_gpu_memory(error: BaseException) -> bool:
     return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """"train", or with a command of subcommands "bench latency", "zoo import": what an error line names."""
+    sub = getattr(args, args.command, None)  # the subcommand, where the command has subcommands (their dest)
+    return f"{args.command} {sub}" if isinstance(sub, str) else args.command
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name = _command_name(args)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
@@ -232,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # here, so that a reader gone before the last output is a BrokenPipeError below
             return code
         except LofaError as e:
-            print(f"lofa {args.command}: error: {e}", file=sys.stderr)
+            print(f"lofa {name}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print(f"lofa {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+            print(f"lofa {name}: interrupted; rerun the same command to resume", file=sys.stderr)
             return 130
         except BrokenPipeError:
             # The reader of stdout stopped early (`| head`): stop quietly. Python flushes stdout again at exit,
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 fix = "use --device cpu"
             else:
                 fix = "free GPU memory (other processes hold it) and rerun"
-            print(f"lofa {args.command}: error: out of GPU memory in {args.command}; {fix}", file=sys.stderr)
+            print(f"lofa {name}: error: out of GPU memory in {name}; {fix}", file=sys.stderr)
             return 2
 
 

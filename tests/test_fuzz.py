@@ -559,5 +559,5 @@ def test_every_command_refuses_bad_input_through_lofa_in_one_line_and_makes_noth
     if argv[0] in ("pretrain", "reproduce", "train"):
         argv = [*argv, "--run-root", str(tmp_path / "runs")]
     code, _, err = run_cli(argv)
-    assert_refused(code, err, argv[0])
+    assert_refused(code, err, "bench latency" if argv[0] == "bench" else argv[0])
     assert message in err and not (tmp_path / "runs").exists(), err

@@ -246,7 +246,7 @@ def test_each_rule_refuses_in_one_line_and_writes_nothing(base, tmp_path, case):
     folder, jsonl, extra = build_case(tmp_path, spec)
     out = tmp_path / "zoo"
     code, printed, err = run_cli(import_argv(folder, jsonl, base, out, *extra))
-    assert_refused(code, err, "zoo")
+    assert_refused(code, err, "zoo import")
     assert message in err, err
     assert not out.exists() and leftovers(out) == []
 
@@ -258,7 +258,7 @@ def test_unreadable_conditions_are_refused(base, tmp_path):
     (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     out = tmp_path / "zoo"
     code, _, err = run_cli(import_argv(folder, jsonl, base, out))
-    assert_refused(code, err, "zoo")
+    assert_refused(code, err, "zoo import")
     assert "line 2: image" in err and "not a readable image" in err and not out.exists()
 
     lines = [{"file": "a.safetensors", "pose": "a.npy"}, {"file": "b.safetensors", "pose": "b.npy"}]
@@ -266,7 +266,7 @@ def test_unreadable_conditions_are_refused(base, tmp_path):
     np.save(folder / "a.npy", np.zeros((3, 4, 8, 8), dtype=np.float32))
     np.save(folder / "b.npy", np.full((3, 4, 8, 8), 255, dtype=np.float32))  # 0-255 frames
     code, _, err = run_cli(import_argv(folder, jsonl, base, out))
-    assert_refused(code, err, "zoo")
+    assert_refused(code, err, "zoo import")
     assert "line 2: pose" in err and "pose values lie in [255, 255]" in err and not out.exists()
 
 
@@ -276,7 +276,7 @@ def test_existing_output_is_refused_unless_force(base, tmp_path):
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     code, _, err = run_cli(import_argv(folder, jsonl, base, out))
-    assert_refused(code, err, "zoo")
+    assert_refused(code, err, "zoo import")
     assert "exists; pass --force" in err and (out / "mine.txt").read_text() == "keep me"
 
     code, _, err = run_cli(import_argv(folder, jsonl, base, out, "--force"))
@@ -285,7 +285,7 @@ def test_existing_output_is_refused_unless_force(base, tmp_path):
 
     # --force never replaces a folder holding the import's own inputs
     code, _, err = run_cli(import_argv(folder, jsonl, base, folder, "--force"))
-    assert_refused(code, err, "zoo")
+    assert_refused(code, err, "zoo import")
     assert "holds the import's input" in err and (folder / "a.safetensors").exists()
 
 
@@ -466,5 +466,5 @@ def test_fuzzed_jsonl_is_imported_or_refused_in_one_line(base, fuzz_folder, tmp_
         assert code == 0, err
         assert len(Zoo(out)) == 2
     else:
-        assert_refused(code, err, "zoo")
+        assert_refused(code, err, "zoo import")
         assert not out.exists() and leftovers(out) == []

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from lofa.config import TAU
 from lofa.errors import LofaError
 from lofa.io import atomic_dir, write_json
 from lofa.lora.formats import (BaseWeights, LoraFactor, LoraWeights, check_compatible, detect_format, load_lora,
@@ -359,7 +360,7 @@ def _one_or_all(values: dict[str, float | int]) -> float | int | dict:
 
 
 def import_zoo(lora_dir: str | os.PathLike, conditions: str | os.PathLike, base: str | os.PathLike,
-               out_dir: str | os.PathLike, *, tau: float = 0.02, ranks: str = "strict", rank: int | None = None,
+               out_dir: str | os.PathLike, *, tau: float = TAU, ranks: str = "strict", rank: int | None = None,
                force: bool = False) -> Path:
     """Import the LoRA files of `lora_dir` with the conditions of the JSONL `conditions` as a zoo at `out_dir`.
 
