@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from lofa.errors import LofaError
 from lofa.config import TAU
 from lofa.io import atomic_path
-from lofa.lora.formats import (BaseWeights, LoraFactor, LoraWeights, check_compatible, detect_format, load_lora,
+from lofa.lora.formats import (BaseWeightsFile, LoraFactor, LoraWeights, check_compatible, detect_format, load_lora,
                                natural_key)
 
 EPS = 1e-8
@@ -104,14 +104,14 @@ def module_response(factor: LoraFactor, w: torch.Tensor, tau: float = TAU, eps: 
 
 
 def _shapes(base_weights: Mapping[str, torch.Tensor]) -> Mapping:
-    return base_weights.shapes if isinstance(base_weights, BaseWeights) else base_weights
+    return base_weights.shapes if isinstance(base_weights, BaseWeightsFile) else base_weights
 
 
 def lora_response(base_weights: Mapping[str, torch.Tensor], lora: LoraWeights, tau: float = TAU, eps: float = EPS,
                   pool: int | None = None, progress: bool = True) -> dict[str, ModuleResponse]:
     """{module_name: ModuleResponse} for every LoRA module, in natural order, one base matrix in memory at a time.
 
-    base_weights: {module_name: W [out, in]} (a dict or a lazy BaseWeights). Raises LofaError when the LoRA does
+    base_weights: {module_name: W [out, in]} (a dict or a lazy BaseWeightsFile). Raises LofaError when the LoRA does
     not fit the base or a base weight is not finite.
     """
     check_compatible(lora, _shapes(base_weights))
@@ -654,7 +654,7 @@ def cli_response_map(args) -> int:
         raise LofaError(f"--tau {args.tau}: must be a finite number >= 0 (the paper uses 0.02)")
     if args.plot:
         _plot_format(args.plot)
-    base = BaseWeights(args.base)
+    base = BaseWeightsFile(args.base)
     lora, _ = load_lora(args.lora, module_names=list(base))
     responses = lora_response(base, lora, tau, pool=PLOT_POOL if args.plot else None)
     if args.json:

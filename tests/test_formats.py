@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from lofa.errors import LofaError
 from lofa.lora import formats
-from lofa.lora.formats import (BaseWeights, LoraFactor, check_compatible, detect_format, diffusers_to_wan,
+from lofa.lora.formats import (BaseWeightsFile, LoraFactor, check_compatible, detect_format, diffusers_to_wan,
                                load_base_weights, load_lora, save_lora, wan_to_diffusers)
 
 TINY_WAN = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, in_channels=3, out_channels=3,
@@ -297,7 +297,7 @@ def test_base_weights_from_every_layout(model, base_folders, monkeypatch):
     expected = {n: m.weight.detach() for n, m in model.named_modules() if n in names}
     assert len(list((base_folders / "sharded").glob("*.safetensors"))) > 1
     for layout in ("plain", "sharded", "pipeline", "single.safetensors", "wan_single.safetensors"):
-        base = BaseWeights(base_folders / layout)
+        base = BaseWeightsFile(base_folders / layout)
         assert set(names) <= set(base) and base.shapes["blocks.0.ffn.net.0.proj"] == (64, 32)
         got = load_base_weights(base_folders / layout, names)
         assert list(got) == names and all(torch.equal(got[n], expected[n]) for n in names)
@@ -364,5 +364,5 @@ def test_bad_files_are_refused_in_one_line(model, base_folders, tmp_path):
     with pytest.raises(LofaError, match="unknown LoRA format"):
         save_lora(tmp_path / "x.safetensors", good, fmt="comfy")
     with pytest.raises(LofaError, match="no safetensors weights found"):
-        BaseWeights(tmp_path / "empty_dir_that_exists" if (tmp_path / "empty_dir_that_exists").mkdir() is None
+        BaseWeightsFile(tmp_path / "empty_dir_that_exists" if (tmp_path / "empty_dir_that_exists").mkdir() is None
                     else tmp_path)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from lofa.analysis import analyze_lora
 from lofa.errors import LofaError
 from lofa.lora import zoo_import
-from lofa.lora.formats import BaseWeights, LoraFactor, detect_format, load_base_weights, load_lora, save_lora
+from lofa.lora.formats import BaseWeightsFile, LoraFactor, detect_format, load_base_weights, load_lora, save_lora
 from lofa.lora.zoo import Zoo, base_fingerprint, weights_fingerprint
 from lofa.lora.zoo_import import import_zoo, pad_rank, truncate_rank
 from test_fuzz import FUZZ_CLI, assert_refused, run_cli
@@ -99,7 +99,7 @@ def test_three_namings_import_as_one_zoo_with_the_same_delta_w(base, tmp_path):
     assert zoo.task == "imported" and zoo.config is None
     assert index["condition_kind"] == "prompt" and index["rank"] == 4 and index["modules"] == NAMES
     assert index["base"] == weights_fingerprint(load_base_weights(base), NAMES)
-    base_weights = BaseWeights(base)
+    base_weights = BaseWeightsFile(base)
     for case_id, (name, prompt) in enumerate(zip(sources, prompts)):
         entry = zoo[case_id]
         source_weights, _ = load_lora(folder / name, module_names=NAMES)
@@ -140,7 +140,7 @@ def test_weights_fingerprint_is_base_fingerprint_of_the_same_tensors(base):
         parent.add_module(name.split(".")[-1], layer)
     gen = SimpleNamespace(net=net)
     assert base_fingerprint(gen, NAMES) == weights_fingerprint(weights, NAMES) == \
-        weights_fingerprint(BaseWeights(base), NAMES)
+        weights_fingerprint(BaseWeightsFile(base), NAMES)
 
 
 def test_image_and_pose_conditions_are_copied_into_the_zoo(base, tmp_path):
@@ -190,7 +190,9 @@ CASES = {
                           "line 3 names c.safetensors, which is not in"),
     "same file twice": ({"lines": PROMPTS_AB + [{"file": "a.safetensors", "prompt": "z"}]},
                         "lines 1 and 3 both name a.safetensors"),
-    "identical content": ({"b": lora(1), "b naming": "diffusers"}, "(line 2) has the same content as a.safetensors (line 1)"),
+    "identical content": ({"b": lora(1), "b naming": "diffusers"},
+                          "(line 2) has the same content as a.safetensors (line 1)"),
+    "identical content, other naming": ({"b": lora(1)}, "(line 2) has the same content as a.safetensors (line 1)"),
     "condition missing": ({"lines": IMAGES_AB}, "line 1: image"),
     "not JSON": ({"text": '{"file": "a.safetensors", "prompt": "x"}\n{"file": b}\n'}, "line 2: not JSON"),
     "not an object": ({"text": '["a.safetensors", "x"]\n'}, "line 1: a list, not a JSON object"),

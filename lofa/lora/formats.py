@@ -584,7 +584,7 @@ def _base_files(path: Path) -> list[Path]:
                     "diffusion_pytorch_model.safetensors[.index.json]) or one .safetensors file")
 
 
-class BaseWeights(Mapping):
+class BaseWeightsFile(Mapping):
     """Linear weights of a base model, read lazily: {module_name: W [out, in]} in diffusers naming.
 
     Only the header is read up front (names, shapes); each W is read from the file when accessed, so a 1.3B model
@@ -635,7 +635,7 @@ class BaseWeights(Mapping):
 
 def load_base_weights(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """{module_name: W [out, in]} for `names` (default: every linear weight), reading only those tensors."""
-    base = BaseWeights(path)
+    base = BaseWeightsFile(path)
     names = list(base) if names is None else list(names)
     unknown = [n for n in names if n not in base]
     if unknown:

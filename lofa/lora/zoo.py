@@ -92,7 +92,7 @@ def base_fingerprint(gen, names: list[str]) -> str:
 
 def weights_fingerprint(weights, names: list[str]) -> str:
     """`base_fingerprint` of base weights given as {module_name: W [out, in]} (a dict or a lazy
-    `lofa.lora.formats.BaseWeights`): the same hash of the same tensors, in the order of `names`."""
+    `lofa.lora.formats.BaseWeightsFile`): the same hash of the same tensors, in the order of `names`."""
     h = hashlib.sha256()
     for name in names:
         w = weights[name].detach().float().cpu().contiguous()

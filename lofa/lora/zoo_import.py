@@ -27,7 +27,7 @@ rank (in the zoo), source_rank, alpha (the source's; one number, or {module: alp
 Rules (each refusal is a one-line LofaError naming the file / line and what to do):
 - every LoRA adapts modules of the base, at the base's shapes (`check_compatible`), and all LoRAs adapt the same
   modules; every .safetensors file of the folder has exactly one line, every line names a file of the folder; no
-  file twice and no two files of identical content; every condition file exists and reads;
+  file twice and no two files holding the same LoRA (in any naming); every condition file exists and reads;
 - one rank per zoo: different ranks (across LoRAs or modules) are refused with ranks="strict"; "pad" zero-pads
   A [r, in] and B [out, r] to the largest rank R (alpha scaled by R / r: ΔW unchanged); "truncate" keeps the top
   `rank` singular directions of each ΔW (SVD, re-factorised as B' = U √S, A' = √S Vᵀ), which CHANGES ΔW when a
@@ -49,7 +49,7 @@ import torch
 from lofa.config import TAU
 from lofa.errors import LofaError
 from lofa.io import atomic_dir, write_json
-from lofa.lora.formats import (BaseWeights, LoraFactor, LoraWeights, check_compatible, detect_format, load_lora,
+from lofa.lora.formats import (BaseWeightsFile, LoraFactor, LoraWeights, check_compatible, detect_format, load_lora,
                                natural_key, save_lora)
 from lofa.lora.zoo import INDEX, LORA_DIR, lora_filename, weights_fingerprint
 
@@ -159,6 +159,19 @@ def check_condition_file(path: Path, kind: str, where: str) -> None:
         raise LofaError(f"{where}: {kind} {path}: {err}") from None
     except OSError as err:
         raise LofaError(f"{where}: {kind} {path}: cannot read ({err.strerror or err})") from None
+
+
+def _lora_digest(lora: LoraWeights) -> str:
+    """A hash of what a LoRA is (module names, A and the scaled B = (alpha / r) · B, in float32, as load_lora reads
+    them), not of its file: the same LoRA saved twice, or in two namings (kohya files fold the scale into B), hashes
+    the same, though safetensors may order a file's header differently each time."""
+    h = hashlib.sha256()
+    for name in sorted(lora, key=natural_key):
+        factor = lora[name]
+        h.update(f"{name} {tuple(factor.A.shape)} {tuple(factor.B.shape)}".encode())
+        h.update(factor.A.float().contiguous().numpy().tobytes())
+        h.update((factor.B.float() * factor.scale).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -295,7 +308,7 @@ def _match_lines(lora_dir: Path, conditions: Path, lines: list[ConditionLine]) -
                             f'{{"file": "{name}", "{lines[0].kind}": ...}} or move the file out of the folder')
 
 
-def _read_sources(lora_dir: Path, conditions: Path, lines: list[ConditionLine], base: BaseWeights) -> list[_Source]:
+def _read_sources(lora_dir: Path, conditions: Path, lines: list[ConditionLine], base: BaseWeightsFile) -> list[_Source]:
     """First pass: read and check every LoRA and condition; keep what the rules need, not the weights (a zoo of
     full-size LoRAs need not fit in memory)."""
     sources, by_hash, modules = [], {}, None
@@ -311,8 +324,9 @@ def _read_sources(lora_dir: Path, conditions: Path, lines: list[ConditionLine], 
             # some refusals (a kohya name the base lacks, a module of another base) do not say which file
             raise (err if str(path) in str(err) else LofaError(f"{path}: {err}")) from None
         digest = _sha256(path)
-        if digest in by_hash:
-            first = by_hash[digest]
+        same = _lora_digest(lora)
+        if same in by_hash:
+            first = by_hash[same]
             raise LofaError(f"{path} (line {line.number}) has the same content as {first.path.name} (line "
                             f"{first.line.number}); drop one of the two")
         names = sorted(lora, key=natural_key)
@@ -329,7 +343,7 @@ def _read_sources(lora_dir: Path, conditions: Path, lines: list[ConditionLine], 
                             "modules, import the two kinds as two zoos")
         source = _Source(line=line, path=path, sha256=digest, naming=detect_format(path),
                          ranks={n: f.rank for n, f in lora.items()}, alphas={n: f.alpha for n, f in lora.items()})
-        by_hash[digest] = source
+        by_hash[same] = source
         sources.append(source)
     return sources
 
@@ -379,7 +393,7 @@ def import_zoo(lora_dir: str | os.PathLike, conditions: str | os.PathLike, base:
     _check_out(out_dir, force, [lora_dir, conditions, base_path])
     lines = read_conditions(conditions)
     _match_lines(lora_dir, conditions, lines)
-    base_weights = BaseWeights(base_path)
+    base_weights = BaseWeightsFile(base_path)
     sources = _read_sources(lora_dir, conditions, lines, base_weights)
     zoo_rank = _zoo_rank(sources, ranks, rank, conditions)
     modules = sorted(sources[0].ranks, key=natural_key)
