@@ -362,7 +362,7 @@ if __name__ == "__main__":
 
 
 def test_empty_phrases_leave_no_dangling_punctuation():
-    from lofa.worlds.base import _tidy
+    from lofa.worlds.world import _tidy
 
     assert _tidy("sunset palette, striped texture, thin outlines, : a ball") == \
         "sunset palette, striped texture, thin outlines: a ball"

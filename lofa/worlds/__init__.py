@@ -23,7 +23,7 @@ from pathlib import Path
 from lofa.config import preset
 from lofa.errors import LofaError
 from lofa.worlds.actions import ActionsConfig, ActionsWorld
-from lofa.worlds.base import Case, World
+from lofa.worlds.world import Case, World
 from lofa.worlds.identities import IdentitiesConfig, IdentitiesWorld
 from lofa.worlds.styles import StylesConfig, StylesWorld
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lofa.errors import LofaError
-from lofa.worlds.base import (World, contrasting_pair, coverage, grid, paint, pick, sd_circle, sd_segment,
+from lofa.worlds.world import (World, contrasting_pair, coverage, grid, paint, pick, sd_circle, sd_segment,
                               single_threaded, to_signed, uniform)
 
 # limb order everywhere: left arm, right arm, left leg, right leg; side sign +1 = figure's left = image right

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lofa.errors import LofaError
-from lofa.worlds.base import (World, coverage, grid, pick, sd_box, sd_circle, sd_ellipse, sd_segment,
+from lofa.worlds.world import (World, coverage, grid, pick, sd_box, sd_circle, sd_ellipse, sd_segment,
                               single_threaded, to_signed, uniform)
 
 # face shape -> (half width, half height, superellipse exponent, chin taper); face-local units (canvas height 1)

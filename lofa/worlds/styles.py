@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lofa.errors import LofaError
-from lofa.worlds.base import (World, coverage, grid, pick, sd_box, sd_polygon, single_threaded, to_signed,
+from lofa.worlds.world import (World, coverage, grid, pick, sd_box, sd_polygon, single_threaded, to_signed,
                               uniform)
 
 # name -> (family, background, primary, secondary, ink, accent), RGB in [0, 1]
