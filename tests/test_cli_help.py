@@ -107,7 +107,7 @@ def readme_commands():
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line.split("  #")[0])
+            words = shlex.split(line.split("  #")[0], comments=True)
             starts = [i for i, w in enumerate(words) if w == "lofa" or w.endswith("/lofa")]
             if starts:
                 words = words[starts[0] + 1:]
