@@ -1,10 +1,14 @@
 """The invariant checks of the notebooks' closing cells (`lofa.summary.check_*`): each passes a table that keeps its
-invariant and names the table and the rows of one that breaks it."""
+invariant and names the table and the rows of one that breaks it. And the orchestrator's own: a step that leaves a
+declared output empty fails."""
+import json
 import math
 
 import pandas as pd
 import pytest
 
+from lofa import reproduce
+from lofa.kernel import NotebookFailed
 from lofa.summary import (TableCheckFailed, check_group_sizes, check_metric_table, check_table, check_verdicts,
                           metric_range)
 
@@ -76,3 +80,19 @@ def test_check_group_sizes():
         check_group_sizes(samples, "s", ["method", "case_id"], 3)
     with pytest.raises(TableCheckFailed, match="no groups"):
         check_group_sizes(samples.iloc[:0], "s", ["method"], 2)
+
+
+EMPTY = """
+from pathlib import Path
+(Path(run_dir) / "figures").mkdir(parents=True, exist_ok=True)
+(Path(run_dir) / "figures" / "full.csv").write_text("a\\n1\\n")
+(Path(run_dir) / "figures" / "empty.png").write_bytes(b"")
+"""
+
+
+def test_a_step_that_leaves_a_declared_output_empty_fails_and_is_not_done(tmp_path, make_notebook):
+    make_notebook("01_empty", [EMPTY], outputs=["figures/full.csv", "figures/empty.png"])
+    with pytest.raises(NotebookFailed, match="01_empty finished but wrote empty declared outputs: figures/empty.png"):
+        reproduce.run("smoke", device="cpu", run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs", progress=False)
+    record = json.loads((tmp_path / "runs" / "smoke" / ".cache" / "01_empty.json").read_text())
+    assert record["status"] == "running"
