@@ -28,7 +28,8 @@ def test_check_table_passes_a_table_that_keeps_its_invariants():
     ({}, {"rows": 3}, "2 rows, expected 3"),
     ({"acc": [0.25, math.nan]}, {"finite": ["acc"]}, "acc is not a finite number in rows [1]"),
     ({"acc": [1.5, 1.0]}, {"ranges": {"acc": (0, 1)}}, "acc outside [0, 1] in rows [0]"),
-    ({"mean": [0.5, 0.35]}, {"intervals": [("mean", "ci_low", "ci_high")]}, "mean outside [ci_low, ci_high] in rows [1]"),
+    ({"mean": [0.5, 0.35]}, {"intervals": [("mean", "ci_low", "ci_high")]},
+     "mean outside [ci_low, ci_high] in rows [1]"),
 ])
 def test_check_table_names_what_is_broken(change, kw, message):
     broken = _table().assign(**change)
@@ -65,7 +66,8 @@ def test_check_verdicts_requires_the_verdict_that_the_interval_gives():
     table = pd.DataFrame({"difference": [0.2, -0.1, 0.0], "ci_low": [0.1, -0.2, -0.1], "ci_high": [0.3, 0.0, 0.1],
                           "verdict": ["better", "no significant difference", "no significant difference"]})
     check_verdicts(table, "v")
-    flipped = table.assign(verdict=["worse", "no significant difference", "no significant difference"])  # lower is better
+    # lower is better: "worse" where the interval lies above 0
+    flipped = table.assign(verdict=["worse", "no significant difference", "no significant difference"])
     check_verdicts(flipped, "v")
     with pytest.raises(TableCheckFailed, match=r"v: verdict does not follow from the interval in rows \[0\]"):
         check_verdicts(table.assign(verdict=["no significant difference"] * 3), "v")
