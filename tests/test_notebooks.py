@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +20,12 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from lofa import reproduce
+from lofa.config import preset
+from lofa.hypernet.train import Stage2TrainConfig
 
 # Columns of the pipeline's tables that hold wall-clock timings (seconds, ms, minutes): they differ between any two
 # runs, so the reproducibility comparison leaves them out. Every other column of every table must agree bit for bit.
@@ -80,8 +85,7 @@ def test_a_run_killed_inside_a_notebook_resumes_to_the_same_tables(smoke_run, tm
     run_dir = tmp_path / "runs" / "smoke"
     command = [sys.executable, "-m", "lofa.cli", "reproduce", "--scale", "smoke", "--device", "cpu", "--run-root",
                str(tmp_path / "runs")]
-    path = os.pathsep.join([str(reproduce.REPO_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "PYTHONPATH": path}
+    env = _env()
 
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -112,6 +116,71 @@ def test_a_run_killed_inside_a_notebook_resumes_to_the_same_tables(smoke_run, tm
     assert statuses == expected, output[-3000:]
     assert re.search(rf"^  {interrupted[0]} +ran .*\(it has not finished\)$", output, flags=re.MULTILINE), output
     _assert_same_tables(fresh_dir / "figures", run_dir / "figures")
+
+
+@pytest.mark.notebooks
+def test_training_killed_during_stage2_resumes_to_the_pipelines_weights(smoke_run, tmp_path):
+    """`lofa train --stage 2` of one setting, on a copy of the uninterrupted run without that setting's Stage II,
+    SIGKILLed after a seeded random Stage II checkpoint and rerun: it resumes from that checkpoint (which it does not
+    write again) and ends with the pipeline's weights and loss history, bit for bit."""
+    fresh_dir, _ = smoke_run
+    setting = "identities"
+    run_dir = tmp_path / "runs" / "smoke"
+    shutil.copytree(fresh_dir, run_dir, symlinks=True)
+    predictor = run_dir / "hypernet" / setting / "lofa"
+    for path in predictor.iterdir():  # keep Stage I (its checkpoints say it is complete), drop Stage II's work
+        if path.is_dir() and path.name != "stage1":
+            shutil.rmtree(path)
+        elif path.is_file():
+            path.unlink()
+    # A checkpoint after every step (all kept), so the kill lands between two of them and the rerun has one to
+    # resume from; checkpointing changes nothing else, so the weights must still be the pipeline's.
+    overrides = tmp_path / "overrides.yaml"
+    overrides.write_text("Stage2TrainConfig:\n  checkpoint_every: 1\n  keep_checkpoints: 1000\n")
+    steps = preset(Stage2TrainConfig, "smoke").steps
+    kill_after = random.Random(KILL_SEED).randint(1, steps - 2)
+    print(f"kill point (LOFA_KILL_SEED={KILL_SEED}): after Stage II checkpoint {kill_after} of {steps}")
+    command = [sys.executable, "-m", "lofa.cli", "train", "--setting", setting, "--scale", "smoke", "--stage", "2",
+               "--device", "cpu", "--run-root", str(tmp_path / "runs"), "--overrides", str(overrides)]
+    # The pipeline trained Stage II in a single-threaded worker process (Run.build): the same thread count gives the
+    # same floating-point sums.
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    latest = predictor / "stage2" / "checkpoints" / "latest.json"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + PIPELINE_TIMEOUT_S
+        while not latest.exists() or json.loads(latest.read_text())["step"] < kill_after:
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "Stage II never reached the kill point"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    resumed_from = json.loads(latest.read_text())["step"]
+    assert kill_after <= resumed_from < steps and not (predictor / "config.json").exists()
+    checkpoint = predictor / "stage2" / "checkpoints" / f"step-{resumed_from:07d}"
+    written = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+
+    with open(tmp_path / "rerun.log", "w") as log:
+        rerun = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=PIPELINE_TIMEOUT_S)
+    assert rerun.returncode == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == written, "the rerun started over"
+    expected = fresh_dir / "hypernet" / setting / "lofa"
+    for name in ("stage1.safetensors", "stage2.safetensors"):
+        want, got = load_file(expected / name), load_file(predictor / name)
+        assert set(want) == set(got), name
+        unequal = [k for k in want if not torch.equal(want[k], got[k])]
+        assert not unequal, f"{name}: {len(unequal)} of {len(want)} tensors differ, e.g. {unequal[:3]}"
+    history = [json.loads((d / "stage2" / "history.json").read_text()) for d in (expected, predictor)]
+    assert [h["loss"] for h in history[0]] == [h["loss"] for h in history[1]]
+
+
+def _env() -> dict:
+    """The environment of a `lofa` command: this checkout's package first on the path."""
+    path = os.pathsep.join([str(reproduce.REPO_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def _record(run_dir: Path, name: str) -> dict:
