@@ -202,15 +202,15 @@ def _wait_until_running(run_dir: Path, name: str, proc: subprocess.Popen) -> Non
 
 
 def _alive(process: psutil.Process) -> bool:
+    """Whether `process` still runs: is_running compares start times, so a reused pid is not taken for it."""
     try:
-        return process.status() != psutil.STATUS_ZOMBIE  # a zombie has exited; init reaps it
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE  # a zombie has exited
     except psutil.NoSuchProcess:
         return False
 
 
 def _assert_all_gone(processes: list[psutil.Process], seconds: float) -> None:
-    """Every process of `processes` ends within `seconds` (psutil.Process checks its start time, so a reused pid is
-    not taken for a survivor); those still alive then are killed and named."""
+    """Every process of `processes` ends within `seconds`; those still alive then are killed and named."""
     deadline = time.time() + seconds
     while any(_alive(p) for p in processes) and time.time() < deadline:
         time.sleep(0.2)
