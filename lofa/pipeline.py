@@ -139,6 +139,10 @@ class Run:
         if (out / "encoder.safetensors").exists() and (out / "summary.json").exists():
             return load_condition_encoder(out / "encoder.safetensors", self.device)
         world = self.world(task)
+        # Initial weights from the run's seed, not from whatever the global generator holds: Run.build trains the
+        # encoders in worker processes that take jobs in no fixed order, so an unseeded encoder came out differently
+        # from run to run (and with it every result that reads a pose or image condition).
+        torch.manual_seed(self.seed)
         enc = encoder_for_world(world, self.scale).to(self.device)
         steps = {"smoke": 20, "mini": 400}.get(self.scale, 2000)
         log = train_condition_encoder(enc, world_pairs(world), world.ids("train"), steps=steps, seed=self.seed,

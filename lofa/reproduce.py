@@ -240,6 +240,9 @@ def _step(spec: NotebookSpec, specs: list[NotebookSpec], keys: dict[str, str], p
     if missing:
         raise NotebookFailed(f"notebook {spec.name} finished but did not write its declared outputs: "
                              f"{', '.join(missing)}")
+    empty = [o for o in spec.outputs if (run_dir / o).is_file() and (run_dir / o).stat().st_size == 0]
+    if empty:  # a figure or table saved from nothing is no result either
+        raise NotebookFailed(f"notebook {spec.name} finished but wrote empty declared outputs: {', '.join(empty)}")
     others = [read_json(run_dir / ".cache" / f"{s.name}.json", {}) for s in specs if s.name != spec.name]
     done = ledger.finish(run_dir, pending, spec.outputs, others, seconds)
     _record_manifest(run_dir, spec, params, seconds, done["files"])

@@ -5,10 +5,14 @@ follow it up; a table the run did not produce (an `--only` run, a failed step) i
 
     for line in results_summary(Path("runs/mini/figures")):
         print(line)
+
+It also holds the checks the notebooks' closing cells run on their tables (`check_table`, `check_metric_table`,
+`check_verdicts`, `check_group_sizes`): invariants that hold at every scale when the code is right.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 
 def results_summary(figures: Path) -> list[str]:
@@ -67,3 +71,126 @@ def results_summary(figures: Path) -> list[str]:
 def _short(verdict: str) -> str:
     """A verdict of `lofa.evaluate.paired_difference` in a word or two."""
     return "n.s." if verdict.startswith("no significant") else verdict
+
+
+# ---------------------------------------------------------------- invariants of the tables (notebooks' last cells)
+# What every pipeline table must satisfy at every scale if the code is right, whatever the results say: columns and
+# rows as the notebook's parameters promise, numbers where numbers are due, shares in [0, 1], intervals around their
+# estimates, verdicts that follow from their intervals. Each check raises TableCheckFailed naming the table and what
+# is wrong, so a notebook's closing cell fails with one readable line.
+
+# Per-sample metrics of `lofa.evaluate` (and the evaluators) by the range their values and means must lie in: shares
+# of samples (recognition, the dynamic-degree indicator), cosines, and losses / distances.
+SHARE_METRICS = ("acc", "attr_acc", "coarse_acc", "dynamic")
+COSINE_METRICS = ("clip_t", "csd", "face_sim", "dino", "clip_i")
+NONNEGATIVE_METRICS = ("denoise", "dW_L1", "fid", "fvd")
+VERDICTS = ("better", "worse", "no significant difference")
+# Float32 cosines of identical vectors can come out a few ulps above 1, and a bootstrap quantile that equals the
+# sample mean may differ from np.mean by an ulp: comparisons allow this much.
+TOLERANCE = 1e-6
+
+
+class TableCheckFailed(AssertionError):
+    """A pipeline table breaks an invariant; the message names the table, the check and the offending rows."""
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """(lowest, highest) value a per-sample metric (or a mean of it) can take: [0, 1] for shares of samples,
+    [-1, 1] for cosines, [0, inf) for losses and distances, unbounded otherwise. `acc:<component>` is a share."""
+    name = metric.split(":")[0]
+    if name in SHARE_METRICS:
+        return 0.0, 1.0
+    if name in COSINE_METRICS:
+        return -1.0, 1.0
+    if name in NONNEGATIVE_METRICS:
+        return 0.0, float("inf")
+    return float("-inf"), float("inf")
+
+
+def check_table(table, name: str, *, columns: Sequence[str] = (), rows: int | None = None,
+                finite: Sequence[str] = (), ranges: dict[str, tuple[float, float]] | None = None,
+                intervals: Sequence[tuple[str, str, str]] = ()) -> None:
+    """Raise TableCheckFailed unless the DataFrame `table` (called `name` in the message)
+    - has every column of `columns`, `finite`, `ranges` and `intervals`, and exactly `rows` rows (when given);
+    - has a finite number in every row of each `finite` column;
+    - has each `ranges` column within its (low, high) wherever it holds a number (NaN is for `finite` to reject);
+    - has low <= value <= high in every row of each (value, low, high) column triple of `intervals` whose value
+      is a number.
+    """
+    import numpy as np
+
+    ranges = ranges or {}
+    needed = [*columns, *finite, *ranges, *(c for triple in intervals for c in triple)]
+    missing = [c for c in dict.fromkeys(needed) if c not in table.columns]
+    if missing:
+        raise TableCheckFailed(f"{name}: missing columns {missing} (has {list(table.columns)})")
+    problems = []
+    if rows is not None and len(table) != rows:
+        problems.append(f"{len(table)} rows, expected {rows}")
+    for column in finite:
+        values = table[column].to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            problems.append(f"{column} is not a finite number in rows {_rows(table, bad)}")
+    for column, (low, high) in ranges.items():
+        values = table[column].to_numpy(dtype=np.float64)
+        bad = (values < low - TOLERANCE) | (values > high + TOLERANCE)  # NaN compares False: left to `finite`
+        if bad.any():
+            problems.append(f"{column} outside [{low}, {high}] in rows {_rows(table, bad)}: {values[bad][:5].tolist()}")
+    for value, low, high in intervals:
+        v, lo, hi = (table[c].to_numpy(dtype=np.float64) for c in (value, low, high))
+        slack = TOLERANCE * np.maximum(1.0, np.abs(v))
+        bad = np.isfinite(v) & ~((lo - slack <= v) & (v <= hi + slack))
+        if bad.any():
+            problems.append(f"{value} outside [{low}, {high}] in rows {_rows(table, bad)}")
+    if problems:
+        raise TableCheckFailed(f"{name}: " + "; ".join(problems))
+
+
+def check_metric_table(table, name: str, *, metric: str = "metric", value: str = "mean",
+                       interval: tuple[str, str] | None = ("ci_low", "ci_high")) -> None:
+    """A long table of metric summaries (`lofa.evaluate.summarize`: one row per group and metric): every value a
+    finite number inside its metric's range (`metric_range`), and inside its interval when the table has one."""
+    import numpy as np
+
+    check_table(table, name, columns=[metric], finite=[value],
+                intervals=[(value, *interval)] if interval else ())
+    bounds = np.array([metric_range(m) for m in table[metric]]).reshape(-1, 2)
+    values = table[value].to_numpy(dtype=np.float64)
+    bad = (values < bounds[:, 0] - TOLERANCE) | (values > bounds[:, 1] + TOLERANCE)
+    if bad.any():
+        found = [f"{m} {v:.4g}" for m, v in zip(table[metric][bad], values[bad])][:5]
+        raise TableCheckFailed(f"{name}: {value} outside its metric's range in rows {_rows(table, bad)}: {found}")
+
+
+def check_verdicts(table, name: str, *, estimate: str = "difference", low: str = "ci_low", high: str = "ci_high",
+                   verdict: str = "verdict") -> None:
+    """A table of paired differences (`lofa.evaluate.paired_difference`): each estimate a finite number inside its
+    interval, and each verdict one of VERDICTS that follows from the interval: "better" / "worse" exactly when the
+    interval excludes 0."""
+    import numpy as np
+
+    check_table(table, name, columns=[verdict], finite=[estimate], intervals=[(estimate, low, high)])
+    unknown = ~table[verdict].isin(VERDICTS).to_numpy()
+    if unknown.any():
+        raise TableCheckFailed(f"{name}: unknown verdicts {sorted(set(table[verdict][unknown]))}")
+    excludes_zero = ((table[low] > 0) | (table[high] < 0)).to_numpy()
+    called = (table[verdict] != "no significant difference").to_numpy()
+    bad = excludes_zero != called
+    if bad.any():
+        raise TableCheckFailed(f"{name}: verdict does not follow from the interval in rows {_rows(table, bad)}")
+
+
+def check_group_sizes(table, name: str, by: Sequence[str], size: int) -> None:
+    """Every group of `table` by the columns `by` has exactly `size` rows (e.g. samples per case and method, as the
+    notebook's PER_CASE says)."""
+    counts = table.groupby(list(by), sort=False).size()
+    wrong = counts[counts != size]
+    if len(counts) == 0 or len(wrong):
+        raise TableCheckFailed(f"{name}: groups by {list(by)} should have {size} rows each; "
+                               f"{'there are no groups' if len(counts) == 0 else dict(wrong.head(5))}")
+
+
+def _rows(table, mask) -> list:
+    """The index labels of the first few rows of `table` where `mask` is True (for messages)."""
+    return table.index[mask][:5].tolist()
