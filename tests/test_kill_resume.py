@@ -19,9 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 # of 40 steps in groups of 2 (each group's LoRAs written when it ends).
 OVERRIDES = {"BaseTrainConfig": {"steps": 60, "checkpoint_every": 10},
              "LoraTrainConfig": {"steps": 40, "group_size": 2}, "ZooConfig": {"max_cases": 8}}
+# The step in its own process. SIGINT gets Python's handler: a test suite started as a shell's background job
+# inherits SIGINT ignored, and Ctrl-C reaches a user's foreground command with the handler in place.
 STEP = """
+import signal
 import sys
 from lofa.pipeline import Run
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 run = Run("smoke", "cpu", 0, sys.argv[1], overrides={overrides!r}, pretrained=False)
 getattr(run, sys.argv[2])("identities", progress=False)
