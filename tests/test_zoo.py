@@ -61,6 +61,22 @@ def test_zoo_files_index_and_reader(tmp_path):
         Zoo(tmp_path / "nothing")
 
 
+def test_a_finished_zoo_is_only_read(tmp_path, monkeypatch):
+    """Opening a finished zoo again (as notebook 07's workers do, side by side) writes nothing: a write there raced
+    another process's (one renamed its index over the other's, or removed its temp file as a leftover)."""
+    from lofa.lora import zoo as zoo_module
+
+    _build(tmp_path / "zoo")
+    before = (tmp_path / "zoo" / INDEX).read_bytes()
+
+    def no_write(*args, **kwargs):
+        raise AssertionError("a finished zoo was written")
+
+    monkeypatch.setattr(zoo_module, "write_json", no_write)
+    assert len(_build(tmp_path / "zoo")) == 6
+    assert (tmp_path / "zoo" / INDEX).read_bytes() == before
+
+
 def test_resume_reconciles_index_and_files(tmp_path):
     zoo_dir = tmp_path / "zoo"
     _build(zoo_dir)

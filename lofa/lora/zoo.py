@@ -15,6 +15,7 @@ caught up with is indexed, and a finished LoRA is never trained again.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from collections import Counter
@@ -161,7 +162,13 @@ def _reconcile(zoo_dir: Path, header: dict, clean: bool = True) -> dict[int, dic
 
 
 def _write_index(zoo_dir: Path, header: dict, entries: dict[int, dict]) -> None:
-    write_json(zoo_dir / INDEX, {**header, "loras": [entries[c] for c in sorted(entries)]})
+    """Write the index, unless the one on disk already says the same: a finished zoo is only read, so processes
+    that open it side by side (notebook 07's workers) never rename a file over one another's, nor take another's
+    write in progress for a killed write's leftover."""
+    index = {**header, "loras": [entries[c] for c in sorted(entries)]}
+    if read_json(zoo_dir / INDEX) == json.loads(json.dumps(index, default=str)):  # as JSON reads it back
+        return
+    write_json(zoo_dir / INDEX, index)
 
 
 def build_zoo(world, gen, cfg: LoraTrainConfig, zoo_dir: str | os.PathLike, device="cpu", seed: int = 0, *,
