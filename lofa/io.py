@@ -33,25 +33,21 @@ WRITE_ERRORS = {
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    The temp file lives in the same folder so the final `os.replace` is atomic on POSIX. An OSError of
-    `WRITE_ERRORS` (from the folder, the temp file, the block's writes or the rename) becomes a LofaError
-    "cannot write <path>: <reason>; <what to do>".
+    The temp file lives in the same folder so the final `os.replace` is atomic on POSIX. A write the file system
+    refuses (`WRITE_ERRORS`: from the folder, the temp file, the block's writes, safetensors' included, or the
+    rename) becomes a LofaError "cannot write <path>: <reason>; <what to do>".
     """
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(name)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the permissions open() would give
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        refused = _write_refused(path, e)
-        if refused is None:
-            raise
-        raise refused from e
+        with _refused_writes(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            tmp = Path(name)
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get open()'s permissions
+            yield tmp
+            os.replace(tmp, path)
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
@@ -69,35 +65,34 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
+        with _refused_writes(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
             yield tmp
-        except Exception as e:
-            raise _os_error(e) or e
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
-    except OSError as e:
-        refused = _write_refused(path, e)
-        if refused is None:
-            raise
-        raise refused from e
+            old = None
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old)
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp)
 
 
-def _write_refused(path: Path, err: OSError) -> LofaError | None:
-    """The one-line LofaError of a write the file system refused (WRITE_ERRORS); None for any other OSError."""
-    if err.errno not in WRITE_ERRORS:
-        return None
-    reason, fix = WRITE_ERRORS[err.errno]
-    return LofaError(f"cannot write {path}: {reason}; {fix}")
+@contextlib.contextmanager
+def _refused_writes(path: Path) -> Iterator[None]:
+    """Inside, a write the file system refuses (an OSError of WRITE_ERRORS, or safetensors' text of one) becomes
+    the one-line LofaError "cannot write <path>: <reason>; <what to do>"; any other error passes as it is."""
+    try:
+        yield
+    except Exception as e:
+        os_error = _os_error(e)
+        if os_error is None or os_error.errno not in WRITE_ERRORS:
+            raise
+        reason, fix = WRITE_ERRORS[os_error.errno]
+        raise LofaError(f"cannot write {path}: {reason}; {fix}") from e
 
 
 def _os_error(err: Exception) -> OSError | None:
@@ -111,9 +106,7 @@ def _os_error(err: Exception) -> OSError | None:
     if found is None:
         return None
     code = int(found.group(1))
-    error = OSError(code, os.strerror(code))
-    error.__cause__ = err
-    return error
+    return OSError(code, os.strerror(code))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -138,10 +131,7 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
 
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-        except Exception as e:
-            raise _os_error(e) or e  # as the OSError it was, so that atomic_path can say what to do
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 class _WriteErrorKeeper:

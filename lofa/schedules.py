@@ -39,7 +39,8 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, decay: str = "c
 def lr_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, decay: str = "cosine",
                  min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR of `optimizer` that follows `lr_factor` (a bad `decay` is refused here, before training)."""
+    if decay not in DECAYS:
+        raise LofaError(f"unknown lr decay {decay!r}; use one of {', '.join(DECAYS)}")
     factor = partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, decay=decay,
                      min_ratio=min_ratio)
-    factor(max(warmup_steps, 0))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
