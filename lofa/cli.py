@@ -166,6 +166,29 @@ def build_parser() -> argparse.ArgumentParser:
     zi.add_argument("--rank", type=int, metavar="R", help="the zoo's rank with --ranks truncate (required there)")
     zi.add_argument("--force", action="store_true", help="replace the --out folder if it exists")
     zi.set_defaults(func=_Command("lofa.lora.zoo_import:cli_zoo_import"))
+    zt = zsub.add_parser("train", help="train LoFA (Stage I, then Stage II) on an imported zoo of prompt LoRAs",
+                         description="Train both stages on a zoo made by lofa zoo import (prompt conditions): the "
+                         "pipeline's recipe and configs, the reconstruction term alone (the zoo holds no training "
+                         "clips). The checkpoint names the base and the text encoder; lofa predict --checkpoint OUT "
+                         "--prompt TEXT reads it. Resumes after an interruption.")
+    zt.add_argument("zoo_dir", metavar="ZOO_DIR", help="zoo folder written by lofa zoo import")
+    zt.add_argument("--out", required=True, metavar="DIR", help="LoFA checkpoint folder to write (required)")
+    zt.add_argument("--base", metavar="PATH", help="the base model the zoo was imported against (default: the path "
+                    "in the zoo's index; checked by fingerprint)")
+    zt.add_argument("--text-encoder", metavar="DIR", help="local umT5 encoder (a Wan2.1 diffusers pipeline folder, "
+                    "or one folder with the encoder and its tokenizer) to read prompts as Wan does (512 tokens); "
+                    "default: the package's MiniLM")
+    zt.add_argument("--heldout", type=int, default=0, metavar="N", help="keep the zoo's last N LoRAs out of "
+                    "training; Stage II's history follows their ΔW fidelity")
+    zt.add_argument("--scale", default="mini", choices=SCALES, help="config presets of the hypernetwork and its "
+                    "training (paper: d_model 768, 8 blocks, patch 96)")
+    zt.add_argument("--device", default="auto", choices=DEVICES, help="where to train (auto: the GPU when torch "
+                    "sees one)")
+    zt.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
+    zt.add_argument("--overrides", metavar="YAML",
+                    help="config overrides: " + OVERRIDES_HELP.format(name="Stage2TrainConfig", field="steps",
+                                                                      value=300))
+    zt.set_defaults(func=_Command("lofa.hypernet.imported:cli_zoo_train"))
 
     b = sub.add_parser("bench", help="benchmarks that print their figures",
                        description="Benchmarks that print their figures.")

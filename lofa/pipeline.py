@@ -226,11 +226,11 @@ class Run:
         the flow-matching term through the frozen base generator when lambda_diff > 0); each stage resumes from its
         checkpoints in stage1/ and stage2/, and a complete folder is only loaded.
         """
-        from lofa.hypernet import LoFA, Stage1, Stage2, save_pretrained
+        from lofa.hypernet import LoFA, save_pretrained
         from lofa.hypernet.data import DiffusionLoss
         from lofa.hypernet.predictor import CONFIG_FILE
-        from lofa.hypernet.train import (Stage1Objective, Stage2Monitor, Stage2Objective, Stage2TrainConfig, TrainConfig,
-                                        fit)
+        from lofa.hypernet.recipe import train_stage1, train_stage2
+        from lofa.hypernet.train import Stage2TrainConfig, TrainConfig
         from lofa.models.text import TextEncoder
 
         _, task, kind = _setting(setting)
@@ -246,20 +246,8 @@ class Run:
         with launch.main_process_first() if launch else contextlib.nullcontext():
             data = self.triplets(setting)  # under a multi-process launch the main process builds what is missing
         cfg = self.hypernet_config(setting)
-        torch.manual_seed(self.seed)
-        stage1 = Stage1(cfg, data.spec)
-        bank = data.conditions("train")
-        train_rows = [bank.row[c] for c in data.train_ids]
-        stage1.backbone.set_condition_stats(bank.tokens[train_rows], bank.mask[train_rows])
-        train1 = self.config(TrainConfig)
-        if train1.map_balance == "balanced":  # the plain BCE's logit 0 is calibrated already
-            density = data.map_density(cfg.tau)
-            if 0 < density < 1:
-                stage1.set_map_density(density)
-        fit(stage1, Stage1Objective(data.base, train1, cfg.tau),
-            data.batch_fn(train1.batch_size, train1.matrices_per_sample, seed=self.seed + train1.seed), train1,
-            self.path("hypernet", setting, "lofa", "stage1"), device=str(self.device), progress=progress)
-        stage1.eval()
+        stage1 = train_stage1(data, cfg, self.config(TrainConfig), self.path("hypernet", setting, "lofa", "stage1"),
+                              device=str(self.device), seed=self.seed, progress=progress)
         if stage == 1:
             return stage1
         changes = dict(HYPERNET_VARIANTS[variant])
@@ -269,13 +257,9 @@ class Run:
         if train2.lambda_diff:
             diffusion = DiffusionLoss(self.base(task), data.world, data.text or TextEncoder(self.device), data.cfg,
                                       seed=self.seed)
-        stage2 = Stage2.from_stage1(stage1, lora_head)
-        if train2.start == "mean":
-            stage2.lora_head.set_start(data.mean_factors())
-        objective = Stage2Objective(data.base, train2, stage1, diffusion)
-        fit(stage2, objective, data.batch_fn(train2.batch_size, seed=self.seed + train2.seed + 1), train2,
-            out / "stage2", device=str(self.device), progress=progress,
-            monitor=Stage2Monitor(objective, data.monitor_batches(MONITOR_CASES)))
+        stage2 = train_stage2(data, stage1, train2, out / "stage2", device=str(self.device), seed=self.seed,
+                              lora_head=lora_head, diffusion=diffusion, monitor_cases=MONITOR_CASES,
+                              progress=progress)
         encoder = data.encoder if data.encoder is not None else {"kind": "text", "max_length": data.text.max_length}
         if launch is None or launch.is_main_process:
             save_pretrained(out, stage2, stage1, condition_encoder=encoder,

@@ -141,6 +141,23 @@ def target_spec(gen, names: Sequence[str]) -> TargetSpec:
     return TargetSpec.from_shapes({n: tuple(gen.net.get_submodule(n).weight.shape) for n in names})
 
 
+def stack_zoo(zoo, case_ids: Sequence[int], names: Sequence[str], desc: str = "load LoRAs", progress: bool = False
+              ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """The zoo's LoRAs of `case_ids`, stacked per target: ({name: A [C, r, in]}, {name: B [C, out, r]}, alpha [C]),
+    float32, in the order of case_ids."""
+    A = {n: [] for n in names}
+    B = {n: [] for n in names}
+    alpha = []
+    for c in tqdm(case_ids, desc=desc, disable=not progress):
+        lora, _ = zoo.load(c)
+        alpha.append(next(iter(lora.values())).alpha)
+        for n in names:
+            A[n].append(lora[n].A.float())
+            B[n].append(lora[n].B.float())
+    return ({n: torch.stack(a) for n, a in A.items()}, {n: torch.stack(b) for n, b in B.items()},
+            torch.tensor(alpha))
+
+
 class Triplets:
     """(condition, LoRA, base weights) triplets of one setting: a world, its zoo, its frozen base generator.
 
@@ -167,18 +184,7 @@ class Triplets:
         self.base = BaseWeights(self.spec, {n: gen.net.get_submodule(n).weight.detach().float().cpu()
                                             for n in self.spec.names})
         self.row = {c: i for i, c in enumerate(ids)}
-        A = {n: [] for n in self.spec.names}
-        B = {n: [] for n in self.spec.names}
-        alpha = []
-        for c in tqdm(ids, desc=f"load {world.task} LoRAs", disable=not progress):
-            lora, _ = zoo.load(c)
-            alpha.append(next(iter(lora.values())).alpha)
-            for n in self.spec.names:
-                A[n].append(lora[n].A.float())
-                B[n].append(lora[n].B.float())
-        self.A = {n: torch.stack(a) for n, a in A.items()}
-        self.B = {n: torch.stack(b) for n, b in B.items()}
-        self.alpha = torch.tensor(alpha)
+        self.A, self.B, self.alpha = stack_zoo(zoo, ids, self.spec.names, f"load {world.task} LoRAs", progress)
         self.rank = next(iter(self.A.values())).shape[1]
         self._banks: dict[str, ConditionBank] = {}
 

@@ -266,11 +266,15 @@ class LoFA:
             raise LofaError(f"this checkpoint is conditioned on {kind}{offered}: pass --{CONDITION_OPTION[kind]}")
         ref = self.condition_encoder
         if kind == "text":
-            from lofa.models.text import TextEncoder
-
             if not isinstance(prompt, str) or not prompt.strip():
                 raise LofaError("the prompt is empty; describe the case to personalize, e.g. --prompt \"a person "
                                 "does a side kick with the left leg\"")
+            if ref.get("encoder") == "umt5":  # a checkpoint trained on a Wan zoo (lofa.hypernet.imported)
+                from lofa.models.wan import UMT5TextEncoder
+
+                return UMT5TextEncoder(ref["path"], self.device, ref.get("max_length", 512)).encode([prompt])
+            from lofa.models.text import TextEncoder
+
             return TextEncoder(self.device, ref.get("max_length", 32)).encode([prompt])
         from lofa.models.cond_encoders import load_condition_encoder, read_condition
 
@@ -299,6 +303,10 @@ def _build_from_config(meta: dict, directory: Path) -> tuple[Stage2, Stage1 | No
             length = encoder.get("max_length", 32)
             if not isinstance(length, int) or isinstance(length, bool) or length < 1:
                 raise ValueError(f"condition_encoder max_length {length!r} is not a positive integer")
+            if encoder.get("encoder", "minilm") not in ("minilm", "umt5"):
+                raise ValueError(f"text encoder {encoder['encoder']!r} is neither 'minilm' nor 'umt5'")
+            if encoder.get("encoder") == "umt5" and not isinstance(encoder.get("path"), str):
+                raise ValueError("the umt5 text encoder has no folder path")
         else:
             if not isinstance(encoder.get("path"), str):
                 raise ValueError(f"the {encoder['kind']} condition encoder has no file path")

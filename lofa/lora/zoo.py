@@ -237,6 +237,7 @@ class Zoo:
         # a field the index lacks takes its default; an imported zoo (lofa.lora.zoo_import) has no recipe: None
         self.config = None if index["config"] is None else LoraTrainConfig(**index["config"])
         self.entries = {e["case_id"]: e for e in index["loras"]}
+        self.header = {k: v for k, v in index.items() if k != "loras"}  # the index without its entries
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -160,20 +160,12 @@ class Generator(nn.Module):
 
     @classmethod
     def from_pretrained_wan(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> "Generator":
-        """Wrap a local diffusers Wan transformer (a pipeline folder with transformer/, or that folder itself).
+        """Wrap a local Wan2.1 transformer: a diffusers pipeline folder (with transformer/) or that folder itself,
+        or the original layout (WanModel config.json + diffusion_pytorch_model*.safetensors); `lofa.models.wan`.
 
         Nothing is downloaded. The context must then be the model's own text states (umT5: text_dim 4096).
         """
-        from diffusers import WanTransformer3DModel
+        from lofa.models.wan import load_transformer
 
-        folder = Path(folder)
-        if (folder / "transformer" / "config.json").exists():
-            folder = folder / "transformer"
-        config_path = folder / "config.json"
-        if not config_path.exists():
-            raise LofaError(f"{folder} has no config.json; point at a diffusers Wan pipeline or transformer folder")
-        net_config = json.loads(config_path.read_text())
-        if net_config.get("_class_name") != "WanTransformer3DModel":
-            raise LofaError(f"{config_path} describes {net_config.get('_class_name')!r}, not a WanTransformer3DModel")
-        net = WanTransformer3DModel.from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype)
+        net = load_transformer(folder, torch_dtype)
         return cls(net, "video_dit", config_from_wan(dict(net.config)))
