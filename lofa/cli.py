@@ -211,6 +211,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help="scaled-dot-product attention backend (auto: torch's choice)")
     lat.add_argument("--json-out", metavar="FILE", help="also write the figures and every sample to FILE (JSON)")
     lat.set_defaults(func=bench_latency)
+    tr = bsub.add_parser("train", help="Stage I and Stage II training steps against a random-weight Wan2.1 DiT",
+                         description="Seconds per step, LoRAs per second, peak GPU memory and the hours of 20,000 "
+                         "steps for one Stage I and one Stage II training step (bf16 autocast, float32 master "
+                         "weights), Stage II with the flow-matching term through the DiT on Wan-shaped latents.")
+    tr.add_argument("--preset", default="paper", choices=SCALES, help="shapes of the hypernetwork and the DiT "
+                    "(paper / wan: Wan2.1-T2V-1.3B, 240 targets)")
+    tr.add_argument("--device", default="cuda", choices=["cpu", "cuda"], help="device to time")
+    tr.add_argument("--clip", default="81x480x832", metavar="FxHxW", help="video clip of the flow-matching term, "
+                    "frames x height x width (Wan's VAE makes a 16-channel latent 4x shorter, 8x smaller)")
+    tr.add_argument("--steps", type=int, default=5, metavar="N", help="timed steps after 2 warm-up steps")
+    tr.add_argument("--stage1-batch", type=int, metavar="N", help="LoRAs per Stage I step (default: the preset's)")
+    tr.add_argument("--stage2-batch", type=int, metavar="N", help="LoRAs per Stage II step (default: the preset's)")
+    tr.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the hypernetwork")
+    tr.add_argument("--no-dit-checkpointing", dest="dit_checkpointing", action="store_false",
+                    help="keep the DiT's activations instead of recomputing its blocks in the backward pass")
+    tr.add_argument("--json-out", metavar="FILE", help="also write the figures and every sample to FILE (JSON)")
+    tr.set_defaults(func=_Command("lofa.hypernet.bench_wan:cli_bench_train"))
+    ac = bsub.add_parser("activate", help="from an encoded condition to a LoRA active in a live Wan transformer",
+                         description="LoFA.activate per phase (Stage I, Stage II, the write into the peft adapter) "
+                         "into a random-weight diffusers Wan transformer, and diffusers' hot-swap from a state dict.")
+    ac.add_argument("--preset", default="paper", choices=SCALES, help="shapes (paper / wan: Wan2.1-T2V-1.3B)")
+    ac.add_argument("--device", default="cuda", choices=["cpu", "cuda"], help="device to time")
+    ac.add_argument("--runs", type=int, default=20, metavar="N", help="timed warm runs (the median is reported)")
+    ac.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode (no torch.compile)")
+    ac.add_argument("--json-out", metavar="FILE", help="also write the figures and every sample to FILE (JSON)")
+    ac.set_defaults(func=_Command("lofa.hypernet.bench_wan:cli_bench_activate"))
     return p
 
 

@@ -452,6 +452,30 @@ def test_bench_latency_smoke_cpu(tmp_path, capsys):
 
 
 
+def test_bench_train_and_activate_smoke_cpu(tmp_path, capsys):
+    """`lofa bench train` / `activate` at smoke shapes on the CPU: every figure printed and written."""
+    from lofa.cli import main
+
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--preset", "smoke", "--device", "cpu", "--clip", "5x32x32", "--steps", "3",
+                 "--stage1-batch", "2", "--stage2-batch", "1", "--json-out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["latent"] == [3, 2, 4, 4] and result["dit_tokens"] == 1  # smoke DiT: pixels, (2, 4, 4) patches
+    for stage in ("stage1", "stage2"):
+        assert len(result[stage]["samples_s"]) == 3 and result[stage]["seconds_per_step"] > 0
+        assert result[stage]["hours_for_authors_steps"] == pytest.approx(
+            20_000 * result[stage]["seconds_per_step"] / 3600)
+    assert result["stage2"]["batch"] == 1 and result["stage2"]["matrices"] == result["targets"]
+    out = tmp_path / "activate.json"
+    assert main(["bench", "activate", "--preset", "smoke", "--device", "cpu", "--runs", "5",
+                 "--json-out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["samples_ms"]["total_ms"]) == 5 and result["median_ms"]["write_ms"] > 0
+    text = capsys.readouterr().out
+    assert "h for 20k steps" in text and "encoded condition -> active adapter" in text
+    assert main(["bench", "train", "--preset", "smoke", "--device", "cpu", "--clip", "4x32x32"]) == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path is CUDA's (the CPU kernel uses erf GELU)")
 def test_fused_gelu_epilogue_is_the_mlp_function():
     """MLP's GPU inference path (bias + tanh-GELU in the GEMM epilogue) computes what its training path computes."""
@@ -639,3 +663,34 @@ def test_gram_form_squared_error_matches_the_dense_one():
     grads = torch.autograd.grad(fast, (A, B))
     for a, b in zip(grads, torch.autograd.grad(dense, (A, B))):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_activate_puts_the_predicted_lora_into_a_live_diffusers_model():
+    """LoFA.activate: the adapter it adds (then overwrites in place) computes what the merged ΔW does."""
+    import copy
+
+    from lofa.models.video_dit import VideoDiTConfig, make_video_dit
+
+    torch.manual_seed(0)
+    net = make_video_dit(VideoDiTConfig(num_layers=2, num_heads=2, head_dim=8, ffn_dim=32, text_dim=12,
+                                        zero_init_output=False)).eval()
+    spec = TargetSpec.from_module(net)
+    weights = {n: net.get_submodule(n).weight.detach().clone() for n in spec.names}
+    s1, s2 = random_stage2(tiny_cfg(cond_dim=12, patch=8), spec)
+    lofa = LoFA(s2, s1)
+    lofa.set_base(weights)
+    x, t, context = torch.randn(1, 3, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 4, 12)
+    base_out = net(x, t, context, return_dict=False)[0]
+    outputs = []
+    for seed in (1, 2):  # the second call overwrites the adapter's factors (a hotswap)
+        tokens, mask = condition(n=1, valid=(5,), seed=seed)
+        lofa.activate(net, tokens, mask)
+        reference = copy.deepcopy(net)
+        reference.disable_adapters()
+        merge_lora_({n: reference.get_submodule(f"{n}.base_layer").weight for n in spec.names},
+                    lofa.predict(tokens, mask))
+        with torch.no_grad():
+            outputs.append(net(x, t, context, return_dict=False)[0])
+            assert torch.allclose(outputs[-1], reference(x, t, context, return_dict=False)[0], atol=1e-5)
+    assert "add_adapter_ms" in lofa.timings and lofa.timings["write_ms"] >= 0
+    assert not torch.allclose(outputs[0], base_out, atol=1e-4) and not torch.allclose(outputs[0], outputs[1], atol=1e-4)

@@ -233,6 +233,43 @@ class LoFA:
         return self.predict_batch(tokens, mask)[0]
 
     @torch.no_grad()
+    def activate(self, net: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                 adapter_name: str = "lofa") -> None:
+        """Predict one condition's LoRA and make it the active peft adapter `adapter_name` of the diffusers model
+        `net` (the base this LoFA holds: the target names are its module names), in memory, with no file.
+
+        The first call adds a LoRA adapter of the predicted rank and alpha to the target modules (diffusers'
+        `add_adapter`, peft's LoraConfig); later calls write the new factors into it in place, one fused copy:
+        the modules stay the same objects, so a compiled `net` is not retraced. `timings` gets the phases
+        (stage1_ms, stage2_ms, write_ms; add_adapter_ms on the first call).
+        """
+        out = self.predict_factors(tokens, mask)
+        t0 = time.perf_counter()
+        slots = getattr(self, "_adapter_slots", {}).get((id(net), adapter_name))
+        if slots is None:
+            from peft import LoraConfig
+
+            net.add_adapter(LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, target_modules=self.spec.names,
+                                       init_lora_weights=False), adapter_name=adapter_name)
+            net.set_adapters([adapter_name])
+            slots = []
+            for target in self.spec.targets:
+                module = net.get_submodule(target.name)
+                slots.append((module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight))
+            self._adapter_slots = {**getattr(self, "_adapter_slots", {}), (id(net), adapter_name): slots}
+            _sync(self.device)
+            self.timings["add_adapter_ms"] = 1e3 * (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+        sources, targets = [], []
+        for t, (target, (a, b)) in enumerate(zip(self.spec.targets, slots)):
+            out_f, in_f = target.shape
+            sources += [out.A[0, t, :, :in_f], out.B[0, t, :out_f]]
+            targets += [a, b]
+        torch._foreach_copy_(targets, sources)
+        _sync(self.device)
+        self.timings["write_ms"] = 1e3 * (time.perf_counter() - t0)
+
+    @torch.no_grad()
     def merge_(self, out: Stage2Output, weight: float = 1.0, index: int = 0) -> None:
         """W += weight · (alpha / r) · B @ A into the held base weights, one batched product per shape group
         (the fused merge; `merge_lora_` does the same into any {name: W})."""

@@ -124,6 +124,17 @@ class Generator(nn.Module):
         grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))[3 - p:]  # the last p of (t, y, x)
         return torch.cat([x, grid.expand(n, -1, -1, -1, -1)], 1)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each transformer block in the backward pass instead of keeping its activations, correctly
+        also under `torch.func.functional_call` (how a predicted LoRA enters the base: `merged_weights`).
+
+        diffusers' own checkpointing recomputes a block with whatever weights the module holds when the backward
+        pass runs; by then functional_call has put the base weights back, so the gradient reaching a predicted
+        LoRA would be computed through the wrong weights. Here each checkpointed block captures the tensors it
+        computed with (merged LoRA weights included) and recomputes with exactly those.
+        """
+        self.net.enable_gradient_checkpointing(_checkpoint_block)
+
     def lora_target_modules(self, include_ffn: bool = False) -> list[str]:
         """Full module names (in `.net`) of the paper's LoRA targets, in network order.
 
@@ -169,3 +180,27 @@ class Generator(nn.Module):
 
         net = load_transformer(folder, torch_dtype)
         return cls(net, "video_dit", config_from_wan(dict(net.config)))
+
+
+def _block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: the tensor the block computes with now} for every parameter and buffer name of the block: under
+    functional_call these are the substituted tensors, not the module's own."""
+    names = [n for n, _ in block.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in block.named_buffers(remove_duplicate=False)]
+    tensors = {}
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        tensors[name] = getattr(block.get_submodule(owner) if owner else block, leaf)
+    return tensors
+
+
+def _call_block(block: nn.Module, tensors: dict[str, torch.Tensor], *args):
+    return torch.func.functional_call(block, tensors, args)
+
+
+def _checkpoint_block(block: nn.Module, *args):
+    """diffusers' gradient-checkpointing hook (`enable_gradient_checkpointing(fn)`): the block recomputed in the
+    backward pass with the tensors of its forward pass (`Generator.enable_gradient_checkpointing`)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(_call_block, block, _block_tensors(block), *args, use_reentrant=False)
