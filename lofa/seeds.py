@@ -91,16 +91,18 @@ class Purpose:
 
 
 def _registry(*purposes: Purpose) -> dict[str, Purpose]:
+    """{name: purpose}, in the order given (the order `PURPOSES` lists them in)."""
     return {p.name: p for p in purposes}
 
 
 _LORA = "one LoRA of case `case` (lofa.lora.train.CaseStream); seed: the zoo's seed"
 _HYPER = "(lofa.hypernet.data, 63-bit)"
 
-# The affine streams of one run seed s sit apart by construction: training below 500,000 + s (identity seeds,
-# s · 1,000,003 + step for the base, s · 10^5 + step for the condition encoder) and at 10^10 + (the evaluators'
-# pools), the scored streams in 100,000-wide blocks at 7-14 million + 100,000 · s and at 500,000 + s.
-# The checks in tests/test_seeds.py find where these families still meet for some run seeds.
+# Where the streams of run seed s lie. Training: s itself (inits, the encoder's case picks), s · 1,000,003 + step
+# (base), s · 10^5 + step and twice that (condition-encoder pairs), 10^7 + 1,000 s + role and 9.1 · 10^11 + 10^6 s
+# + chunk (evaluators, whose seed is s + 10,000), and hashed LoRA (32-bit) and hypernetwork (63-bit) seeds anywhere.
+# Scored: 500,000 + s + i (competence), 100,000-wide blocks at 7-14 million + 100,000 · s (zoo check, comparisons),
+# 10^6 + s and twice that (encoder check). The families meet for a few run seeds: tests/test_seeds.py lists where.
 PURPOSES: dict[str, Purpose] = _registry(
     # ---------------------------------------------------------------- setup: seeds handed to a component
     Purpose("world", "setup", "make_world: the held-out split and the identities' attributes"),
@@ -141,6 +143,8 @@ PURPOSES: dict[str, Purpose] = _registry(
             "batches (seed: its lora.stream) or renders (seed: its lora.render)", parent="lora.stream",
             entropy=("seed", "index")),
     Purpose("hypernet.init", "train", "parameter init of Stage I (Run.hypernet)"),
+    # SeedSequence pads entropy with zeros, so hypernet.view `v`, hypernet.batch (step v, process 0) and
+    # hypernet.clips (case v) of one seed are one seed: training streams all three, kept as shipped.
     Purpose("hypernet.view", "train", f"world.condition seed of train condition view `index` {_HYPER}",
             parent="hypernet", entropy=("seed", "index", 0), bits=63),
     Purpose("hypernet.batch", "train", f"cases, views and targets of step `step` on process `index` {_HYPER}; seed: "
@@ -191,7 +195,7 @@ def stream(seed: int, name: str, *, case: int | None = None, step: int | None = 
     """The seed of purpose `name` for `seed` (the run seed, or the parent purpose's value) at (case, step, index).
 
     Arguments the purpose does not read are refused, and so are negative ones or ones at or past an affine
-    purpose's limit (beyond it the stream would run into the next run seed's); omitted ones count as 0.
+    purpose's limit (beyond it the stream leaves its declared range); omitted ones count as 0.
     """
     p = purpose(name)
     given = {"case": case, "step": step, "index": index}
