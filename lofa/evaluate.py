@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lofa import seeds as seed_streams
 from lofa.diffusion import sample
 from lofa.errors import LofaError
 from lofa.lora.batched import multi_lora
@@ -68,8 +69,9 @@ GenerateConfig.PRESETS["paper"] = GenerateConfig.PRESETS["wan"]
 @dataclass(frozen=True)
 class EvalSeeds:
     """First seeds of the scored streams of a comparison: sample noise, style / face references, ground-truth
-    renders, denoising-loss renders. All lie below the evaluators' training seeds (>= 900,000,000) and apart
-    from every training stream; `of(seed)` gives a run's."""
+    renders, denoising-loss renders: the "compare.*" streams of lofa.seeds, below the evaluators' training seeds
+    (>= 900,000,000) and apart from the training streams (tests/test_seeds.py lists the known collisions); `of(seed)`
+    gives a run's."""
 
     sample: int
     reference: int
@@ -79,7 +81,8 @@ class EvalSeeds:
     @classmethod
     def of(cls, seed: int) -> "EvalSeeds":
         """The streams of run seed `seed` (notebook 06's held-out comparison and notebook 07 share them)."""
-        return cls(*(s + 100_000 * seed for s in (11_000_000, 12_000_000, 13_000_000, 14_000_000)))
+        return cls(*(seed_streams.stream(seed, f"compare.{name}")
+                     for name in ("sample", "reference", "ground_truth", "denoise")))
 
 
 def eval_plan(world, case_ids: Sequence[int], per_case: int, seed: int, split: str = "train"
@@ -300,8 +303,8 @@ def same_coarse_others(world, ids: Sequence[int], rng: np.random.Generator) -> l
 
 def competence_seed(seed: int) -> int:
     """First noise / render seed of the base-competence check of a run with seed `seed` (notebook 02 and
-    `lofa pretrain`); the check uses seed .. seed + n + held-out cases + 4, outside every training stream."""
-    return 500_000 + seed
+    `lofa pretrain`): the "competence" stream of lofa.seeds; the check uses seed .. seed + n + held-out cases + 4."""
+    return seed_streams.stream(seed, "competence")
 
 
 def base_competence(gen, world, evaluators, *, n: int, seed: int, cfg: GenerateConfig | None = None, text=None,

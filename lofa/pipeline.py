@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lofa import seeds
 from lofa.config import TASKS, load_overrides, preset
 from lofa.errors import LofaError
 
@@ -31,6 +32,9 @@ SETTINGS = (("actions-text", "actions", "text"), ("actions-pose", "actions", "po
             ("styles", "styles", "image"), ("identities", "identities", "image"))
 # Held-out and training cases whose ΔW fidelity Stage II's learning curves follow (`Triplets.monitor_batches`)
 MONITOR_CASES = 16
+# Contrastive steps of the condition encoders per scale (other scales: 2000); tests/test_seeds.py reads them to check
+# the "encoder.pairs" stream against the scored ones.
+ENCODER_STEPS = {"smoke": 20, "mini": 400}
 
 
 class Run:
@@ -100,7 +104,7 @@ class Run:
 
         _check_task(task)
         return make_world(task, "smoke" if self.scale == "smoke" else ("full" if self.scale == "full" else "mini"),
-                          seed=self.seed, overrides=self.overrides.get(f"world.{task}"))
+                          seed=seeds.stream(self.seed, "world"), overrides=self.overrides.get(f"world.{task}"))
 
     @functools.cache
     def base(self, task: str, progress: bool = True):
@@ -116,13 +120,13 @@ class Run:
 
     @functools.cache
     def evaluators(self, task: str):
-        """Evaluators trained on ground-truth renders only, with their own seed stream (seed + 10_000): the
-        shipped ones when world, config and seed match, else trained here."""
+        """Evaluators trained on ground-truth renders only, with their own seed (the "evaluators" stream of
+        lofa.seeds, run seed + 10,000): the shipped ones when world, config and seed match, else trained here."""
         from lofa.metrics.evaluators import EvalConfig, fingerprint, is_complete, train_evaluators
         from lofa.models import pretrained
 
         world, cfg, out, seed = self.world(task), self.config(EvalConfig), self.path("evaluators", task), \
-            self.seed + 10_000
+            seeds.stream(self.seed, "evaluators")
         if self.pretrained and not is_complete(out, world, cfg, seed):
             pretrained.install_evaluators(self.scale, task, out, fingerprint(world, cfg, seed))
         return train_evaluators(world, cfg, out, self.device, seed=seed)
@@ -142,9 +146,9 @@ class Run:
         # Initial weights from the run's seed, not from whatever the global generator holds: Run.build trains the
         # encoders in worker processes that take jobs in no fixed order, so an unseeded encoder came out differently
         # from run to run (and with it every result that reads a pose or image condition).
-        torch.manual_seed(self.seed)
+        torch.manual_seed(seeds.stream(self.seed, "encoder.init"))
         enc = encoder_for_world(world, self.scale).to(self.device)
-        steps = {"smoke": 20, "mini": 400}.get(self.scale, 2000)
+        steps = ENCODER_STEPS.get(self.scale, 2000)
         log = train_condition_encoder(enc, world_pairs(world), world.ids("train"), steps=steps, seed=self.seed,
                                       device=self.device, eval_ids=world.ids("heldout"), progress=progress)
         enc.save(out / "encoder.safetensors")
@@ -163,8 +167,8 @@ class Run:
         world, gen, cfg = self.world(task), self.base(task), self.config(LoraTrainConfig)
         case_ids = select_cases(world, self.config(ZooConfig).max_cases, self.seed)
         self.install_zoo(task)
-        return build_zoo(world, gen, cfg, self.path("zoo", task), self.device, seed=self.seed, case_ids=case_ids,
-                         progress=progress, shard=shard)
+        return build_zoo(world, gen, cfg, self.path("zoo", task), self.device, seed=seeds.stream(self.seed, "lora"),
+                         case_ids=case_ids, progress=progress, shard=shard)
 
     def install_zoo(self, task: str) -> bool:
         """Install the shipped zoo of `task` (data/pretrained/) into the run when it holds every case this run's
@@ -178,7 +182,7 @@ class Run:
         if not self.pretrained or select_cases(world, self.config(ZooConfig).max_cases, self.seed) != \
                 [c.id for c in world.cases]:
             return False
-        header = zoo_header(world, self.base(task), self.config(LoraTrainConfig), self.seed)
+        header = zoo_header(world, self.base(task), self.config(LoraTrainConfig), seeds.stream(self.seed, "lora"))
         out = self.path("zoo", task)
         pretrained.install_zoo(self.scale, task, out, header)
         index = read_json(out / INDEX)
@@ -203,7 +207,7 @@ class Run:
         encoder = None if kind == "text" else self.condition_encoder(task)
         text = TextEncoder(self.device) if kind == "text" else None
         return Triplets(self.world(task), self.zoo(task), self.base(task), kind, self.config(TripletConfig),
-                        encoder=encoder, text=text, seed=self.seed)
+                        encoder=encoder, text=text, seed=seeds.stream(self.seed, "hypernet"))
 
     def hypernet_config(self, setting: str):
         """HyperConfig of a setting: the scale's preset, with the LoRA rank and alpha of the zoo and the width and
@@ -256,7 +260,7 @@ class Run:
         diffusion = None
         if train2.lambda_diff:
             diffusion = DiffusionLoss(self.base(task), data.world, data.text or TextEncoder(self.device), data.cfg,
-                                      seed=self.seed)
+                                      seed=seeds.stream(self.seed, "hypernet"))
         stage2 = train_stage2(data, stage1, train2, out / "stage2", device=str(self.device), seed=self.seed,
                               lora_head=lora_head, diffusion=diffusion, monitor_cases=MONITOR_CASES,
                               progress=progress)
@@ -283,8 +287,9 @@ class Run:
         if (out / CONFIG_FILE).exists():
             return TextToLora.from_pretrained(out, device=self.device)
         train = self.config(Stage2TrainConfig)
+        seed = seeds.stream(self.seed + train.seed, "hypernet.stage2")  # Stage II's batches: LoFA's, one by one
         model, _ = train_text_to_lora(self.triplets(setting), self.config(TextToLoraConfig), train, out,
-                                      device=str(self.device), seed=self.seed + train.seed + 1, progress=progress)
+                                      device=str(self.device), seed=seed, progress=progress)
         return model
 
     def hypernet_history(self, setting: str, stage: int, variant: str = "lofa"):

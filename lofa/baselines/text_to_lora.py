@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lofa import seeds
 from lofa.baselines.reference import pool_condition
 from lofa.errors import LofaError
 from lofa.hypernet.data import Triplets
@@ -320,7 +321,7 @@ def train_text_to_lora(data: Triplets, cfg: TextToLoraConfig, train_cfg: TrainCo
     if cfg.start == "mean" and cfg.rank != data.rank:
         raise LofaError(f"start 'mean' needs the zoo's rank {data.rank}, the config asks for rank {cfg.rank}; use "
                         "start 'zero' or the zoo's rank")
-    torch.manual_seed(seed)
+    torch.manual_seed(seeds.stream(seed, "text_to_lora.init"))
     model = TextToLora(cfg, data.spec)
     to_alpha = data.alpha_value / cfg.alpha  # a zoo B in the predicted alpha's units (1 unless alpha is overridden)
     model.set_units({t: (a, b * to_alpha) for t, (a, b) in factor_units(data).items()})

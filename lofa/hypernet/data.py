@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lofa import seeds as seed_streams
 from lofa.diffusion import flow_matching_loss, randn, sample_t
 from lofa.errors import LofaError
 from lofa.analysis import response_map
@@ -38,7 +39,6 @@ from lofa.hypernet.train import LoraBatch
 from lofa.hypernet.tokenizer import BaseWeights, TargetSpec
 
 KINDS = ("text", "pose", "image")
-_EVAL_SEED = 7_919  # seed component that sets the "eval" condition seeds apart from the "train" ones
 
 
 @dataclass
@@ -62,11 +62,6 @@ class TripletConfig:
         "wan": {"t_mean": 0.0, "t_std": 1.0},
         "paper": {"t_mean": 0.0, "t_std": 1.0},
     }
-
-
-def _seed(*parts: int) -> int:
-    """One 63-bit seed from several ints (no collisions between nearby (seed, step, rank) triples)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 @dataclass
@@ -123,7 +118,8 @@ def build_conditions(world, kind: str, case_ids: Sequence[int], split: str = "tr
     if encoder is None:
         raise LofaError(f"{kind} conditions need a condition encoder (encoder=...)")
     device = next(encoder.parameters()).device
-    seeds = [_seed(seed, v, _EVAL_SEED if split == "eval" else 0) for v in range(views)]
+    purpose = "hypernet.eval_view" if split == "eval" else "hypernet.view"  # disjoint streams
+    seeds = [seed_streams.stream(seed, purpose, index=v) for v in range(views)]
     probe = [world.condition(case_ids[:1], seed=s) for s in seeds[:2]]
     if len(probe) == 2 and torch.equal(*probe):
         seeds = seeds[:1]  # the condition does not depend on the seed: one view says it all
@@ -291,7 +287,8 @@ class Triplets:
         views = self.conditions("train").views
 
         def batch_fn(step: int, process_index: int = 0) -> LoraBatch:
-            g = torch.Generator().manual_seed(_seed(seed, step, process_index))
+            g = torch.Generator().manual_seed(seed_streams.stream(seed, "hypernet.batch", step=step,
+                                                                   index=process_index))
             if batch_size <= len(ids):
                 pick = torch.randperm(len(ids), generator=g)[:batch_size]
             else:
@@ -325,8 +322,8 @@ class DiffusionLoss:
     def clips(self, case_id: int) -> tuple[Tensor, Tensor, Tensor]:
         """(x [P, 3, (T,) H, W], context [P, L, D], mask [P, L]) of one case, on the generator's device."""
         if case_id not in self._clips:
-            x, captions = self.world.sample([case_id] * self.cfg.clips_per_case, seed=_seed(self.seed, case_id),
-                                            split="train", level="fine")
+            seed = seed_streams.stream(self.seed, "hypernet.clips", case=case_id)
+            x, captions = self.world.sample([case_id] * self.cfg.clips_per_case, seed=seed, split="train", level="fine")
             context, mask = self.text.encode(captions)
             device = next(self.gen.parameters()).device
             self._clips[case_id] = (x.to(device), context.to(device), mask.to(device))
@@ -340,7 +337,8 @@ class DiffusionLoss:
         from lofa.lora.train import merged_weights
 
         case_ids = batch.extra["case_ids"].tolist()
-        g = torch.Generator().manual_seed(_seed(self.seed, batch.extra["step"], 1))
+        g = torch.Generator().manual_seed(seed_streams.stream(self.seed, "hypernet.noise",
+                                                             step=int(batch.extra["step"])))
         k = self.cfg.clips_per_step
         losses = []
         for i, case_id in enumerate(case_ids):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lofa import seeds
 from lofa.hypernet.config import HyperConfig
 from lofa.hypernet.model import Stage1, Stage2
 from lofa.hypernet.train import Stage1Objective, Stage2Monitor, Stage2Objective, Stage2TrainConfig, TrainConfig, fit
@@ -26,7 +27,7 @@ def train_stage1(data, cfg: HyperConfig, train: TrainConfig, out_dir: str | Path
     Its condition normalisation comes from the training conditions, and with balanced BCE its decision threshold
     from the training maps' density (`Stage1.set_map_density`): the plain BCE's logit 0 is calibrated already.
     """
-    torch.manual_seed(seed)
+    torch.manual_seed(seeds.stream(seed, "hypernet.init"))
     stage1 = Stage1(cfg, data.spec)
     bank = data.conditions("train")
     train_rows = [bank.row[c] for c in data.train_ids]
@@ -53,6 +54,7 @@ def train_stage2(data, stage1: Stage1, train: Stage2TrainConfig, out_dir: str | 
         stage2.lora_head.set_start(data.mean_factors())
     objective = Stage2Objective(data.base, train, stage1, diffusion)
     monitor = Stage2Monitor(objective, data.monitor_batches(monitor_cases)) if monitor_cases else None
-    fit(stage2, objective, data.batch_fn(train.batch_size, seed=seed + train.seed + 1), train, out_dir,
+    fit(stage2, objective, data.batch_fn(train.batch_size, seed=seeds.stream(seed + train.seed, "hypernet.stage2")),
+        train, out_dir,
         device=device, progress=progress, monitor=monitor)
     return stage2

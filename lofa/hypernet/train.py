@@ -23,6 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from lofa.analysis import response_map
+from lofa import seeds
 from lofa.config import TAU
 from lofa.errors import LofaError
 from lofa.faults import check_finite
@@ -55,6 +56,9 @@ class TrainConfig:
     mixed_precision: str = "auto"    # "auto": bf16 autocast on CUDA, none on CPU; or "bf16" / "no"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
+    # Added to the run seed to seed this stage's batches (the "hypernet.batch" stream of lofa.seeds; Stage II and
+    # Text-to-LoRA take the "hypernet.stage2" seed of run seed + seed). 0 in every preset: another value draws other
+    # batches from the same zoo, and tests/test_seeds.py checks the streams at 0 only.
     seed: int = 0
     # Steps between measurements of the `monitor` that `fit` is given (Stage II: ΔW fidelity on held-out and
     # training cases), after the first step, every `monitor_every` steps and after the last; 0 never measures.
@@ -138,7 +142,7 @@ class LoraBatch:
 
 def sample_targets(n_targets: int, m: int, step: int, seed: int = 0) -> torch.Tensor:
     """m distinct random target indices [m] for `step`, the same on every run."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    g = torch.Generator().manual_seed(seeds.stream(seed, "hypernet.targets", step=step))
     return torch.randperm(n_targets, generator=g)[: min(m, n_targets)].sort().values
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lofa import seeds as seed_streams
 from lofa.config import for_task
 from lofa.diffusion import flow_matching_loss, sample_t
 from lofa.errors import LofaError
@@ -99,13 +100,12 @@ LoraTrainConfig.PRESETS["paper"] = LoraTrainConfig.PRESETS["wan"]
 
 def case_seeds(seed: int, case_id: int) -> dict[str, int]:
     """Independent seeds of one LoRA (renders, prior renders, training stream, condition), from (seed, case)."""
-    states = np.random.SeedSequence([seed, case_id]).generate_state(4)
-    return dict(zip(("render", "prior", "stream", "condition"), (int(s) for s in states)))
+    return {k: seed_streams.stream(seed, f"lora.{k}", case=case_id) for k in ("render", "prior", "stream", "condition")}
 
 
 def shared_init_seed(seed: int) -> int:
     """Seed of the initial A shared by every LoRA of a zoo (LoraTrainConfig.shared_init)."""
-    return int(np.random.SeedSequence([seed], spawn_key=(1,)).generate_state(1)[0])
+    return seed_streams.stream(seed, "lora.init")
 
 
 def init_factors(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator
@@ -137,9 +137,9 @@ class CaseStream:
         self.seeds = case_seeds(seed, case_id)
         stream, render = self.seeds["stream"], self.seeds["render"]
         if replicate:  # same init, another draw of batches, t and noise (lofa.lora.replicates); renders too if asked
-            stream = int(np.random.SeedSequence([stream, replicate]).generate_state(1)[0])
+            stream = seed_streams.stream(stream, "lora.replicate", index=replicate)
             if new_renders:
-                render = int(np.random.SeedSequence([render, replicate]).generate_state(1)[0])
+                render = seed_streams.stream(render, "lora.replicate", index=replicate)
         self.rng = torch.Generator(device).manual_seed(stream)
         self.prompts = [world.prompt(case_id, v, "train") for v in range(world.n_prompts("train"))]
         self.pools = [self._pool(world, text, [case_id] * cfg.n_renders, render, "fine", device, dtype)]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lofa import seeds
 from lofa.errors import LofaError
 from lofa.io import read_json, write_json
 from lofa.lora.batched import train_lora_batch
@@ -55,9 +56,8 @@ class ZooConfig:
 
 def quality_seeds(seed: int = 0) -> tuple[int, int, int, int]:
     """Seeds of a zoo's quality check (notebook 03, `python -m lofa.lora.sweep`): LoRA / base samples, ground-truth
-    renders, reference images, denoising noise; a run seed moves all four by 100,000 · seed. Far from the base's
-    (500,000 +) and the evaluators' (900,000,000 +) seed ranges."""
-    return tuple(s + 100_000 * seed for s in (7_000_000, 8_000_000, 9_000_000, 10_000_000))
+    renders, reference images, denoising noise: the first seeds of the "quality.*" streams of lofa.seeds."""
+    return tuple(seeds.stream(seed, f"quality.{name}") for name in ("sample", "ground_truth", "reference", "denoise"))
 
 
 def select_cases(world, max_cases: int | None = None, seed: int = 0, among: list[int] | None = None) -> list[int]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lofa import seeds
 from lofa.config import as_dict
 from lofa.errors import LofaError
 from lofa.faults import check_finite
@@ -44,7 +45,6 @@ ROLES = {
     "identities": ("referee", "clip", "face", "generic"),
 }
 META_FILE = "evaluators.json"
-_SEEDS_PER_RUN = 1_000_000
 
 
 @dataclass
@@ -69,7 +69,10 @@ class EvalConfig:
     motion_pool: int = 2
     motion_top: float = 0.05
     dd_quantile: float = 0.1   # dynamic threshold = this quantile of ground-truth motion in the pool
-    seed_offset: int = 900_000_000
+    # First render seed of the ground-truth pools (the "evaluators.pool" stream of lofa.seeds starts here; a pool of
+    # evaluator seed s takes seeds from seed_offset + 1,000,000 · s on). A field because the evaluators' fingerprint
+    # records it; another value moves the pools, and tests/test_seeds.py checks only the default.
+    seed_offset: int = seeds.purpose("evaluators.pool").base
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "smoke": {"width": 8, "dim": 64, "batch": 32, "lr": 4e-3, "per_case": 8, "steps_referee": 300,
@@ -81,8 +84,9 @@ class EvalConfig:
 
     def seed_range(self, seed: int) -> tuple[int, int]:
         """[lo, hi) of the render seeds these evaluators train on; anything scored must use others."""
-        lo = self.seed_offset + seed * _SEEDS_PER_RUN
-        return lo, lo + _SEEDS_PER_RUN
+        lo, hi = seeds.span(seed, "evaluators.pool")
+        shift = self.seed_offset - seeds.purpose("evaluators.pool").base
+        return lo + shift, hi + shift
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -370,7 +374,8 @@ def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path |
     pool = None
     nets, seconds, curves = {}, {}, {}
     for r, role in enumerate(roles):
-        torch.manual_seed(seed * 1000 + r)  # parameter init
+        role_seed = seeds.stream(seed, "evaluators.fit", index=r)
+        torch.manual_seed(role_seed)  # parameter init
         net = _build(role, world, cfg, head_sizes)
         path = out / f"{role}.safetensors" if out is not None else None
         if path is not None and path.exists():
@@ -387,7 +392,7 @@ def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path |
         net = net.to(device)
         loss_fn = _role_loss(role, net, world, pool, cfg, labels, PooledText(world, from_attrs), device)
         with _timed(seconds, role):
-            curves[role] = fit(net, loss_fn, steps, cfg, seed * 1000 + r, f"{world.task} {role}")
+            curves[role] = fit(net, loss_fn, steps, cfg, role_seed, f"{world.task} {role}")
         if path is not None:
             save_safetensors(net.state_dict(), path, metadata={
                 "fingerprint": fp, "curve": json.dumps(curves[role]), "seconds": json.dumps(seconds[role])})

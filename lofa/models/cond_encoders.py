@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lofa import seeds
 from lofa.config import preset
 from lofa.errors import LofaError
 from lofa.metrics.features import info_nce
@@ -335,10 +336,11 @@ def world_pairs(world) -> PairsFn:
     content, pose and context.
     """
     def pairs(case_ids: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a = world.condition(case_ids, seed=2 * seed)
-        b = world.render(case_ids, seed=2 * seed + 1)
+        a = world.condition(case_ids, seed=seeds.stream(seed, "pairs.condition"))
+        b = world.render(case_ids, seed=seeds.stream(seed, "pairs.render"))
         if a.ndim == 4 and b.ndim == 5:
-            frames = torch.randint(b.shape[2], (b.shape[0],), generator=torch.Generator().manual_seed(seed))
+            g = torch.Generator().manual_seed(seeds.stream(seed, "pairs.frames"))
+            frames = torch.randint(b.shape[2], (b.shape[0],), generator=g)
             b = b[torch.arange(b.shape[0]), :, frames]
         return a, b
 
@@ -374,12 +376,13 @@ def train_condition_encoder(encoder: _CondEncoder, pairs_fn: PairsFn, case_ids: 
     opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     history = {"loss": [], "retrieval": {}}
+    check_seed = seeds.stream(seed, "encoder.check")
     if eval_ids is not None:
-        history["retrieval"]["before"] = retrieval_accuracy(encoder, pairs_fn, eval_ids, seed + 10**6, device)
-    g = torch.Generator().manual_seed(seed)
+        history["retrieval"]["before"] = retrieval_accuracy(encoder, pairs_fn, eval_ids, check_seed, device)
+    g = torch.Generator().manual_seed(seeds.stream(seed, "encoder.batch"))
     for step in tqdm(range(steps), desc="condition encoder", disable=not progress):
         ids = [case_ids[i] for i in torch.randperm(len(case_ids), generator=g)[:batch_size].tolist()]
-        a, b = pairs_fn(ids, seed * 10**5 + step)
+        a, b = pairs_fn(ids, seeds.stream(seed, "encoder.pairs", step=step))
         loss = info_nce(encoder.embed(a.to(device)) @ encoder.embed(b.to(device)).T / temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -388,5 +391,5 @@ def train_condition_encoder(encoder: _CondEncoder, pairs_fn: PairsFn, case_ids: 
         history["loss"].append(loss.item())
     encoder.eval()
     if eval_ids is not None:
-        history["retrieval"]["after"] = retrieval_accuracy(encoder, pairs_fn, eval_ids, seed + 10**6, device)
+        history["retrieval"]["after"] = retrieval_accuracy(encoder, pairs_fn, eval_ids, check_seed, device)
     return history

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lofa import seeds
 from lofa.config import as_dict, for_task
 from lofa.diffusion import condition_dropout, flow_matching_loss
 from lofa.errors import LofaError
@@ -103,7 +104,7 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
     text = TextEncoder(device=device, max_length=cfg.text_length)  # caches each distinct caption once
     uncond, uncond_mask = text.encode([""])
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seeds.stream(seed, "base.init"))
     gen = Generator.build(kind, cfg.model_scale, cfg.model_overrides).to(device).train()
     ema = copy.deepcopy(gen).requires_grad_(False) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -136,11 +137,12 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
     for step in bar:
         t0 = time.perf_counter()
         # every draw is a function of (seed, step), so a resumed run replays exactly
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        step_seed = seeds.stream(seed, "base.batch", step=step)
+        g = torch.Generator().manual_seed(step_seed)
         pick = torch.randint(len(train_ids), (cfg.batch_size,), generator=g)
         # renders with coarse captions (world.coarse_prompt, plus the per-sample content words where the world
         # has them), fresh appearance every step
-        x0, prompts = world.sample(train_ids[pick].tolist(), seed=seed * 1_000_003 + step, level="coarse")
+        x0, prompts = world.sample(train_ids[pick].tolist(), seed=step_seed, level="coarse")
         x0 = x0.to(device)
         context, mask = text.encode(prompts)
         context, mask = condition_dropout(context, mask, uncond, uncond_mask, cfg.cond_dropout, generator=g)
