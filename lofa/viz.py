@@ -465,3 +465,18 @@ def tau_sweep_lines(tau_sweep_table, tasks: Sequence[str], tau: float, paper_bel
     ax.set(xscale="log", ylim=(0, 1), xlabel="τ", ylabel="active fraction (|ΔW|/|W| > τ)")
     ax.legend(fontsize=8)
     return fig
+
+
+def competence_samples(worlds: dict, checks: dict, k: int = 6):
+    """Notebook 02's figure: per task ({task: World}), ground-truth renders above base samples for the coarse
+    captions of the same `k` training cases (checks: {task: `lofa.evaluate.base_competence` result}), labelled with
+    the coarse category. A filmstrip row (4 frames a case) is a quarter as tall as an image row: rows are sized to
+    their content."""
+    panels, heights = [], []
+    for task, world in worlds.items():
+        s = checks[task]["samples"]
+        labels = [world.coarse_names[world.cases[i].coarse] for i in s["ids"][:k]]
+        panels.append((f"{task}: coarse captions", torch.cat([s["real"][:k], s["coarse"][:k]]),
+                       ["renders", "base samples"], labels))
+        heights.append(1.3 if world.modality == "video" else 3.6)
+    return sample_panels(panels, width=12, heights=heights, pad=0.6)
