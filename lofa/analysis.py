@@ -573,8 +573,8 @@ def similarity_tables(at_tau: pd.DataFrame, cases: pd.DataFrame, bases: Mapping,
     for task in tasks:
         ids = list(loras[task])
         labels = cases[cases.task == task].set_index("lora").loc[ids, "family"].to_numpy()
-        sim = pairwise_similarity(bases[task], [loras[task][c] for c in ids], tau, samples_per_module=samples_per_module,
-                                  seed=seed, progress=False)
+        sim = pairwise_similarity(bases[task], [loras[task][c] for c in ids], tau,
+                                  samples_per_module=samples_per_module, seed=seed, progress=False)
         order = np.argsort(labels, kind="stable")
         matrices[task] = (sim["iou"][np.ix_(order, order)], labels[order])
         # IoU if the maps were independent at their own per-module active fractions (modules weighted as sampled)

@@ -269,7 +269,8 @@ def test_paired_differences_per_group_metric_and_baseline():
     a = per_case[per_case.setting == "a"].pivot(index="case_id", columns="method", values="acc")
     assert by.loc[("a", "acc", "base")].to_dict() == {**paired_difference(a["LoFA"], a["base"], seed=0)}
     settings = (("s1", "styles", "image"), ("s2", "actions", "text"))
-    assert setting_metrics(settings) == {("s1",): [*METRICS["styles"], "denoise"], ("s2",): [*METRICS["actions"], "denoise"]}
+    assert setting_metrics(settings) == {("s1",): [*METRICS["styles"], "denoise"],
+                                         ("s2",): [*METRICS["actions"], "denoise"]}
     assert list(setting_metrics(settings, ("heldout", "train"))) == [("s1", "heldout"), ("s1", "train"),
                                                                       ("s2", "heldout"), ("s2", "train")]
     named = paired_differences(per_case, "LoFA", ("base",), metrics, by=("setting",), baseline_column="reference")

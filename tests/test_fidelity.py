@@ -56,7 +56,8 @@ def test_fidelity_curves_keep_monitored_steps_and_last_levels():
                               for c in range(2)])
     levels = last_step_levels(curves, reference)
     assert list(levels.columns) == ["LoFA (last step)", "mean", "ridge"]
-    assert levels.loc[("b", "heldout"), "LoFA (last step)"] == 0.5 and levels.loc[("a", "train"), "LoFA (last step)"] == 0.4
+    assert levels.loc[("b", "heldout"), "LoFA (last step)"] == 0.5
+    assert levels.loc[("a", "train"), "LoFA (last step)"] == 0.4
     assert np.isclose(levels.loc[("a", "heldout"), "ridge"], 0.55)
 
 

@@ -1,13 +1,15 @@
-"""What notebooks 05 and 06 report about the trained hypernetwork, beyond map fidelity (`lofa.hypernet.fidelity`):
+"""What notebooks 05 to 07 report about the trained hypernetwork, beyond map fidelity (`lofa.hypernet.fidelity`):
 training overviews, LoFA's predicted LoRAs against the per-case LoRA and the base on held-out cases, the L1-on-ΔW
-ablation, seconds per LoRA, and the verdict lines.
+ablation, seconds per LoRA, LoFA against the reference predictors, and the verdict lines.
 
-    scores, samples, plans = heldout_comparison(run, SETTINGS, predicted, per_case=2, seeds=EvalSeeds.of(0))
-    quality = heldout_quality(case_means(scores, ("setting", "method")), SETTINGS, speed, per_case=2)  # 06_heldout_quality
-    ablation = recon_ablation(run, SETTINGS, data, predicted, plans, per_case_means, per_case=2, seeds=seeds)
+    scores, samples, plans = heldout_comparison(run, SETTINGS, predicted, 2, EvalSeeds.of(0))   # 2 samples a case
+    per_case, quality = heldout_quality(scores, SETTINGS, speed, 2)                            # 06_heldout_quality
+    ablation = recon_ablation(run, SETTINGS, data, predicted, plans, per_case, 2, EvalSeeds.of(0))
+    verdicts = paired_differences(per_case, "LoFA", ("base",), setting_metrics(SETTINGS), by=("setting",))
 
-`run` is a `lofa.pipeline.Run`; `settings` the paper's settings as `lofa.pipeline.SETTINGS` lists them, (name,
-task, condition kind); every table's rows follow their order. Cases, prompts and noise seeds are shared by every
+(`paired_differences` and `setting_metrics` are `lofa.evaluate`'s.) `run` is a `lofa.pipeline.Run`; `settings` the
+paper's settings as `lofa.pipeline.SETTINGS` lists them, (name, task, condition kind); every table's rows follow
+their order. Cases, prompts and noise seeds are shared by every
 method of a task (`lofa.evaluate.compare`), so the per-case differences are paired.
 """
 from __future__ import annotations
@@ -169,10 +171,11 @@ def stage2_verdicts(settings: Sequence[tuple[str, str, str]], fidelity: pd.DataF
     lofa_minus_baseline), seconds per LoRA, the L1 ablation's tally, and where LoFA loses."""
     verdicts = []
     fid = fidelity.set_index(["setting", "comparison"])
+    paper = " / ".join(f"{value:g}" for value in paper_fidelity.values())
     for setting, task, _ in settings:
         f = [fid.loc[(setting, c)] for c in paper_fidelity]
         verdicts.append(f"{setting}: map fidelity (cosine) Stage I vs truth {f[0].cosine:.3f}, Stage II vs Stage I "
-                        f"{f[1].cosine:.3f}, Stage II vs truth {f[2].cosine:.3f} (paper 0.77 / 0.91 / 0.83); Stage II's "
+                        f"{f[1].cosine:.3f}, Stage II vs truth {f[2].cosine:.3f} (paper {paper}); Stage II's "
                         f"implied density {f[2].stage2_density:.2f} vs true {f[2].true_density:.2f}.")
         q = quality[quality.setting == setting].set_index(["method", "metric"])["mean"]
         for metric in [*METRICS[task], "denoise"]:

@@ -54,7 +54,8 @@ def zoo_verdicts(summary: pd.DataFrame) -> list[str]:
 def quality_cases(run, zoos: Mapping, max_cases: int) -> dict[str, list[int]]:
     """The cases scored per task: every held-out case with a LoRA, then training cases up to `max_cases`
     (`select_cases` with the run's seed)."""
-    return {task: select_cases(run.world(task), max_cases, run.seed, among=zoo.case_ids()) for task, zoo in zoos.items()}
+    return {task: select_cases(run.world(task), max_cases, run.seed, among=zoo.case_ids())
+            for task, zoo in zoos.items()}
 
 
 def quality_scores(run, zoos: Mapping, max_cases: int, per_case: int, shown: int = 4
