@@ -455,6 +455,189 @@ def permutation_test(sim: np.ndarray, labels: Sequence[Hashable], n_perm: int = 
             "n_across_pairs": len(s) - n_within}
 
 
+# --- the zoo against its base models (notebook 04) ------------------------------------------------------------------
+# The paper's claims about response maps, tested on every LoRA of a run's zoos: (a) sparsity, (b) depth and module
+# type, (c) more alike within a case family or task than across, (d) the τ sweep. Tables take the long `sweep_table`
+# of all tasks (with a task column); `cases` is `zoo_against_base`'s case table.
+PAPER_BELOW = (0.5, 0.8)  # the paper: 50-80 % of a LoRA's entries below τ = 2 %
+
+
+def zoo_against_base(run, tasks: Sequence[str]) -> tuple[dict, dict, pd.DataFrame]:
+    """Every task's zoo LoRAs and base weights (trained here when missing) -> (bases {task: {module: W [out, in]
+    float32 on the CPU}}, loras {task: {case_id: LoraWeights}}, cases): cases one row per LoRA with task, lora
+    (case id), case (name), coarse, family (coarse name), split."""
+    bases, loras, cases = {}, {}, []
+    for task in tasks:
+        zoo, gen, world = run.zoo(task), run.base(task), run.world(task)
+        bases[task] = {name: gen.net.get_submodule(name).weight.detach().float().cpu()
+                       for name in gen.lora_target_modules(zoo.config.include_ffn)}
+        loras[task] = {cid: zoo.load(cid)[0] for cid in zoo.case_ids()}
+        cases.append(pd.DataFrame({"task": task, "lora": cid, "case": world.cases[cid].name,
+                                   "coarse": world.cases[cid].coarse,
+                                   "family": world.coarse_names[world.cases[cid].coarse],
+                                   "split": world.cases[cid].split} for cid in loras[task]))
+    return bases, loras, pd.concat(cases, ignore_index=True)
+
+
+def figure2_panels(cases: pd.DataFrame, bases: Mapping, loras: Mapping, per_task: int, tau: float = TAU,
+                   pool: int = 16) -> dict[str, list[tuple[str, dict]]]:
+    """The rows of the paper's Figure 2 (`plot_response_rows`): per task, the first case of each of its first
+    `per_task` coarse families, labelled "case [family]", with its `lora_response` pooled to pool x pool cells."""
+    panels = {}
+    for task in dict.fromkeys(cases.task):
+        picks = cases[cases.task == task].groupby("coarse").head(1).head(per_task)
+        panels[task] = [(f"{row.case} [{row.family}]",
+                         lora_response(bases[task], loras[task][row.lora], tau, pool=pool, progress=False))
+                        for row in picks.itertuples()]
+    return panels
+
+
+def _below_summary(frame: pd.DataFrame, paper_below: tuple[float, float]) -> pd.Series:
+    """Spread of the per-LoRA fraction below τ of `frame` and the share of LoRAs inside the paper's band."""
+    return pd.Series({"loras": len(frame), "mean_fraction_below": frame.fraction_below.mean(),
+                      "median": frame.fraction_below.median(), "min": frame.fraction_below.min(),
+                      "max": frame.fraction_below.max(),
+                      "share_in_paper_band": frame.fraction_below.between(*paper_below).mean()})
+
+
+def sparsity_tables(at_tau: pd.DataFrame, cases: pd.DataFrame, paper_below: tuple[float, float] = PAPER_BELOW
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(a) The element-weighted fraction of a LoRA's entries at or below τ over all its modules -> (per_lora,
+    sparsity): per_lora one row per LoRA (task, lora, numel, active, fraction_below and the `cases` columns);
+    sparsity one row per task and one "all": loras, mean_fraction_below, median, min, max, share_in_paper_band.
+    at_tau: the sweep at the one τ."""
+    per_lora = at_tau.groupby(["task", "lora"])[["numel", "active"]].sum().reset_index()
+    per_lora["fraction_below"] = 1 - per_lora.active / per_lora.numel
+    per_lora = per_lora.merge(cases, on=["task", "lora"])
+    tasks = list(dict.fromkeys(cases.task))
+    by_task = pd.DataFrame({task: _below_summary(per_lora[per_lora.task == task], paper_below) for task in tasks}).T
+    sparsity = pd.concat([by_task, _below_summary(per_lora, paper_below).to_frame("all").T])
+    return per_lora, sparsity.rename_axis("task").reset_index()
+
+
+def sparsity_verdicts(sparsity: pd.DataFrame, paper_below: tuple[float, float] = PAPER_BELOW) -> list[str]:
+    """(a) One line per row of `sparsity_tables`' sparsity: the mean fraction below τ against the paper's band."""
+    verdicts = []
+    for row in sparsity.itertuples():
+        where = ("inside" if paper_below[0] <= row.mean_fraction_below <= paper_below[1]
+                 else "below" if row.mean_fraction_below < paper_below[0] else "above")
+        verdicts.append(f"(a) {row.task}: fraction below τ = {row.mean_fraction_below:.2f}, {where} the paper's "
+                        f"0.50–0.80 (LoRAs {row.min:.2f}–{row.max:.2f}, {row.share_in_paper_band:.0%} of them inside)")
+    return verdicts
+
+
+def variance_explained_table(at_tau: pd.DataFrame) -> pd.DataFrame:
+    """(b) Per task, η² of a module's active fraction (one value per LoRA x module) by the module's type, its depth,
+    the module itself and the LoRA -> columns task, eta2_module_type, eta2_depth, eta2_module, eta2_lora."""
+    rows = []
+    for task, frame in at_tau.groupby("task", sort=False):
+        groupings = (("module_type", frame.module_type), ("depth", frame.depth), ("module", frame.module),
+                     ("lora", frame.lora))
+        rows.append({"task": task, **{f"eta2_{by}": variance_explained(frame.active_fraction, keys)
+                                      for by, keys in groupings}})
+    return pd.DataFrame(rows)
+
+
+def depth_type_verdicts(at_tau: pd.DataFrame, eta: pd.DataFrame) -> list[str]:
+    """(b) One line per task: the range of the active fraction over module types and over blocks, self- vs
+    cross-attention, and the η² of `variance_explained_table`."""
+    verdicts = []
+    for task, frame in at_tau.groupby("task", sort=False):
+        by_type = group_response(frame, "module_type").set_index("module_type").active_fraction
+        by_depth = group_response(frame, "depth").set_index("depth").active_fraction
+        attn = frame.assign(kind=frame.module_type.str.split("_").str[0])
+        self_cross = group_response(attn, "kind").set_index("kind").active_fraction
+        e = eta.set_index("task").loc[task]
+        verdicts.append(f"(b) {task}: active fraction by module type {by_type.min():.2f} ({by_type.idxmin()}) – "
+                        f"{by_type.max():.2f} ({by_type.idxmax()}), by block {by_depth.min():.2f} – "
+                        f"{by_depth.max():.2f}; self {self_cross.get('self', np.nan):.2f} vs cross "
+                        f"{self_cross.get('cross', np.nan):.2f}; η² module {e.eta2_module:.2f}, type "
+                        f"{e.eta2_module_type:.2f}, depth {e.eta2_depth:.2f}, LoRA {e.eta2_lora:.2f}")
+    return verdicts
+
+
+def similarity_tables(at_tau: pd.DataFrame, cases: pd.DataFrame, bases: Mapping, loras: Mapping, tau: float = TAU,
+                      samples_per_module: int = 4096, n_perm: int = 2000, seed: int = 0
+                      ) -> tuple[pd.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(c) Are maps more alike within a group than across (`permutation_test`)? Within each task, full maps
+    (`pairwise_similarity` IoU and cosine, each module by `samples_per_module` sampled entries) grouped by case
+    family, with the IoU of independent maps at the same active fractions (`chance_iou`) for scale; across tasks,
+    the Pearson correlation of the LoRAs' depth x type profiles (`depth_type_profile`), grouped by task.
+
+    Returns (similarity, matrices): similarity one row per comparison and metric (comparison, task, metric, the
+    `permutation_test` fields, chance_iou); matrices {task or "across tasks (profiles)": (similarity [n, n] sorted
+    by group, group labels [n])} for the figure.
+    """
+    tasks = list(dict.fromkeys(cases.task))
+    rows, matrices = [], {}
+    for task in tasks:
+        ids = list(loras[task])
+        labels = cases[cases.task == task].set_index("lora").loc[ids, "family"].to_numpy()
+        sim = pairwise_similarity(bases[task], [loras[task][c] for c in ids], tau,
+                                  samples_per_module=samples_per_module, seed=seed, progress=False)
+        order = np.argsort(labels, kind="stable")
+        matrices[task] = (sim["iou"][np.ix_(order, order)], labels[order])
+        # IoU if the maps were independent at their own per-module active fractions (modules weighted as sampled)
+        fractions = at_tau[at_tau.task == task].pivot(index="lora", columns="module", values="active_fraction")
+        numel = np.array([min(bases[task][m].numel(), samples_per_module) for m in fractions.columns])
+        chance = chance_iou(fractions.loc[ids].to_numpy(), numel)
+        off_diagonal = ~np.eye(len(ids), dtype=bool)
+        for metric in ("iou", "cosine"):
+            rows.append({"comparison": "full maps within task, by family", "task": task, "metric": metric,
+                         **permutation_test(sim[metric], labels, n_perm, seed),
+                         "chance_iou": chance[off_diagonal].mean() if metric == "iou" else np.nan})
+    n_bins = min(3, *(int(at_tau[at_tau.task == t].depth.nunique()) for t in tasks))
+    profiles = pd.concat({t: depth_type_profile(at_tau[at_tau.task == t], n_bins) for t in tasks},
+                         names=["task", "lora"])
+    profiles = profiles.dropna(axis=1)   # (bin, type) cells present in every task's network
+    profile_sim = np.corrcoef(profiles.to_numpy())
+    task_labels = profiles.index.get_level_values("task").to_numpy()
+    matrices["across tasks (profiles)"] = (profile_sim, task_labels)
+    rows.append({"comparison": f"profiles ({n_bins} depth bins × {profiles.shape[1] // n_bins} types) across tasks",
+                 "task": "all", "metric": "pearson", **permutation_test(profile_sim, task_labels, n_perm, seed)})
+    return pd.DataFrame(rows), matrices
+
+
+def similarity_verdicts(similarity: pd.DataFrame) -> list[str]:
+    """(c) One line per row of `similarity_tables`' table: within against across, and the permutation test's call."""
+    verdicts = []
+    for row in similarity.itertuples():
+        chance = f"; independent maps would give IoU {row.chance_iou:.3f}" if np.isfinite(row.chance_iou) else ""
+        verdict = "more alike within groups" if row.p_value < 0.05 else "no evidence of group structure"
+        verdicts.append(f"(c) {row.task} {row.metric} ({row.comparison}): within {row.within:.3f} vs across "
+                        f"{row.across:.3f}, difference {row.difference:+.3f}, p = {row.p_value:.4f} -> {verdict} "
+                        f"({row.n} LoRAs, {row.n_groups} groups){chance}")
+    return verdicts
+
+
+def tau_sweep_summary(sweep: pd.DataFrame) -> pd.DataFrame:
+    """(d) Per task and τ, the active fraction of the LoRAs (each element-weighted over its modules): mean, std,
+    min, max as active_fraction_<stat>, and fraction_below_mean = 1 - the mean."""
+    per_lora = sweep.groupby(["task", "tau", "lora"])[["numel", "active"]].sum()
+    per_lora["active_fraction"] = per_lora.active / per_lora.numel
+    tau_sweep = (per_lora.reset_index().groupby(["task", "tau"]).active_fraction.agg(["mean", "std", "min", "max"])
+                 .add_prefix("active_fraction_").reset_index())
+    tau_sweep["fraction_below_mean"] = 1 - tau_sweep.active_fraction_mean
+    return tau_sweep
+
+
+def tau_sweep_verdicts(tau_sweep: pd.DataFrame, tau: float = TAU,
+                       paper_below: tuple[float, float] = PAPER_BELOW) -> list[str]:
+    """(d) One line per task of `tau_sweep_summary`: the τ range whose mean fraction below lies in the paper's band,
+    and the fraction below at the grid's ends and at `tau` (which must be on the grid)."""
+    verdicts = []
+    for task in tau_sweep.task.unique():
+        frame = tau_sweep[tau_sweep.task == task]
+        ok = frame[frame.fraction_below_mean.between(*paper_below)].tau
+        span = f"τ ∈ [{ok.min():.3g}, {ok.max():.3g}]" if len(ok) else "no τ of the grid"
+        verdicts.append(f"(d) {task}: fraction below τ is in the paper's 0.50–0.80 for {span}; "
+                        f"at τ = {frame.tau.iloc[0]:g} / {tau:g} / {frame.tau.iloc[-1]:g}: "
+                        f"{1 - frame.active_fraction_mean.iloc[0]:.2f} / "
+                        f"{1 - frame.set_index('tau').active_fraction_mean.loc[tau]:.2f} / "
+                        f"{1 - frame.active_fraction_mean.iloc[-1]:.2f}")
+    return verdicts
+
+
 # --- plot --------------------------------------------------------------------------------------------------------
 def _plot_format(path: str | Path) -> str:
     from matplotlib.figure import Figure

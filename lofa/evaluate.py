@@ -44,6 +44,8 @@ METRICS = {
     "styles": ("acc", "attr_acc", "coarse_acc", "csd", "clip_t"),
     "identities": ("acc", "attr_acc", "coarse_acc", "face_sim", "dino", "clip_i"),
 }
+# Metrics where a lower value is the better one (paired differences turn their verdicts around).
+LOWER_IS_BETTER = frozenset({"denoise"})
 
 
 @dataclass
@@ -345,7 +347,8 @@ def base_competence(gen, world, evaluators, *, n: int, seed: int, cfg: GenerateC
 
 
 def compare(gen, world, evaluators, methods: dict, case_ids: Sequence[int], *, per_case: int, seeds: EvalSeeds,
-            split: str = "eval", cfg: GenerateConfig | None = None, text=None, progress: bool = False):
+            split: str = "eval", cfg: GenerateConfig | None = None, text=None, progress: bool = False,
+            return_samples: bool = False):
     """The per-sample table every comparison of methods uses: each method samples the same cases, prompts and
     noise (`eval_plan(world, case_ids, per_case, seeds.sample, split)`), and ground-truth renders of the cases join
     as the method "ground truth".
@@ -353,13 +356,16 @@ def compare(gen, world, evaluators, methods: dict, case_ids: Sequence[int], *, p
     methods: {name: None (the base model) or {case_id: LoraWeights}} (one LoRA per case; several cases may share
     one object). Returns a pandas DataFrame with one row per (method, sample): method, sample, case_id, split, the
     task's metrics (`score_cases`) and denoise (`denoising_loss`; NaN for ground truth). Summarise it with
-    `case_means` then `summarize` / `paired_difference`.
+    `case_means` then `summarize` / `paired_differences`. With return_samples, also the samples that were scored:
+    (table, {method: samples [N, *world.shape]}), ground truth included, N = len(case_ids) · per_case in
+    `eval_plan` order.
     """
     import pandas as pd
 
     ids, prompts, noise = eval_plan(world, case_ids, per_case, seeds.sample, split=split)
     text = text_encoder(text, next(gen.parameters()).device)
-    frames = [score_cases(evaluators, world, ids, world.render(ids, seed=seeds.ground_truth), prompts,
+    samples = {"ground truth": world.render(ids, seed=seeds.ground_truth)}
+    frames = [score_cases(evaluators, world, ids, samples["ground truth"], prompts,
                           reference_seed=seeds.reference).assign(method="ground truth", denoise=np.nan)]
     for name, loras in methods.items():
         per_sample = None if loras is None else [loras[c] for c in ids]
@@ -367,5 +373,46 @@ def compare(gen, world, evaluators, methods: dict, case_ids: Sequence[int], *, p
         frame = score_cases(evaluators, world, ids, x, prompts, reference_seed=seeds.reference)
         frame["denoise"] = denoising_loss(gen, world, ids, per_sample, prompts, seeds.denoise, text=text)
         frames.append(frame.assign(method=name))
+        if return_samples:
+            samples[name] = x
     table = pd.concat([f.assign(sample=range(len(ids))) for f in frames], ignore_index=True)
-    return table[["method", "sample", *[c for c in table.columns if c not in ("method", "sample")]]]
+    table = table[["method", "sample", *[c for c in table.columns if c not in ("method", "sample")]]]
+    return (table, samples) if return_samples else table
+
+
+def paired_differences(per_case, method: str, baselines: Sequence[str], metrics: dict[tuple, Sequence[str]],
+                       by: Sequence[str], *, baseline_column: str = "baseline", seed: int = 0):
+    """`method` minus each baseline, paired over cases (`paired_difference`), per group of `by`, metric and baseline.
+
+    per_case: `case_means` output (columns by..., method, case_id, the metrics). metrics: {group key (a tuple of
+    the `by` values): its metrics}, in the order the rows should come; a metric the table lacks is left out.
+    Returns a DataFrame with one row per (group, metric, baseline): by..., metric, `baseline_column`, difference,
+    ci_low, ci_high, cases, verdict (for `method`; LOWER_IS_BETTER metrics turned around).
+    """
+    import pandas as pd
+
+    # One pivot of the whole table, then a block per group: the order of the cases in a block (which the bootstrap
+    # resamples) is the pivot's.
+    values = sorted({m for group_metrics in metrics.values() for m in group_metrics} & set(per_case.columns))
+    wide = per_case.pivot_table(index=[*by, "case_id"], columns="method", values=values, sort=False)
+    rows = []
+    for key, group_metrics in metrics.items():
+        for metric in group_metrics:
+            if metric not in wide.columns.get_level_values(0):
+                continue
+            block = wide.loc[key if len(key) > 1 else key[0], metric]
+            for baseline in baselines:
+                d = paired_difference(block[method], block[baseline], lower_is_better=metric in LOWER_IS_BETTER,
+                                      seed=seed)
+                rows.append({**dict(zip(by, key)), "metric": metric, baseline_column: baseline, **d})
+    return pd.DataFrame(rows)
+
+
+def setting_metrics(settings: Sequence[tuple[str, str, str]], splits: Sequence[str] = ()) -> dict[tuple, list[str]]:
+    """The metrics `paired_differences` compares per group: each setting's (name, task, kind) task metrics and
+    denoise, keyed (setting,) or, with splits, (setting, split) for each split."""
+    metrics = {}
+    for setting, task, _ in settings:
+        for key in ([(setting, split) for split in splits] if splits else [(setting,)]):
+            metrics[key] = [*METRICS[task], "denoise"]
+    return metrics

@@ -13,14 +13,19 @@ def set_theme() -> None:
     sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
-    """Save a matplotlib figure atomically (format from the suffix) and close it."""
+def save_figure(fig, path: str | os.PathLike, dpi: int = 150, show: bool = False) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix) and close it; with `show`, display the saved
+    file in the notebook (the closed figure would not appear there otherwise)."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    if show:
+        from IPython.display import Image, display
+
+        display(Image(filename=path))
     return path
 
 

@@ -185,3 +185,298 @@ def _checked(x: Tensor, ndim: int, what: str) -> Tensor:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise LofaError(f"{what} needs a non-empty tensor {layout} in [-1, 1]; got {got}")
     return x
+
+
+# ---------------------------------------------------------------- the notebooks' figures
+# Each function draws one figure of a pipeline notebook from that notebook's tables or samples and returns the
+# matplotlib Figure (save it with `lofa.plotting.save_figure`).
+
+def sample_panels(panels: Sequence[tuple[str, Tensor, Sequence[str], Sequence[str]]], width: float = 12.0,
+                  heights: Sequence[float] | float = 2.6, frames: int = 4, tight: bool = False, pad: float = 0.0):
+    """One panel per row of the figure: (title, tiles, row_labels, col_labels) with tiles [R·C, 3, H, W] images or
+    [R·C, 3, T, H, W] videos (drawn as filmstrips of `frames` frames), R = len(row_labels) rows of C =
+    len(col_labels) tiles, row-major. A panel without tiles (C = 0) is left blank. heights: inches per panel (one
+    number for all); pad: inches added to the figure's height."""
+    import matplotlib.pyplot as plt
+
+    heights = [heights] * len(panels) if isinstance(heights, (int, float)) else list(heights)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, sum(heights) + pad),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (title, tiles, row_labels, col_labels) in zip(axes[:, 0], panels):
+        if not len(col_labels):
+            ax.set_axis_off()
+            continue
+        labels = {"ncols": len(col_labels), "row_labels": list(row_labels), "col_labels": list(col_labels),
+                  "title": title, "ax": ax}
+        if tiles.ndim == 5:
+            video_grid(tiles, frames=frames, **labels)
+        else:
+            image_grid(tiles, **labels)
+    if tight:
+        fig.tight_layout()
+    return fig
+
+
+def learning_curves(histories: dict, titles: dict[str, str], *, log: bool = True,
+                    ylims: dict[str, tuple] | None = None, reference: tuple[str, float, str] | None = None,
+                    panel_width: float = 4.2, height: float = 3.3):
+    """One panel per column of `titles` ({column: panel title}) that the histories have: each history ({label:
+    DataFrame with `step` and the columns}) as a moving average over 10 % of its steps. ylims: {column: y limits};
+    reference: (column, value, label) of a dashed horizontal line (e.g. the paper's number)."""
+    import matplotlib.pyplot as plt
+
+    first = next(iter(histories.values()))
+    columns = [c for c in titles if c in first]
+    fig, axes = plt.subplots(1, len(columns), figsize=(panel_width * len(columns), height), squeeze=False)
+    for label, h in histories.items():
+        window = max(1, len(h) // 10)
+        for ax, column in zip(axes[0], columns):
+            ax.plot(h.step, h[column].rolling(window, min_periods=1).mean(), label=label)
+    for ax, column in zip(axes[0], columns):
+        ax.set(xlabel="step", title=titles[column], yscale="log" if log else "linear")
+        if ylims and column in ylims:
+            ax.set_ylim(*ylims[column])
+        if reference and reference[0] == column:
+            ax.axhline(reference[1], color="grey", ls="--", lw=1, label=reference[2])
+    axes[0, -1 if reference else 0].legend(fontsize=7)
+    return fig
+
+
+def fidelity_curves(curves, reference_fidelity, settings: Sequence[str], references: Sequence[str]):
+    """Stage II's ΔW fidelity over its training (notebook 06): per setting (rows), the cosine and the norm ratio
+    (columns) of LoFA's LoRAs of the followed held-out (solid) and training (dashed) cases, beside the reference
+    predictors' levels on the same cases (horizontal lines, one colour per reference).
+
+    curves: columns setting, step, {heldout,train}_{cosine,magnitude}; reference_fidelity: one row per (setting,
+    cases, method, case_id) with cosine and magnitude (`lofa.hypernet.fidelity.reference_delta_fidelity`)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    levels = reference_fidelity.groupby(["setting", "cases", "method"], sort=False)[["cosine", "magnitude"]].mean()
+    colors = dict(zip(references, sns.color_palette("tab10")[1:len(references) + 1]))
+    fig, axes = plt.subplots(len(settings), 2, figsize=(10, 2.6 * len(settings)), sharex=True, squeeze=False)
+    for setting, row in zip(settings, axes):
+        part = curves[curves.setting == setting]
+        for ax, quantity in zip(row, ("cosine", "magnitude")):
+            for split, style in (("heldout", "-"), ("train", "--")):
+                ax.plot(part.step, part[f"{split}_{quantity}"], "k" + style, marker="o", ms=3, label=f"LoFA, {split}")
+                for method in references:
+                    ax.axhline(levels.loc[(setting, split, method), quantity], color=colors[method], ls=style, lw=1,
+                               label=f"{method}, {split}")
+            ax.set(title=f"{setting}: " + ("ΔW cosine to the zoo LoRA" if quantity == "cosine" else "‖ΔŴ‖ / ‖ΔW‖"))
+    for ax in axes[-1]:
+        ax.set(xlabel="Stage II step")
+    axes[0, 1].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    return fig
+
+
+def map_disagreement(panels: Sequence[tuple[str, str, str, Tensor, Tensor]]):
+    """True and predicted response maps of single target matrices (notebook 05), one row per panel (row label,
+    case name, target name, true map [out, in] bool, predicted map [out, in] bool): the true map, the prediction,
+    and where they disagree (red: missed response, blue: predicted response where there is none, grey: both)."""
+    import matplotlib.pyplot as plt
+
+    from lofa.hypernet.losses import map_metrics
+
+    fig, axes = plt.subplots(len(panels), 3, figsize=(7.5, 2.3 * len(panels)), squeeze=False)
+    for row, (setting, name, target, true, pred) in zip(axes, panels):
+        tm, pm = true.numpy(), pred.numpy()
+        diff = np.zeros((*tm.shape, 3))
+        diff[tm & ~pm] = (0.85, 0.1, 0.1)
+        diff[pm & ~tm] = (0.1, 0.3, 0.9)
+        diff[tm & pm] = (0.8, 0.8, 0.8)
+        for ax, image, title in zip(row, (tm, pm, diff), ("true map", "Stage I", "disagreement")):
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest", aspect="auto")
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.grid(False)
+            ax.set_title(title, fontsize=8)
+        row[0].set_ylabel(f"{setting}\n{name[:28]}\n{target[-22:]}", fontsize=7)
+        c = map_metrics(pred, true)["cosine"]
+        row[2].set_title(f"disagreement (cosine {c:.2f})", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def method_points(per_case, methods: Sequence[str], metric: str = "acc", ylabel: str = "exact case recognised"):
+    """Notebook 07's figure: per setting (one panel each), the mean of `metric` over cases of each method with a 95 %
+    interval, held-out and training cases side by side, and the ground truth's mean as a dotted line.
+    per_case: `lofa.evaluate.case_means` by (setting, method), with a split column."""
+    import seaborn as sns
+
+    shown = per_case[per_case.method != "ground truth"]
+    grid = sns.catplot(shown, x="method", y=metric, hue="split", col="setting", kind="point", order=list(methods),
+                       hue_order=["heldout", "train"], errorbar=("ci", 95), dodge=0.3, linestyle="none", height=3.2,
+                       aspect=1.1)
+    grid.set_xticklabels(rotation=40, ha="right")
+    grid.set_axis_labels("", ylabel)
+    truth = per_case[per_case.method == "ground truth"].groupby("setting")[metric].mean()
+    for setting, ax in grid.axes_dict.items():
+        ax.axhline(truth[setting], color="0.55", ls=":", lw=1)
+    return grid.figure
+
+
+def initialisation_curves(quality, metric: str = "acc", ylabel: str = "exact case recognised"):
+    """Notebook 08's figure: per task (one panel each), the mean `metric` after k fine-tuning steps from each start
+    (`lofa.evaluate.summarize` by task, start, steps), the per-case LoRA's level dotted and ground truth's dashed."""
+    import seaborn as sns
+
+    rows = quality[quality.metric == metric]
+    curves = rows[~rows.start.isin(["per-case LoRA", "ground truth"])]
+    grid = sns.relplot(curves, x="steps", y="mean", hue="start", col="task", kind="line", marker="o", height=3.2,
+                       aspect=1.2, facet_kws={"sharex": False})
+    for task, ax in grid.axes_dict.items():
+        by_start = rows[rows.task == task].set_index(["start", "steps"])["mean"]
+        ax.axhline(by_start.loc["per-case LoRA"].iloc[0], color="0.3", ls=":", lw=1)
+        ax.axhline(by_start.loc["ground truth"].iloc[0], color="0.6", ls="--", lw=1)
+    grid.set_axis_labels("fine-tuning steps", ylabel)
+    return grid.figure
+
+
+def lora_train_time(times, summary, title: str):
+    """Notebook 03's training-time figure: seconds per LoRA per task and split (box and dots; times: the zoos'
+    frames with task and split columns) beside each zoo's total minutes (summary: `lofa.lora.quality.summarize_zoos`),
+    with the paper's hours for scale."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    order = list(summary.task)
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4), gridspec_kw={"width_ratios": [1.4, 1]})
+    sns.boxplot(times, x="task", y="wall_time_s", ax=axes[0], color="0.9", showfliers=False, order=order)
+    sns.stripplot(times, x="task", y="wall_time_s", hue="split", ax=axes[0], size=3, alpha=0.6, dodge=True,
+                  order=order)
+    axes[0].set(xlabel="", ylabel="seconds per LoRA", ylim=(0, None), title=title)
+    axes[0].legend(title="split", fontsize=8)
+    bars = axes[1].bar(summary.task, summary["total min"], color="tab:blue")
+    axes[1].bar_label(bars, labels=[f"{m:.{2 if m < 1 else 1}f} min\n{n} LoRAs"
+                                   for m, n in zip(summary["total min"], summary.LoRAs)], fontsize=8)
+    axes[1].set(ylabel="minutes for the whole zoo", title="collection", ylim=(0, summary["total min"].max() * 1.6))
+    axes[1].text(0.02, 0.97, "paper: ~2 h per video LoRA,\n~1 h per identity LoRA (GPU)", transform=axes[1].transAxes,
+                 va="top", fontsize=8, color="0.3")
+    return fig
+
+
+def lora_quality(quality, wide, per_case_samples: int, target: float, paper_metric: dict, title: str):
+    """Notebook 03's quality figure, one column per task: exact-case recognition of ground truth, base and LoRA with
+    intervals and the target line (quality: `lofa.lora.quality.quality_table`), then histograms over cases of the
+    LoRA's gain over the base in exact-case recognition, in the paper metric, and of the denoising-loss reduction
+    (wide: `lofa.lora.quality.per_case_wide`)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    palette = {"ground truth": "0.55", "base": "tab:orange", "LoRA": "tab:blue"}
+    tasks = list(quality.task.unique())
+    fig, axes = plt.subplots(4, len(tasks), figsize=(4.2 * len(tasks), 12.5), squeeze=False)
+    for j, task in enumerate(tasks):
+        q = quality[(quality.task == task) & (quality.split == "all") & (quality.metric == "acc")].set_index("method")
+        q = q.loc[list(palette)]
+        ax = axes[0, j]
+        ax.bar(q.index, q["mean"], color=list(palette.values()),
+               yerr=[q["mean"] - q.ci_low, q.ci_high - q["mean"]], capsize=4)
+        ax.axhline(target * q.loc["ground truth", "mean"], color="tab:red", ls="--", lw=1,
+                   label=f"target: {target} x ground truth")
+        ax.set(ylim=(0, 1.05), ylabel="exact case recognised", title=task)
+        ax.legend(fontsize=8, loc="upper right")
+        w = wide[wide.task == task]
+        metric = paper_metric[task]
+        edges = np.arange(-1 - 0.5 / per_case_samples, 1 + 0.5 / per_case_samples + 1e-9, 1 / per_case_samples)
+        gains = ((w["acc"]["LoRA"] - w["acc"]["base"], edges, "per-case gain in exact-case recognition (LoRA - base)"),
+                 (w[metric]["LoRA"] - w[metric]["base"], 15, f"per-case gain in {metric} (LoRA - base)"),
+                 (1 - w["denoise"]["LoRA"] / w["denoise"]["base"], 15, "denoising loss reduction, 1 - LoRA / base"))
+        for ax, (gain, bins, xlabel) in zip(axes[1:, j], gains):
+            frame = gain.rename("gain").to_frame().assign(split=w.split.to_numpy())
+            sns.histplot(frame, x="gain", hue="split", bins=bins, multiple="stack", ax=ax,
+                         hue_order=["train", "heldout"])
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set(xlabel=xlabel, ylabel="cases")
+    fig.suptitle(title, y=1.0)
+    fig.tight_layout()
+    return fig
+
+
+def sparsity_strip(per_lora, tasks: Sequence[str], tau: float, paper_below: tuple[float, float]):
+    """Notebook 04 (a): each LoRA's fraction of entries at or below τ (one dot per LoRA, a row per task; per_lora:
+    `lofa.analysis.sparsity_tables`), over the paper's band."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax.axvspan(*paper_below, color="tab:green", alpha=0.15, label="paper: 50–80 %")
+    sns.stripplot(per_lora, x="fraction_below", y="task", hue="task", order=list(tasks), ax=ax, size=4, alpha=0.7,
+                  legend=False)
+    ax.set(xlim=(0, 1), xlabel=f"fraction of entries with |ΔW|/|W| ≤ {tau:g} (one dot per LoRA)", ylabel="")
+    ax.legend(loc="lower left")
+    return fig
+
+
+def depth_type_heatmaps(depth_type, tasks: Sequence[str], tau: float, module_types: Sequence[str]):
+    """Notebook 04 (b): per task, % of active entries per block (rows, depth order) and module type (columns, in
+    `module_types` order, then "other"); depth_type: `lofa.analysis.group_response` by task, depth, module_type."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        grid = depth_type[depth_type.task == task].pivot(index="depth", columns="module_type", values="active_fraction")
+        grid = grid[[t for t in (*module_types, "other") if t in grid]] * 100
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=100, cmap="viridis", annot=grid.size <= 80, fmt=".0f",
+                    cbar=ax is axes[0, -1], cbar_kws={"label": f"% entries > τ = {tau:g}"})
+        ax.set(title=task, xlabel="module type", ylabel="block (depth order)")
+    return fig
+
+
+def similarity_matrices(matrices: dict, tasks: Sequence[str]):
+    """Notebook 04 (c): each similarity matrix of `lofa.analysis.similarity_tables` ({name: (matrix [n, n] sorted by
+    group, labels [n])}) with its groups outlined and labelled; the diagonal is left blank."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(matrices), figsize=(5.2 * len(matrices), 4.4), squeeze=False, layout="constrained")
+    for ax, (name, (matrix, labels)) in zip(axes[0], matrices.items()):
+        matrix = matrix.copy()
+        np.fill_diagonal(matrix, np.nan)   # self-similarity 1 would swamp the colour scale
+        finite = matrix[np.isfinite(matrix)]
+        image = ax.imshow(matrix, cmap="viridis", vmin=finite.min(), vmax=finite.max(), interpolation="nearest")
+        edges = [k for k in range(1, len(labels)) if labels[k] != labels[k - 1]]
+        for k in edges:
+            ax.axhline(k - 0.5, color="white", lw=0.8)
+            ax.axvline(k - 0.5, color="white", lw=0.8)
+        centres = [(s + e - 1) / 2 for s, e in zip([0, *edges], [*edges, len(labels)])]
+        ax.set_yticks(centres, [labels[int(c)] for c in centres], fontsize=6)
+        ax.set_xticks([])
+        ax.grid(False)
+        ax.set_title(f"{name}: {'IoU of maps' if name in tasks else 'profile correlation'}", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.7)
+    return fig
+
+
+def tau_sweep_lines(tau_sweep_table, tasks: Sequence[str], tau: float, paper_below: tuple[float, float]):
+    """Notebook 04 (d): per task, the mean active fraction of the LoRAs at every τ (line) and their range (band;
+    `lofa.analysis.tau_sweep_summary`), with the paper's band at τ = 2 % and the chosen τ marked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.axhspan(1 - paper_below[1], 1 - paper_below[0], color="tab:green", alpha=0.12, label="paper at τ = 2 %")
+    for task in tasks:
+        frame = tau_sweep_table[tau_sweep_table.task == task]
+        line, = ax.plot(frame.tau, frame.active_fraction_mean, marker="o", ms=3, label=task)
+        ax.fill_between(frame.tau, frame.active_fraction_min, frame.active_fraction_max, color=line.get_color(),
+                        alpha=0.2)
+    ax.axvline(tau, color="grey", ls="--", lw=1)
+    ax.set(xscale="log", ylim=(0, 1), xlabel="τ", ylabel="active fraction (|ΔW|/|W| > τ)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def competence_samples(worlds: dict, checks: dict, k: int = 6):
+    """Notebook 02's figure: per task ({task: World}), ground-truth renders above base samples for the coarse
+    captions of the same `k` training cases (checks: {task: `lofa.evaluate.base_competence` result}), labelled with
+    the coarse category. A filmstrip row (4 frames a case) is a quarter as tall as an image row: rows are sized to
+    their content."""
+    panels, heights = [], []
+    for task, world in worlds.items():
+        s = checks[task]["samples"]
+        labels = [world.coarse_names[world.cases[i].coarse] for i in s["ids"][:k]]
+        panels.append((f"{task}: coarse captions", torch.cat([s["real"][:k], s["coarse"][:k]]),
+                       ["renders", "base samples"], labels))
+        heights.append(1.3 if world.modality == "video" else 3.6)
+    return sample_panels(panels, width=12, heights=heights, pad=0.6)

@@ -2,6 +2,7 @@
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -326,3 +327,43 @@ def test_map_strip_and_response_rows_plot(tmp_path):
               "task b": [("case 2", responses)]}
     plot_response_rows(panels, tmp_path / "fig2.png", TAU, cell=6)
     assert (tmp_path / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _zoo_sweep():
+    """A long sweep table of two tasks (two LoRAs each, two modules, three τ) and its case table."""
+    rows, cases = [], []
+    for task in ("actions", "styles"):
+        for lora in (0, 1):
+            cases.append({"task": task, "lora": lora, "case": f"c{lora}", "coarse": lora, "family": f"f{lora}",
+                          "split": "train"})
+            for depth, module, numel in ((0, "blocks.0.attn1.to_q", 100), (1, "blocks.1.attn2.to_k", 300)):
+                for tau, active in ((0.01, 60), (0.02, 30 + 10 * lora), (0.05, 5)):
+                    rows.append({"task": task, "lora": lora, "module": module, "depth": depth,
+                                 "module_type": "self_q" if depth == 0 else "cross_k", "numel": numel, "tau": tau,
+                                 "active": active, "active_fraction": active / numel,
+                                 "sum_relative_change": 0.01 * numel})
+    return pd.DataFrame(rows), pd.DataFrame(cases)
+
+
+def test_zoo_sparsity_eta_and_tau_sweep_tables():
+    from lofa.analysis import (depth_type_verdicts, sparsity_tables, sparsity_verdicts, tau_sweep_summary,
+                               tau_sweep_verdicts, variance_explained_table)
+
+    sweep, cases = _zoo_sweep()
+    at_tau = sweep[np.isclose(sweep.tau, 0.02)]
+    per_lora, sparsity = sparsity_tables(at_tau, cases, paper_below=(0.5, 0.95))
+    assert len(per_lora) == 4 and {"case", "family", "split"} <= set(per_lora.columns)
+    assert np.allclose(per_lora.fraction_below, [1 - 60 / 400, 1 - 80 / 400] * 2)
+    assert list(sparsity.task) == ["actions", "styles", "all"] and list(sparsity.loras) == [2, 2, 4]
+    assert np.isclose(sparsity.set_index("task").loc["all", "mean_fraction_below"], 1 - 70 / 400)
+    assert (sparsity.share_in_paper_band == 1).all()
+    assert "inside the paper's" in sparsity_verdicts(sparsity, (0.5, 0.95))[0]
+    eta = variance_explained_table(at_tau)
+    assert list(eta.columns) == ["task", "eta2_module_type", "eta2_depth", "eta2_module", "eta2_lora"]
+    assert ((eta.drop(columns="task") >= 0) & (eta.drop(columns="task") <= 1)).all().all()
+    assert len(depth_type_verdicts(at_tau, eta)) == 2
+    tau_sweep = tau_sweep_summary(sweep)
+    assert len(tau_sweep) == 6 and np.allclose(tau_sweep.fraction_below_mean, 1 - tau_sweep.active_fraction_mean)
+    row = tau_sweep[(tau_sweep.task == "styles") & (tau_sweep.tau == 0.02)].iloc[0]
+    assert np.isclose(row.active_fraction_mean, 70 / 400) and np.isclose(row.active_fraction_min, 60 / 400)
+    assert len(tau_sweep_verdicts(tau_sweep, tau=0.02)) == 2

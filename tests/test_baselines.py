@@ -5,6 +5,7 @@ import shutil
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -251,9 +252,11 @@ def test_reference_loras_and_compare_score_every_method_on_the_same_plan(run, da
     assert all(oracle[c] in data.train_ids for c in data.heldout_ids[:2])
 
     methods = {"base": None, "base again": None, "mean LoRA": loras["mean LoRA"]}
-    table = compare(run.base("styles"), run.world("styles"), run.evaluators("styles"), methods, cases, per_case=1,
-                    seeds=EvalSeeds.of(0), cfg=GenerateConfig(steps=2))
-    assert list(table.method.unique()) == ["ground truth", "base", "base again", "mean LoRA"]
+    table, samples = compare(run.base("styles"), run.world("styles"), run.evaluators("styles"), methods, cases,
+                             per_case=1, seeds=EvalSeeds.of(0), cfg=GenerateConfig(steps=2), return_samples=True)
+    assert list(table.method.unique()) == list(samples) == ["ground truth", "base", "base again", "mean LoRA"]
+    assert all(x.shape == (len(cases), *data.world.shape) for x in samples.values())
+    assert torch.equal(samples["base"], samples["base again"])
     assert len(table) == 4 * len(cases)
     by = {m: f.drop(columns="method").reset_index(drop=True) for m, f in table.groupby("method")}
     assert by["base"].equals(by["base again"])
@@ -343,3 +346,19 @@ def test_ridge_lora_fits_on_training_loras_only(data, tmp_path):
     _rewrite(zoo_copy, data.zoo.case_ids("train")[0], 10.0)
     changed = RidgeLora.fit(_with_zoo(data, Zoo(zoo_copy))).predict(tokens, mask)[0][0]
     assert max(float((changed[n].delta_w - before[n].delta_w).abs().max()) for n in before) > 1e-5
+
+
+def test_steps_to_reach_finds_the_first_step_at_the_per_case_level():
+    from lofa.baselines.initialisation import steps_to_reach
+
+    rows = [("per-case LoRA", 100, 0.6), ("ground truth", np.nan, 0.9)]
+    rows += [("recipe start", k, v) for k, v in ((0, 0.1), (50, 0.4), (100, 0.5))]
+    rows += [("LoFA (x)", k, v) for k, v in ((0, 0.3), (50, 0.7), (100, 0.8))]
+    quality = pd.DataFrame([{"task": "styles", "start": s, "steps": k, "metric": m, "mean": v if m == "acc" else 0.0}
+                            for s, k, v in rows for m in ("acc", "denoise")])
+    reached = steps_to_reach(quality)
+    assert list(reached.start) == ["recipe start", "LoFA (x)"]
+    assert reached.set_index("start").steps_to_reach.isna().loc["recipe start"]
+    assert reached.set_index("start").steps_to_reach.loc["LoFA (x)"] == 50
+    assert (reached.per_case_lora_acc == 0.6).all() and list(reached.acc_at_0) == [0.1, 0.3]
+    assert (reached.recipe_steps == 100).all()

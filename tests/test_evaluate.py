@@ -7,7 +7,7 @@ import torch
 
 from lofa.diffusion import sample
 from lofa.errors import LofaError
-from lofa.evaluate import (GenerateConfig, case_means, denoising_loss, eval_plan, generate, paired_difference,
+from lofa.evaluate import (METRICS, GenerateConfig, case_means, denoising_loss, eval_plan, generate, paired_difference,
                            ratio_of_means,
                            score_cases, summarize)
 from lofa.lora.formats import LoraFactor
@@ -244,3 +244,34 @@ def test_paired_difference_calls_a_verdict_only_when_the_interval_excludes_zero(
     assert paired_difference(base - 1.0, base, lower_is_better=True)["verdict"] == "better"
     tie = paired_difference(np.r_[base, np.nan], np.r_[base + rng.normal(scale=1.0, size=40), 0.0])
     assert tie["cases"] == 40 and tie["verdict"] == "no significant difference"
+
+
+def test_paired_differences_per_group_metric_and_baseline():
+    from lofa.evaluate import paired_differences, setting_metrics
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for setting in ("a", "b"):
+        for case in range(6):
+            for method, shift in (("LoFA", 0.5), ("base", 0.0), ("other", 0.5)):
+                rows.append({"setting": setting, "method": method, "case_id": case,
+                             "acc": shift + 0.01 * rng.standard_normal(), "denoise": 1 - shift})
+    per_case = pd.DataFrame(rows)
+    metrics = {("a",): ["acc", "denoise", "missing"], ("b",): ["acc"]}
+    table = paired_differences(per_case, "LoFA", ("base", "other"), metrics, by=("setting",), seed=0)
+    assert list(table.columns[:3]) == ["setting", "metric", "baseline"]
+    assert table[["setting", "metric", "baseline"]].values.tolist() == [
+        ["a", "acc", "base"], ["a", "acc", "other"], ["a", "denoise", "base"], ["a", "denoise", "other"],
+        ["b", "acc", "base"], ["b", "acc", "other"]]
+    by = table.set_index(["setting", "metric", "baseline"])
+    assert by.loc[("a", "acc", "base"), "verdict"] == "better"
+    assert by.loc[("a", "denoise", "base"), "verdict"] == "better"  # lower is better for denoise
+    a = per_case[per_case.setting == "a"].pivot(index="case_id", columns="method", values="acc")
+    assert by.loc[("a", "acc", "base")].to_dict() == {**paired_difference(a["LoFA"], a["base"], seed=0)}
+    settings = (("s1", "styles", "image"), ("s2", "actions", "text"))
+    assert setting_metrics(settings) == {("s1",): [*METRICS["styles"], "denoise"],
+                                         ("s2",): [*METRICS["actions"], "denoise"]}
+    assert list(setting_metrics(settings, ("heldout", "train"))) == [("s1", "heldout"), ("s1", "train"),
+                                                                      ("s2", "heldout"), ("s2", "train")]
+    named = paired_differences(per_case, "LoFA", ("base",), metrics, by=("setting",), baseline_column="reference")
+    assert "reference" in named and "baseline" not in named

@@ -135,3 +135,34 @@ def test_long_column_labels_are_wrapped_so_they_never_overlap():
     plt.close(fig)
     assert wrap_label("a-b", 10) == "a-b" and wrap_label("abc-def", 4) == "abc-\ndef"
     assert wrap_label("averyveryverylongname", 4) == "averyveryverylongname"
+
+
+def test_notebook_figures_draw_from_their_tables():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from lofa.viz import (initialisation_curves, learning_curves, method_points, sample_panels, sparsity_strip,
+                          tau_sweep_lines)
+
+    panels = [("images", torch.zeros(4, 3, 8, 8), ["a", "b"], ["x", "y"]),
+              ("videos", torch.zeros(2, 3, 4, 8, 8), ["a"], ["x", "y"]), ("empty", torch.zeros(0), [], [])]
+    fig = sample_panels(panels, heights=[1, 1, 1])
+    assert len(fig.axes) == 3 and not fig.axes[2].axison
+    history = pd.DataFrame({"step": range(10), "loss": range(1, 11), "cosine": [0.1] * 10})
+    fig = learning_curves({"a": history}, {"loss": "loss", "cosine": "cosine", "absent": "not drawn"}, log=False,
+                          reference=("cosine", 0.5, "paper"))
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "cosine"]
+    per_case = pd.DataFrame([{"setting": s, "method": m, "split": split, "case_id": c, "acc": 0.5}
+                             for s in ("a", "b") for m in ("ground truth", "base", "LoFA")
+                             for split in ("heldout", "train") for c in range(2)])
+    fig = method_points(per_case, ["base", "LoFA"])
+    quality = pd.DataFrame([{"task": "t", "start": s, "steps": k, "metric": "acc", "mean": 0.1 * k}
+                            for s, k in (("per-case LoRA", 4), ("ground truth", np.nan), ("LoFA", 0), ("LoFA", 4))])
+    fig2 = initialisation_curves(quality)
+    per_lora = pd.DataFrame({"task": ["a", "b"], "fraction_below": [0.6, 0.7]})
+    fig3 = sparsity_strip(per_lora, ["a", "b"], 0.02, (0.5, 0.8))
+    sweep = pd.DataFrame({"task": "a", "tau": [0.01, 0.02], "active_fraction_mean": [0.5, 0.3],
+                          "active_fraction_min": [0.4, 0.2], "active_fraction_max": [0.6, 0.4]})
+    fig4 = tau_sweep_lines(sweep, ["a"], 0.02, (0.5, 0.8))
+    for f in (fig, fig2, fig3, fig4):
+        plt.close(f)

@@ -53,3 +53,63 @@ def finetune_from(gen, world, case_ids: Sequence[int], starts: dict[str, dict[in
         for k in steps:
             out[method_name(name, k)][case] = info["snapshots"][k]
     return out
+
+
+def initialisation_comparison(run, task: str, cases: int, per_case: int, fractions: Sequence[float], seeds, *,
+                              seed: int = 0, text=None):
+    """Notebook 08's study of one task: up to `cases` held-out cases (drawn with [seed, the task's index, 8]),
+    each fine-tuned with the zoo's recipe (`run`'s LoraTrainConfig) from the recipe's start, the mean LoRA and
+    LoFA's prediction of every setting of the task, kept after round(f · recipe steps) steps for f in `fractions`,
+    and scored with the zoo's per-case LoRA by `lofa.evaluate.compare` (seeds: an EvalSeeds).
+
+    Returns the `compare` table with start (the start's name; the method for per-case LoRA and ground truth),
+    steps (fine-tuning steps; the recipe's for the per-case LoRA, NaN for ground truth), task and recipe_steps.
+    """
+    import numpy as np
+
+    from lofa.baselines import mean_lora
+    from lofa.evaluate import GenerateConfig, compare
+    from lofa.hypernet.predictor import predict_cases
+    from lofa.pipeline import SETTINGS, TASKS
+
+    world, zoo, gen = run.world(task), run.zoo(task), run.base(task)
+    rng = np.random.default_rng([seed, TASKS.index(task), 8])
+    heldout = zoo.case_ids("heldout")
+    cases = sorted(int(c) for c in rng.choice(heldout, min(cases, len(heldout)), replace=False))
+    mean, _ = mean_lora(zoo, device=str(run.device))
+    starts = {"recipe start": None, "mean LoRA": {c: mean for c in cases}}
+    for setting, setting_task, _ in SETTINGS:
+        if setting_task == task:
+            starts[f"LoFA ({setting})"] = predict_cases(run.hypernet(setting), run.triplets(setting).conditions("eval"),
+                                                        cases)
+    recipe = run.config(LoraTrainConfig)
+    full_steps = recipe.for_task(task).steps
+    steps = sorted({round(f * full_steps) for f in fractions})
+    methods = finetune_from(gen, world, cases, starts, recipe, steps, seed=seeds.sample, text=text,
+                            device=str(run.device))
+    methods["per-case LoRA"] = {c: zoo.load(c)[0] for c in cases}
+    table = compare(gen, world, run.evaluators(task), methods, cases, per_case=per_case, seeds=seeds,
+                    cfg=run.config(GenerateConfig), text=text)
+    start_of = {method_name(s, k): (s, k) for s in starts for k in steps}
+    table["start"] = [start_of.get(m, (m, np.nan))[0] for m in table.method]
+    table["steps"] = [start_of.get(m, (m, full_steps))[1] for m in table.method]
+    return table.assign(task=task, recipe_steps=full_steps)
+
+
+def steps_to_reach(quality, metric: str = "acc"):
+    """Per task and fine-tuning start of `quality` (`lofa.evaluate.summarize` by task, start, steps), the fewest
+    steps whose mean `metric` reaches the per-case LoRA's -> columns task, start, per_case_lora_acc, acc_at_0,
+    steps_to_reach (NaN: not within the recipe's steps), recipe_steps."""
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    for task, block in quality[quality.metric == metric].groupby("task", sort=False):
+        by_start = block.set_index(["start", "steps"])["mean"]
+        target = by_start.loc["per-case LoRA"].iloc[0]
+        for start in block[~block.start.isin(["per-case LoRA", "ground truth"])].start.unique():
+            series = by_start.loc[start].sort_index()
+            hit = series[series >= target]
+            rows.append({"task": task, "start": start, "per_case_lora_acc": target, "acc_at_0": series.iloc[0],
+                         "steps_to_reach": hit.index[0] if len(hit) else np.nan, "recipe_steps": series.index.max()})
+    return pd.DataFrame(rows)
