@@ -129,20 +129,25 @@ def _time_steps(model, objective, batch_fn, cfg: TrainConfig, device: torch.devi
             "loss": float(loss.detach())}
 
 
-def cli_bench_train(args) -> int:
-    """`lofa bench train`: args.preset, device, clip, steps, stage1_batch, stage2_batch, checkpointing, json_out."""
+def _random_wan(args):
+    """(device, compute dtype, a random-weight video DiT of args.preset built on that device) for a benchmark."""
     from lofa.models.generator import Generator
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LofaError("--device cuda but no CUDA device is visible; use --device cpu (e.g. with --preset smoke)")
+    torch.manual_seed(0)
+    with torch.device(device):  # a 1.3B-parameter model initialises in seconds on the GPU, minutes on a CPU
+        gen = Generator.build("video_dit", args.preset)
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32, gen
+
+
+def cli_bench_train(args) -> int:
+    """`lofa bench train`: args.preset, device, clip, steps, stage1_batch, stage2_batch, checkpointing, json_out."""
     if args.steps < 3:
         raise LofaError(f"--steps {args.steps}: time at least 3 steps (the median is reported)")
     scale = args.preset
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):  # a 1.3B-parameter model initialises in seconds on the GPU, minutes on a CPU
-        gen = Generator.build("video_dit", scale)
+    device, dtype, gen = _random_wan(args)
     latent = latent_shape(args.clip, gen.config.in_channels)
     patch = gen.config.patch_size
     if any(n % p for n, p in zip(latent[1:], patch)):
@@ -208,17 +213,10 @@ def cli_bench_activate(args) -> int:
     """`lofa bench activate`: args.preset, device, runs, compile, json_out."""
     from lofa.hypernet.bench import _randomise_zero_inits
     from lofa.hypernet.predictor import LoFA
-    from lofa.models.generator import Generator
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LofaError("--device cuda but no CUDA device is visible; use --device cpu (e.g. with --preset smoke)")
     if args.runs < 5:
         raise LofaError(f"--runs {args.runs}: time at least 5 runs (the median is reported)")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        gen = Generator.build("video_dit", args.preset)
+    device, dtype, gen = _random_wan(args)
     net = gen.net.to(dtype).eval().requires_grad_(False)
     spec = target_spec(gen, gen.lora_target_modules())
     cfg = preset(HyperConfig, args.preset, {"cond_dim": gen.context_dim})
