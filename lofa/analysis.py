@@ -24,26 +24,15 @@ from tqdm.auto import tqdm
 from lofa.errors import LofaError
 from lofa.config import TAU
 from lofa.io import atomic_path
+from lofa.response import EPS, relative_change, response_map  # noqa: F401 (lofa.analysis.response_map, as before)
 from lofa.lora.formats import (BaseWeightsFile, LoraFactor, LoraWeights, check_compatible, detect_format, load_lora,
                                natural_key)
 
-EPS = 1e-8
 CHUNK_ELEMENTS = 1 << 22  # ΔW entries per chunk: 16 MB in float32
 PLOT_POOL = 32  # cells per side of a module's pooled map in plots
 _SHORT_TYPE = {"self_q": "sq", "self_k": "sk", "self_v": "sv", "self_o": "so", "cross_q": "cq", "cross_k": "ck",
                "cross_v": "cv", "cross_o": "co", "cross_k_img": "ki", "cross_v_img": "vi", "ffn_in": "f1",
                "ffn_out": "f2", "other": "x"}  # x-axis labels of plot_response_rows
-
-
-def relative_change(delta_w: torch.Tensor, w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """|ΔW| / (|W| + eps), elementwise, in float32 (or float64 if either input is). Any matching shapes."""
-    dtype = torch.promote_types(torch.promote_types(delta_w.dtype, w.dtype), torch.float32)
-    return delta_w.to(dtype).abs().div_(w.abs().to(dtype).add_(eps))  # abs() copies: the in-place ops are safe
-
-
-def response_map(delta_w: torch.Tensor, w: torch.Tensor, tau: float = TAU, eps: float = EPS) -> torch.Tensor:
-    """Binary response map R = relative_change > τ, bool, same shape as W."""
-    return relative_change(delta_w, w, eps) > tau
 
 
 @dataclass

@@ -367,3 +367,22 @@ def test_zoo_sparsity_eta_and_tau_sweep_tables():
     row = tau_sweep[(tau_sweep.task == "styles") & (tau_sweep.tau == 0.02)].iloc[0]
     assert np.isclose(row.active_fraction_mean, 70 / 400) and np.isclose(row.active_fraction_min, 60 / 400)
     assert len(tau_sweep_verdicts(tau_sweep, tau=0.02)) == 2
+
+
+def test_one_delta_w_everywhere():
+    """ΔW has one implementation (lofa.response.delta_w): the LoRA file's, the losses' and LoRA training's agree
+    bit for bit, and the response map is relative_change > τ."""
+    from lofa.hypernet.losses import delta
+    from lofa.lora.formats import LoraFactor
+    from lofa.lora.train import _delta
+    from lofa.response import TAU, delta_w, relative_change, response_map
+
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(4, 12, generator=g).half(), torch.randn(10, 4, generator=g).half()
+    w = torch.randn(10, 12, generator=g)
+    f = LoraFactor(A, B, 8.0)
+    expect = 2.0 * (B.float() @ A.float())
+    assert torch.equal(f.delta_w, expect) and torch.equal(delta_w(A, B, 2.0), expect)
+    assert torch.equal(delta((A[None], B[None], 8.0))[0], expect)
+    assert torch.equal(_delta(f, w), expect)
+    assert torch.equal(response_map(expect, w), relative_change(expect, w) > TAU)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from lofa import seeds as seed_streams
 from lofa.diffusion import flow_matching_loss, randn, sample_t
 from lofa.errors import LofaError
-from lofa.analysis import response_map
+from lofa.response import response_map
 from lofa.config import TAU
 from lofa.hypernet.losses import delta
 from lofa.hypernet.train import LoraBatch

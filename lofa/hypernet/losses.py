@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lofa.errors import LofaError
+from lofa.response import delta_w
 
 Factors = tuple[torch.Tensor, torch.Tensor, "float | torch.Tensor"]
 DiffusionLossFn = Callable[[dict[str, Factors], object], torch.Tensor]
@@ -29,8 +30,7 @@ def lora_scale(alpha, rank: int, n: int, device) -> torch.Tensor:
 def delta(factors: Factors) -> torch.Tensor:
     """ΔW [N, out, in] = (alpha / r) · B @ A, in float32."""
     A, B, alpha = factors
-    s = lora_scale(alpha, A.shape[-2], A.shape[0], A.device)
-    return s[:, None, None] * (B.float() @ A.float())
+    return delta_w(A, B, lora_scale(alpha, A.shape[-2], A.shape[0], A.device)[:, None, None])
 
 
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, balance: str = "balanced"

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from lofa.analysis import response_map
+from lofa.response import response_map
 from lofa import seeds
 from lofa.config import TAU
 from lofa.errors import LofaError

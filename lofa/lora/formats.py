@@ -38,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 
 from lofa.errors import LofaError
 from lofa.io import save_safetensors
+from lofa.response import delta_w
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class LoraFactor:
 
     def delta_rows(self, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows start:stop of ΔW, [stop - start, in], computed in `dtype` (never the factors' half precision)."""
-        return self.scale * (self.B[start:stop].to(dtype) @ self.A.to(dtype))
+        return delta_w(self.A, self.B[start:stop], self.scale, dtype)
 
     @property
     def delta_w(self) -> torch.Tensor:

@@ -28,6 +28,7 @@ from lofa.diffusion import flow_matching_loss, sample_t
 from lofa.errors import LofaError
 from lofa.lora.formats import LoraFactor, LoraWeights, check_compatible
 from lofa.models.text import text_encoder
+from lofa.response import delta_w
 from lofa.schedules import lr_scheduler
 
 
@@ -368,7 +369,7 @@ def check_lora(net: nn.Module, weights: LoraWeights) -> None:
 
 def _delta(f: LoraFactor, w: torch.Tensor) -> torch.Tensor:
     """ΔW [out, in] on w's device and in w's dtype."""
-    return f.scale * (f.B.to(w) @ f.A.to(w))
+    return delta_w(f.A.to(w.device), f.B.to(w.device), f.scale, w.dtype)
 
 
 def _net(gen) -> nn.Module:
