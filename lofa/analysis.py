@@ -406,6 +406,8 @@ def permutation_test(sim: np.ndarray, labels: Sequence[Hashable], n_perm: int = 
     sim: [n, n] similarity, symmetric (only pairs i < j are read; NaN = undefined pair, left out). labels: [n].
     Statistic: mean similarity of same-label pairs minus mean of different-label pairs. One-sided p-value:
     (1 + number of the `n_perm` seeded label shuffles whose statistic is at least the observed) / (1 + n_perm).
+    (scipy.stats.permutation_test permutes samples of a statistic over independent observations; here the
+    observations are pairs of one similarity matrix, whose labels must be shuffled together, so it is written out.)
     Returns {"within", "across", "difference", "p_value", "n_perm", "n", "n_groups", "n_within_pairs",
     "n_across_pairs"}.
     """

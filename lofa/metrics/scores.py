@@ -141,7 +141,12 @@ def top1(logits: torch.Tensor, labels) -> torch.Tensor:
 
 def bootstrap_ci(values, n: int = 1000, seed: int = 0, alpha: float = 0.05,
                  stat: Callable[[np.ndarray], float] = np.mean) -> tuple[float, float, float]:
-    """(stat(values), lower, upper): percentile bootstrap over samples, `n` resamples, (1 - alpha) interval."""
+    """(stat(values), lower, upper): percentile bootstrap over samples, `n` resamples, (1 - alpha) interval.
+
+    Not scipy.stats.bootstrap: its default interval is BCa and its resampling draws other indices from the same
+    seed, so every published interval would move; this one is the plain percentile bootstrap, vectorised for the
+    mean; `lofa.evaluate.paired_difference` resamples paired differences through it.
+    """
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or len(v) == 0:
         raise LofaError(f"bootstrap_ci needs a non-empty 1-D array of per-sample values, got shape {v.shape}")

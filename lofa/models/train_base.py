@@ -160,6 +160,9 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
         opt.step()
         sched.step()
         if ema is not None:
+            # A constant decay, not diffusers' EMAModel: its default decay ramps as (1 + step) / (10 + step) up to
+            # the cap, another average than the one the shipped bases were trained with (their recipe says
+            # ema_decay, constant), so using it would make every shipped base a different recipe.
             with torch.no_grad():
                 torch._foreach_lerp_(list(ema.parameters()), list(gen.parameters()), 1 - cfg.ema_decay)
         wall += time.perf_counter() - t0
