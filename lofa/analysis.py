@@ -9,7 +9,6 @@ on either side compared with a float64 computation; everything else matches it e
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -25,8 +24,7 @@ from lofa.errors import LofaError
 from lofa.config import TAU
 from lofa.io import atomic_path
 from lofa.response import EPS, relative_change, response_map  # noqa: F401 (lofa.analysis.response_map, as before)
-from lofa.lora.formats import (BaseWeightsFile, LoraFactor, LoraWeights, check_compatible, detect_format, load_lora,
-                               natural_key)
+from lofa.lora.formats import BaseWeightsFile, LoraFactor, LoraWeights, check_compatible, natural_key
 
 CHUNK_ELEMENTS = 1 << 22  # ΔW entries per chunk: 16 MB in float32
 PLOT_POOL = 32  # cells per side of a module's pooled map in plots
@@ -630,7 +628,7 @@ def tau_sweep_verdicts(tau_sweep: pd.DataFrame, tau: float = TAU,
 
 
 # --- plot --------------------------------------------------------------------------------------------------------
-def _plot_format(path: str | Path) -> str:
+def plot_format(path: str | Path) -> str:
     from matplotlib.figure import Figure
 
     fmt = Path(path).suffix.lstrip(".").lower()
@@ -661,7 +659,7 @@ def plot_response_map(responses: Mapping[str, ModuleResponse], path: str | Path,
     from matplotlib.figure import Figure
     import seaborn as sns
 
-    fmt = _plot_format(path)
+    fmt = plot_format(path)
     table = response_table(responses)
     heat = _percent_active_grid(table)
     blocks, types = list(heat.index), list(heat.columns)
@@ -740,7 +738,7 @@ def plot_response_rows(panels: Mapping[str, Sequence[tuple[str, Mapping[str, Mod
     """
     from matplotlib.figure import Figure
 
-    fmt = _plot_format(path)
+    fmt = plot_format(path)
     if not panels or not all(panels.values()):
         raise LofaError("plot_response_rows needs at least one LoRA in every panel")
     gap = 1
@@ -786,7 +784,7 @@ def plot_response_rows(panels: Mapping[str, Sequence[tuple[str, Mapping[str, Mod
 
 
 # --- `lofa response-map` -----------------------------------------------------------------------------------------
-def _describe(lora: LoraWeights) -> str:
+def describe_lora(lora: LoraWeights) -> str:
     ranks = sorted({f.rank for f in lora.values()})
     alphas = sorted({f.alpha for f in lora.values()})
 
@@ -796,7 +794,7 @@ def _describe(lora: LoraWeights) -> str:
     return f"{len(lora)} modules, rank {span(ranks)}, alpha {span(alphas)}"
 
 
-def _table_text(responses: Mapping[str, ModuleResponse], tau: float) -> str:
+def response_text(responses: Mapping[str, ModuleResponse], tau: float) -> str:
     table = response_table(responses)
     numel, active = int(table["numel"].sum()), int(table["active"].sum())
     grid = _percent_active_grid(table)
@@ -814,29 +812,3 @@ def _table_text(responses: Mapping[str, ModuleResponse], tau: float) -> str:
         "mean relative change by module type:",
         rel.to_string(float_format=lambda v: f"{v:.4g}"),
     ])
-
-
-def cli_response_map(args) -> int:
-    """`lofa response-map --base PATH --lora PATH [--tau 0.02] [--json] [--plot FILE]`.
-
-    args: .base, .lora, .tau, .json (bool), .plot (path or None). Prints the JSON summary (`response_summary`)
-    or a readable table; writes the plot atomically. Every bad input raises LofaError (the CLI prints it as one
-    line and exits 2), before anything is written.
-    """
-    tau = float(args.tau)
-    if not (math.isfinite(tau) and tau >= 0):
-        raise LofaError(f"--tau {args.tau}: must be a finite number >= 0 (the paper uses 0.02)")
-    if args.plot:
-        _plot_format(args.plot)
-    base = BaseWeightsFile(args.base)
-    lora, _ = load_lora(args.lora, module_names=list(base))
-    responses = lora_response(base, lora, tau, pool=PLOT_POOL if args.plot else None)
-    if args.json:
-        print(json.dumps(response_summary(responses, tau), indent=2))
-    else:
-        print(f"LoRA  {args.lora}  ({detect_format(args.lora)} naming, {_describe(lora)})")
-        print(f"base  {args.base}")
-        print(_table_text(responses, tau))
-    if args.plot:
-        plot_response_map(responses, args.plot, tau, title=Path(args.lora).name)
-    return 0

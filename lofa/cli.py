@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="rerun notebooks even when their cache is valid")
     r.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the console")
     r.add_argument("--publish", action="store_true", help="copy the figures and manifest to figures/<scale>/")
-    r.set_defaults(func=_Command("lofa.reproduce:cli_reproduce"))
+    r.set_defaults(func=_Command("lofa.commands:reproduce"))
 
     pt = sub.add_parser("pretrain", help="train the base generator and evaluators of a task and write the shipped "
                         "folder data/pretrained/<scale>/<task>/ (weights, config, manifest with sha256)",
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--part", default="models", choices=["models", "zoo"],
                     help="models: the base generator and evaluators; zoo: the per-case LoRA zoo on the shipped base")
     pt.add_argument("--out", metavar="DIR", help="write DIR/<task>/ instead of data/pretrained/<scale>/<task>/")
-    pt.set_defaults(func=_Command("lofa.models.pretrained:cli_pretrain"))
+    pt.set_defaults(func=_Command("lofa.commands:pretrain"))
 
     m = sub.add_parser("response-map", help="response map |ΔW/W| > τ of a LoRA file against its base model",
                        description="Relative change |ΔW| / |W| of every LoRA module and its response map above τ.")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tau", type=float, default=TAU, help="response threshold τ on |ΔW| / |W| (the paper's 2 %%)")
     m.add_argument("--json", action="store_true", help="print one JSON object instead of the readable summary")
     m.add_argument("--plot", metavar="FILE", help="also save a figure of the response map to FILE (PNG, PDF, ...)")
-    m.set_defaults(func=_Command("lofa.analysis:cli_response_map"))
+    m.set_defaults(func=_Command("lofa.commands:response_map"))
 
     t = sub.add_parser("train", help="train the hypernetwork of one setting (runs under accelerate launch too)",
                        description="Train one setting's Stage I (and Stage II) and whatever upstream artifact is "
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overrides", metavar="YAML",
                    help="config overrides: " + OVERRIDES_HELP.format(name="Stage2TrainConfig", field="steps",
                                                                      value=300))
-    t.set_defaults(func=_Command("lofa.pipeline:cli_train"))
+    t.set_defaults(func=_Command("lofa.commands:train"))
 
     pr = sub.add_parser("predict", help="predict a LoRA from a condition with a trained LoFA checkpoint",
                         description="Predict one LoRA from one condition and write it as a diffusers-loadable "
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="LoRA file to write (diffusers naming, `transformer.` or `unet.` keys; required)")
     pr.add_argument("--device", default="auto", choices=DEVICES, help="where to predict (auto: the GPU when torch "
                     "sees one)")
-    pr.set_defaults(func=_Command("lofa.hypernet.predictor:cli_predict"))
+    pr.set_defaults(func=_Command("lofa.commands:predict"))
 
     z = sub.add_parser("zoo", help="LoRA zoos (the LoRA collections LoFA trains on)",
                        description="LoRA zoos: index.json + loras/case_XXXXX.safetensors (lofa.lora.zoo).")
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "relative error is in the index)")
     zi.add_argument("--rank", type=int, metavar="R", help="the zoo's rank with --ranks truncate (required there)")
     zi.add_argument("--force", action="store_true", help="replace the --out folder if it exists")
-    zi.set_defaults(func=_Command("lofa.lora.zoo_import:cli_zoo_import"))
+    zi.set_defaults(func=_Command("lofa.commands:zoo_import"))
     zt = zsub.add_parser("train", help="train LoFA (Stage I, then Stage II) on an imported zoo of prompt LoRAs",
                          description="Train both stages on a zoo made by lofa zoo import (prompt conditions): the "
                          "pipeline's recipe and configs, the reconstruction term alone (the zoo holds no training "
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--overrides", metavar="YAML",
                     help="config overrides: " + OVERRIDES_HELP.format(name="Stage2TrainConfig", field="steps",
                                                                       value=300))
-    zt.set_defaults(func=_Command("lofa.hypernet.imported:cli_zoo_train"))
+    zt.set_defaults(func=_Command("lofa.commands:zoo_train"))
 
     b = sub.add_parser("bench", help="benchmarks that print their figures",
                        description="Benchmarks that print their figures.")

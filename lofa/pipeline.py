@@ -211,7 +211,7 @@ class Run:
         from lofa.hypernet.data import TripletConfig, Triplets
         from lofa.models.text import TextEncoder
 
-        _, task, kind = _setting(setting)
+        _, task, kind = parse_setting(setting)
         encoder = None if kind == "text" else self.condition_encoder(task)
         text = TextEncoder(self.device) if kind == "text" else None
         return Triplets(self.world(task), self.zoo(task), self.base(task), kind, self.config(TripletConfig),
@@ -245,7 +245,7 @@ class Run:
         from lofa.hypernet.train import Stage2TrainConfig, TrainConfig
         from lofa.models.text import TextEncoder
 
-        _, task, kind = _setting(setting)
+        _, task, kind = parse_setting(setting)
         if variant not in HYPERNET_VARIANTS:
             raise LofaError(f"unknown hypernetwork variant {variant!r}; choose one of {', '.join(HYPERNET_VARIANTS)}")
         if stage not in (1, 2):
@@ -290,7 +290,7 @@ class Run:
         from lofa.baselines.text_to_lora import CONFIG_FILE, TextToLora, TextToLoraConfig, train_text_to_lora
         from lofa.hypernet.train import Stage2TrainConfig
 
-        _setting(setting)
+        parse_setting(setting)
         out = self.path("baselines", setting, "text-to-lora")
         if (out / CONFIG_FILE).exists():
             return TextToLora.from_pretrained(out, device=self.device)
@@ -323,31 +323,6 @@ def launched():
 
     # cpu=True where there is no GPU: without it accelerate sets up a single-process state under torchrun
     return PartialState(cpu=not torch.cuda.is_available())
-
-
-def cli_train(args) -> int:
-    """`lofa train`: Stage I (--stage 1) or both stages of one setting, with whatever upstream artifacts are missing.
-
-    One process, or several under `accelerate launch --num_processes N $(which lofa) train ...`: each process
-    trains on its own batches (batch_fn(step, process_index)) and gradients are averaged; the main process builds
-    the upstream artifacts and writes the checkpoints and the predictor folder.
-    """
-    from lofa.config import resolve_device
-
-    _setting(args.setting)  # bad input fails before anything is written
-    if args.overrides and not Path(args.overrides).is_file():
-        raise LofaError(f"overrides file {args.overrides} not found; give a YAML file of "
-                        "{ConfigClass: {field: value}}")
-    device = resolve_device(args.device)
-    launch = launched()
-    if launch is not None:
-        device = str(launch.device)  # this process's GPU (or the CPU), not cuda:0 for every process
-    run = Run(args.scale, device, args.seed, Path(args.run_root) / args.scale, args.overrides)
-    run.hypernet(args.setting, args.stage)
-    if launch is None or launch.is_main_process:
-        print(f"trained {args.setting} (stage {args.stage}) in {run.path('hypernet', args.setting, 'lofa')}"
-              + (f" on {launch.num_processes} processes" if launch else ""))
-    return 0
 
 
 # Run.build's steps: name -> the call that makes (or loads) the artifact of one key (a task, or for the
@@ -407,7 +382,7 @@ HYPERNET_VARIANTS = {"lofa": {}, "recon_l1": {"recon": "delta"}, "recon_factors"
                      "zero_start": {"start": "zero"}, "shared_head": {"lora_head": "shared"}}
 
 
-def _setting(name: str) -> tuple[str, str, str]:
+def parse_setting(name: str) -> tuple[str, str, str]:
     """(setting, task, condition kind) of a paper setting name."""
     for setting in SETTINGS:
         if setting[0] == name:

@@ -314,20 +314,3 @@ def publish(scale: str, run_root: str | Path = "runs", dest: str | Path | None =
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
-
-
-def cli_reproduce(args) -> int:
-    results = run(scale=args.scale, only=args.only, device=args.device, force=args.force, seed=args.seed,
-                  run_root=args.run_root, log_output=args.log_output)
-    run_dir = (Path(args.run_root) if Path(args.run_root).is_absolute() else REPO_DIR / args.run_root) / args.scale
-    for r in results:
-        print(f"  {r.name:<28} {r.status:<7} {r.seconds:8.1f} s" + (f"  ({r.reason})" if r.reason else ""))
-    from lofa.summary import results_summary
-
-    for line in results_summary(run_dir / "figures"):
-        print(line)
-    print(f"results: {run_dir}  (figures and tables in {run_dir / 'figures'}, manifest "
-          f"{run_dir / 'figures' / 'manifest.json'}, executed notebooks in {run_dir / 'notebooks'})")
-    if args.publish:
-        print(f"published to {publish(args.scale, args.run_root)}")
-    return 0

@@ -175,7 +175,7 @@ def text_checkpoint(net, base_dir, checkpoint_dir, max_length=8):
 def test_lofa_predict_for_a_unet_base_writes_a_file_the_unet_loads(unet, tmp_path, capsys, key_warnings):
     """`lofa predict` over a UNet base: the file carries `unet.` keys and loads with prefix="unet"."""
     from lofa.hypernet import LoFA
-    from lofa.hypernet.predictor import cli_predict
+    from lofa.commands import predict as cli_predict
 
     text_checkpoint(unet, tmp_path / "base", tmp_path / "ckpt")
     out = tmp_path / "pred.safetensors"

@@ -395,7 +395,7 @@ def test_predictor_round_trip_merge_and_lora_file(tmp_path):
 
 def test_cli_predict_writes_a_lora_diffusers_loads(tmp_path, capsys):
     """Text-conditioned checkpoint over a real (tiny) Wan DiT: `lofa predict` -> file -> diffusers, no key left."""
-    from lofa.hypernet.predictor import cli_predict
+    from lofa.commands import predict as cli_predict
     from lofa.models.video_dit import VideoDiTConfig, make_video_dit
 
     torch.manual_seed(0)

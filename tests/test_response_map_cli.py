@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lofa.analysis import cli_response_map
+from lofa.commands import response_map as cli_response_map
 from lofa.errors import LofaError
 from lofa.lora.formats import LoraFactor, diffusers_to_wan, save_lora
 

@@ -138,14 +138,3 @@ def train_on_zoo(zoo_dir: str | Path, out: str | Path, *, base: str | Path | Non
     save_pretrained(out, stage2, stage1, condition_encoder=text_encoder_reference(text, text_encoder),
                     base=str(Path(base if base is not None else data.zoo.header["base_path"]).resolve()))
     return LoFA.from_pretrained(out, device=device, dtype=torch.float32)
-
-
-def cli_zoo_train(args) -> int:
-    """`lofa zoo train ZOO --out DIR [--base PATH] [--text-encoder DIR] [--scale] [--overrides] [--heldout N]`."""
-    if args.overrides and not Path(args.overrides).is_file():
-        raise LofaError(f"overrides file {args.overrides} not found; give a YAML file of {{ConfigClass: {{field: value}}}}")
-    lofa = train_on_zoo(args.zoo_dir, args.out, base=args.base, text_encoder=args.text_encoder, scale=args.scale,
-                        overrides=args.overrides, heldout=args.heldout, device=args.device, seed=args.seed)
-    print(f"trained LoFA on {args.zoo_dir} ({len(lofa.spec)} modules, rank {lofa.cfg.rank}) in {args.out}; predict with "
-          f"lofa predict --checkpoint {args.out} --prompt TEXT --out FILE.safetensors")
-    return 0

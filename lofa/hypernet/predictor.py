@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from lofa.config import check_fields, resolve_device
+from lofa.config import check_fields
 from lofa.errors import LofaError
 from lofa.hypernet.config import HyperConfig
 from lofa.hypernet.model import Stage1, Stage2, Stage2Output, trim_condition
@@ -371,51 +371,6 @@ def _load_weights(module: nn.Module, path: Path) -> None:
 
 # The `lofa predict` option of each condition kind.
 CONDITION_OPTION = {"text": "prompt", "image": "image", "pose": "pose"}
-
-
-def cli_predict(args) -> int:
-    """`lofa predict --checkpoint DIR (--prompt TEXT | --image FILE | --pose FILE) --out FILE.safetensors`."""
-    from lofa.lora.formats import save_lora
-
-    _check_out(Path(args.out))
-    if not Path(args.checkpoint).is_dir():
-        raise LofaError(f"--checkpoint {args.checkpoint}: no such folder; the pipeline writes each setting's "
-                        "checkpoint to runs/<scale>/hypernet/<setting>/lofa/ (lofa train --setting SETTING)")
-    device = torch.device(resolve_device(getattr(args, "device", "auto")))
-    t0 = time.perf_counter()
-    lofa = LoFA.from_pretrained(args.checkpoint, device=device)
-    if lofa.base is None:
-        raise LofaError(f"{args.checkpoint} names no base model; re-save it with save_pretrained(..., base=PATH)")
-    times = {"load + base prefix": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    tokens, mask = lofa.encode_condition(args.prompt, args.image, args.pose)
-    _sync(device)
-    times["encode"] = time.perf_counter() - t0
-    lora = lofa.predict(tokens, mask)
-    times["stage I"] = lofa.timings["stage1_ms"] / 1e3
-    times["stage II"] = lofa.timings["stage2_ms"] / 1e3
-    t0 = time.perf_counter()
-    condition = args.prompt if args.prompt is not None else str(args.image or args.pose)
-    save_lora(args.out, {k: type(f)(A=f.A.cpu(), B=f.B.cpu(), alpha=f.alpha) for k, f in lora.items()},
-              metadata={"source": "lofa predict", "checkpoint": str(args.checkpoint), "condition": condition})
-    times["write"] = time.perf_counter() - t0
-    n = sum(f.A.numel() + f.B.numel() for f in lora.values())
-    print(f"wrote {args.out}: {len(lora)} modules, rank {lofa.cfg.rank}, alpha {lofa.cfg.alpha:g}, "
-          f"{n / 1e6:.2f} M numbers ({device})")
-    for phase, seconds in times.items():
-        print(f"  {phase:<20s} {1e3 * seconds:9.1f} ms")
-    print(f"  {'total':<20s} {1e3 * sum(times.values()):9.1f} ms")
-    return 0
-
-
-def _check_out(out: Path) -> None:
-    """--out must be a new or existing .safetensors file in an existing folder (checked before any work)."""
-    if out.suffix != ".safetensors":
-        raise LofaError(f"--out {out}: give a file name ending in .safetensors")
-    if out.is_dir():
-        raise LofaError(f"--out {out} is a folder; give a file name ending in .safetensors")
-    if not out.parent.is_dir():
-        raise LofaError(f"--out {out}: folder {out.parent} does not exist; create it first")
 
 
 @torch.no_grad()

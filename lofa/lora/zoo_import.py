@@ -428,17 +428,3 @@ def import_zoo(lora_dir: str | os.PathLike, conditions: str | os.PathLike, base:
             entries.append({**entry, "file": f"{LORA_DIR}/{lora_filename(case_id)}"})
         write_json(tmp / INDEX, {**header, "loras": entries})
     return out_dir
-
-
-def cli_zoo_import(args) -> int:
-    """`lofa zoo import DIR --conditions FILE.jsonl --base PATH --out ZOO_DIR [--tau] [--ranks] [--rank]
-    [--force]`: import, then print one summary line."""
-    out = import_zoo(args.dir, args.conditions, args.base, args.out, tau=args.tau, ranks=args.ranks,
-                     rank=args.rank, force=args.force)
-    index = json.loads((out / INDEX).read_text())
-    loras = index["loras"]
-    errors = [e["truncation_error"] for e in loras if "truncation_error" in e]
-    note = f", truncation error up to {max(errors):.3g}" if errors else ""
-    print(f"imported {len(loras)} LoRAs ({index['condition_kind']} conditions, {len(index['modules'])} modules, "
-          f"rank {index['rank']}, --ranks {index['ranks']}{note}) into {out}; base fingerprint {index['base']}")
-    return 0
