@@ -64,6 +64,13 @@ def _add_run_options(parser: argparse.ArgumentParser, device_help: str, root_hel
     parser.add_argument("--run-root", default="runs", metavar="DIR", help=root_help)
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    """--overrides YAML, shared by the subcommands that train with the scale's configs."""
+    parser.add_argument("--overrides", metavar="YAML",
+                        help="config overrides: " + OVERRIDES_HELP.format(name="Stage2TrainConfig", field="steps",
+                                                                          value=300))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="lofa", description="LoFA reproduction: pipeline, response maps, LoRA prediction and "
                "benchmarks. 'lofa COMMAND --help' describes each command.")
@@ -114,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a paper setting: one of {', '.join(SETTINGS)} (required)")
     t.add_argument("--stage", type=int, default=2, choices=[1, 2], help="1: Stage I only; 2: both stages")
     _add_run_options(t, "where to train (auto: the GPU when torch sees one)", "artifacts go to RUN_ROOT/<scale>/")
-    t.add_argument("--overrides", metavar="YAML",
-                   help="config overrides: " + OVERRIDES_HELP.format(name="Stage2TrainConfig", field="steps",
-                                                                     value=300))
+    _add_overrides(t)
     t.set_defaults(func=_Command("lofa.commands:train"))
 
     pr = sub.add_parser("predict", help="predict a LoRA from a condition with a trained LoFA checkpoint",
@@ -185,9 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--device", default="auto", choices=DEVICES, help="where to train (auto: the GPU when torch "
                     "sees one)")
     zt.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
-    zt.add_argument("--overrides", metavar="YAML",
-                    help="config overrides: " + OVERRIDES_HELP.format(name="Stage2TrainConfig", field="steps",
-                                                                      value=300))
+    _add_overrides(zt)
     zt.set_defaults(func=_Command("lofa.commands:zoo_train"))
 
     b = sub.add_parser("bench", help="benchmarks that print their figures",
