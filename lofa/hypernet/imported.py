@@ -30,9 +30,6 @@ from lofa.hypernet.tokenizer import BaseWeights, TargetSpec
 from lofa.lora.formats import BaseWeightsFile
 from lofa.lora.zoo import Zoo, weights_fingerprint
 
-# Held-out and training cases whose ΔW fidelity Stage II's history follows.
-MONITOR_CASES = 16
-
 
 def load_text_encoder(path: str | Path | None, device: str | torch.device):
     """MiniLM (`lofa.models.text.TextEncoder`, path None) or a local umT5 encoder folder (`UMT5TextEncoder`)."""
@@ -117,6 +114,7 @@ def train_on_zoo(zoo_dir: str | Path, out: str | Path, *, base: str | Path | Non
     from lofa.hypernet.predictor import CONFIG_FILE
     from lofa.hypernet.recipe import train_stage1, train_stage2
     from lofa.hypernet.train import Stage2TrainConfig, TrainConfig
+    from lofa.pipeline import MONITOR_CASES
 
     out = Path(out)
     device = resolve_device(device)

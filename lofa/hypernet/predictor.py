@@ -88,6 +88,7 @@ class LoFA:
         self.base_ref = base
         self.base: BaseWeights | None = None
         self.timings: dict[str, float] = {}
+        self._adapter_slots: dict[tuple[int, str], list] = {}  # (id(net), adapter) -> [(lora_A, lora_B) weights]
         self._stage1_fn, self._stage2_fn = self.stage1_features, self.stage2_factors
 
     @classmethod
@@ -245,7 +246,7 @@ class LoFA:
         """
         out = self.predict_factors(tokens, mask)
         t0 = time.perf_counter()
-        slots = getattr(self, "_adapter_slots", {}).get((id(net), adapter_name))
+        slots = self._adapter_slots.get((id(net), adapter_name))
         if slots is None:
             from peft import LoraConfig
 
@@ -256,7 +257,7 @@ class LoFA:
             for target in self.spec.targets:
                 module = net.get_submodule(target.name)
                 slots.append((module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight))
-            self._adapter_slots = {**getattr(self, "_adapter_slots", {}), (id(net), adapter_name): slots}
+            self._adapter_slots[(id(net), adapter_name)] = slots
             _sync(self.device)
             self.timings["add_adapter_ms"] = 1e3 * (time.perf_counter() - t0)
             t0 = time.perf_counter()
