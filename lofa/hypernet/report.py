@@ -230,15 +230,16 @@ STAGE2_CURVES = {"loss": "total loss", "recon": "reconstruction of ΔW / rms(W)"
 def reference_comparison(run, setting: str, cases_per_split: int, per_case: int, seeds: EvalSeeds, *, seed: int = 0,
                          text=None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     """Notebook 07's comparison of one setting: the base, the per-case LoRA, LoFA, Text-to-LoRA and every reference
-    predictor (`baselines.reference_loras`) on up to `cases_per_split` held-out and as many training cases (drawn
-    with [seed, the task's index]), scored by `evaluate.compare` on the same prompts and noise.
+    predictor (`baselines.reference_loras`), and LoFA, Text-to-LoRA and the ridge LoRA norm-matched to the training
+    LoRAs (`baselines.magnitude`, names `NORM_MATCHED`), on up to `cases_per_split` held-out and as many training
+    cases (drawn with [seed, the task's index]), scored by `evaluate.compare` on the same prompts and noise.
 
     Returns (table, sources, costs): table the `compare` table with a setting column; sources the references'
     choice per case (`reference_loras`' second value) with a setting column; costs one dict per hypernetwork
     (LoFA, Text-to-LoRA): setting, method, `evaluate.prediction_cost` on the first 8 held-out cases and
     per_case_lora_train_s (the median recorded training time of the task's training per-case LoRAs).
     """
-    from lofa.baselines import reference_loras
+    from lofa.baselines import NORM_MATCHED, match_norms, module_norms, reference_loras
     from lofa.pipeline import SETTINGS, TASKS
 
     _, task, _ = next(s for s in SETTINGS if s[0] == setting)
@@ -250,6 +251,9 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
     methods = {"base": None, "per-case LoRA": {c: data.zoo.load(c)[0] for c in cases},
                "LoFA": predict_cases(model, data.conditions("eval"), cases),
                "Text-to-LoRA": predict_cases(t2l, data.conditions("eval"), cases), **references}
+    norms = module_norms(data.zoo.load(c)[0] for c in data.train_ids)
+    for raw, matched in NORM_MATCHED.items():
+        methods[matched] = {c: match_norms(lora, norms) for c, lora in methods[raw].items()}
     train_s = float(np.median([run.zoo(task)[c]["wall_time_s"] for c in data.train_ids]))
     costs = [{"setting": setting, "method": name, **prediction_cost(m, data.conditions("eval"), data.heldout_ids[:8]),
               "per_case_lora_train_s": train_s} for name, m in (("LoFA", model), ("Text-to-LoRA", t2l))]
@@ -259,10 +263,13 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
 
 
 def reference_verdict_lines(verdicts: pd.DataFrame, metric: str = "acc") -> list[str]:
-    """One line per (setting, split) of notebook 07's paired differences (`evaluate.paired_differences` with a
-    reference column): LoFA's verdict and difference in `metric` against each reference."""
+    """One line per (method, setting, split) of notebook 07's paired differences (`evaluate.paired_differences`
+    with a reference column; a "method" column names the method compared, "LoFA" where it is missing): its verdict
+    and difference in `metric` against each reference."""
     lines = []
-    for (setting, split), block in verdicts[verdicts.metric == metric].groupby(["setting", "split"], sort=False):
-        lines.append(f"{setting:>13} {split:>8}: LoFA vs " + ", ".join(
+    table = verdicts[verdicts.metric == metric]
+    table = table if "method" in table else table.assign(method="LoFA")
+    for (method, setting, split), block in table.groupby(["method", "setting", "split"], sort=False):
+        lines.append(f"{setting:>13} {split:>8}: {method} vs " + ", ".join(
             f"{r.reference} {r.verdict} ({r.difference:+.2f})" for r in block.itertuples()))
     return lines
