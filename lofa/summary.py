@@ -67,6 +67,12 @@ def results_summary(figures: Path) -> list[str]:
                 parts.append(f"{r.start} {steps}")
             lines.append(f"fine-tuning steps to the per-case LoRA's exact-case acc, {task} (08_steps_to_reach.csv): "
                          + "; ".join(parts))
+    claims = table("09_paper_claims.csv")
+    if claims is not None:
+        from lofa.paper import verdict_counts
+
+        counts = ", ".join(f"{verdict} {n}" for verdict, n in verdict_counts(claims).items() if n)
+        lines.append(f"the paper's claims (09_paper_claims.csv, REPORT.md): {counts}")
     return lines
 
 

@@ -1,0 +1,95 @@
+"""The paper's claims against a run (lofa.paper): each verdict follows from its table by the stated rule."""
+import json
+
+import numpy as np
+import pandas as pd
+
+from lofa.paper import (CLAIMS, FAILS, HOLDS, MISSING, UNDECIDED, UNTESTABLE, assess_claims, provenance,
+                        report_markdown, verdict_counts, write_report)
+
+
+def _verdicts(table, key):
+    block = table[table.key == key]
+    return dict(zip(block.setting, block.verdict))
+
+
+def test_every_claim_reads_not_in_this_run_or_untestable_without_tables(tmp_path):
+    table = assess_claims(tmp_path)
+    assert list(dict.fromkeys(table.key)) == [c.key for c in CLAIMS]
+    assert set(table.verdict) == {MISSING, UNTESTABLE}
+    assert verdict_counts(table)[MISSING] == sum(1 for c in CLAIMS if c.section == "paper") - 3
+    assert provenance(tmp_path) == ""
+
+
+def test_sparsity_holds_inside_the_band_fails_outside_and_is_undecided_across_its_edge(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [{"task": task, "fraction_below": value}
+            for task, centre in (("actions", 0.65), ("styles", 0.1), ("identities", 0.5))
+            for value in centre + 0.02 * rng.standard_normal(40)]
+    pd.DataFrame(rows).to_csv(tmp_path / "04_sparsity_per_lora.csv", index=False)
+    assert _verdicts(assess_claims(tmp_path), "sparsity") == {"actions": HOLDS, "styles": FAILS,
+                                                               "identities": UNDECIDED}
+
+
+def test_map_fidelity_compares_the_interval_with_the_papers_number(tmp_path):
+    pd.DataFrame([{"setting": s, "comparison": "stage1_vs_truth", "cosine": c, "ci_low": c - 0.01,
+                   "ci_high": c + 0.01, "paper": 0.77, "cases": 8}
+                  for s, c in (("styles", 0.9), ("identities", 0.6), ("actions-text", 0.765))]
+                 ).to_csv(tmp_path / "06_map_fidelity.csv", index=False)
+    assert _verdicts(assess_claims(tmp_path), "stage1-fidelity") == {"styles": HOLDS, "identities": FAILS,
+                                                                      "actions-text": UNDECIDED}
+
+
+def test_on_par_claims_hold_unless_worse_and_better_claims_only_when_better(tmp_path):
+    rows = []
+    for reference in ("per-case LoRA", "Text-to-LoRA", "mean LoRA"):
+        for setting, metric, verdict, difference in (("styles", "csd", "worse", -0.3),
+                                                     ("styles", "acc", "no significant difference", 0.0),
+                                                     ("identities", "acc", "better", 0.2),
+                                                     ("identities", "dino", "worse", -0.1)):  # not a claim's metric
+            rows.append({"setting": setting, "split": "heldout", "metric": metric, "reference": reference,
+                         "difference": difference, "ci_low": difference - 0.1 if verdict != "better" else 0.1,
+                         "ci_high": difference + 0.1 if verdict != "worse" else -0.1, "cases": 12,
+                         "verdict": verdict})
+    pd.DataFrame(rows).to_csv(tmp_path / "07_reference_verdicts.csv", index=False)  # no method column: LoFA's
+    table = assess_claims(tmp_path)
+    assert _verdicts(table, "lofa-vs-lora") == {"styles · csd": FAILS, "styles · acc": HOLDS,
+                                                 "identities · acc": HOLDS}
+    assert _verdicts(table, "lofa-vs-t2l") == {"styles · csd": FAILS, "styles · acc": FAILS,
+                                                "identities · acc": HOLDS}
+    assert _verdicts(table, "lofa-vs-mean") == {"styles · acc": FAILS, "identities · acc": HOLDS}
+    # the norm-matched rows are another method's: absent from this table
+    assert set(_verdicts(table, "matched-vs-mean").values()) == {MISSING}
+
+
+def test_speed_and_prior_rules(tmp_path):
+    pd.DataFrame([{"setting": "styles", "method": "LoFA", "parameters": 10, "predict_ms": 20.0, "device": "cpu",
+                   "per_case_lora_train_s": 3.0},
+                  {"setting": "identities", "method": "LoFA", "parameters": 10, "predict_ms": 20.0, "device": "cpu",
+                   "per_case_lora_train_s": 1.0},
+                  {"setting": "identities", "method": "Text-to-LoRA", "parameters": 10, "predict_ms": 1.0,
+                   "device": "cpu", "per_case_lora_train_s": 1.0}]).to_csv(tmp_path / "07_methods.csv", index=False)
+    pd.DataFrame([{"task": "identities", "start": "recipe start", "steps_to_reach": 100.0, "recipe_steps": 200},
+                  {"task": "identities", "start": "LoFA (identities)", "steps_to_reach": 25.0, "recipe_steps": 200},
+                  {"task": "styles", "start": "recipe start", "steps_to_reach": np.nan, "recipe_steps": 200},
+                  {"task": "styles", "start": "LoFA (styles)", "steps_to_reach": np.nan, "recipe_steps": 200},
+                  {"task": "actions", "start": "recipe start", "steps_to_reach": 50.0, "recipe_steps": 200},
+                  {"task": "actions", "start": "LoFA (actions-text)", "steps_to_reach": np.nan, "recipe_steps": 200}]
+                 ).to_csv(tmp_path / "08_steps_to_reach.csv", index=False)
+    table = assess_claims(tmp_path)
+    assert _verdicts(table, "seconds-vs-hours") == {"styles": HOLDS, "identities": FAILS}  # 150× vs 50×
+    assert _verdicts(table, "prior") == {"LoFA (identities)": HOLDS, "LoFA (styles)": UNDECIDED,
+                                         "LoFA (actions-text)": FAILS}
+
+
+def test_report_has_one_section_per_claim_and_names_the_runs_provenance(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"a.csv": {"git_commit": "abcdef0123", "device": "cpu", "created": "2026-12-07T01:00:00+0000"},
+         "b.csv": {"git_commit": "abcdef0123", "device": "cpu", "created": "2026-12-07T02:00:00+0000"}}))
+    line = provenance(tmp_path)
+    assert "commit abcdef0" in line and "2026-12-07T01:00:00+0000 to 2026-12-07T02:00:00+0000" in line
+    table = assess_claims(tmp_path)
+    text = report_markdown(table, "mini", line)
+    assert text.count("### ") == len(CLAIMS) and line in text
+    path = write_report(table, tmp_path / "REPORT.md", "mini", line)
+    assert path.read_text() == text + "\n"
