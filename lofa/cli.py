@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(zt)
     zt.set_defaults(func=_Command("lofa.commands:zoo_train"))
 
-    b = sub.add_parser("bench", help="benchmarks that print their figures",
-                       description="Benchmarks that print their figures.")
+    b = sub.add_parser("bench", help="benchmarks and experiments that print their figures",
+                       description="Benchmarks and experiments that print their figures (lofa.bench, one module "
+                       "each).")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
     lat = bsub.add_parser("latency", help="Stage I + Stage II + merge latency at a preset's shapes",
                           description="Stage I + Stage II + merge latency at a preset's shapes, random weights.")
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-dit-checkpointing", dest="dit_checkpointing", action="store_false",
                     help="keep the DiT's activations instead of recomputing its blocks in the backward pass")
     tr.add_argument("--json-out", metavar="FILE", help="also write the figures and every sample to FILE (JSON)")
-    tr.set_defaults(func=_Command("lofa.hypernet.bench_wan:cli_bench_train"))
+    tr.set_defaults(func=_Command("lofa.bench.wan_training:cli_bench_train"))
     ac = bsub.add_parser("activate", help="from an encoded condition to a LoRA active in a live Wan transformer",
                          description="LoFA.activate per phase (Stage I, Stage II, the write into the peft adapter) "
                          "into a random-weight diffusers Wan transformer, and diffusers' hot-swap from a state dict.")
@@ -239,13 +240,68 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--runs", type=int, default=20, metavar="N", help="timed warm runs (the median is reported)")
     ac.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode (no torch.compile)")
     ac.add_argument("--json-out", metavar="FILE", help="also write the figures and every sample to FILE (JSON)")
-    ac.set_defaults(func=_Command("lofa.hypernet.bench_wan:cli_bench_activate"))
+    ac.set_defaults(func=_Command("lofa.bench.wan_activation:cli_bench_activate"))
+    th = bsub.add_parser("throughput", help="LoRAs per hour, batched multi-LoRA vs one-at-a-time peft training",
+                         description="Throughput of LoRA-zoo collection: LoRAs per hour, batched multi-LoRA training "
+                         "vs one-at-a-time peft training, same recipe, steps and cases (their final losses agree).")
+    th.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to time")
+    th.add_argument("--task", default="actions", choices=TASKS, help="the world whose cases and recipe are trained")
+    th.add_argument("--scale", default="mini", choices=SCALES, help="preset of the generator and the LoRA recipe")
+    th.add_argument("--loras", type=int, metavar="N", help="LoRAs in the batched run (default: the preset's "
+                    "group_size)")
+    th.add_argument("--single", type=int, metavar="N", help="LoRAs trained one at a time (default 4 on cpu, 8 on "
+                    "cuda)")
+    th.add_argument("--steps", type=int, metavar="N", help="training steps per LoRA (default: the preset's)")
+    th.add_argument("--base", metavar="DIR", help="a saved base generator (default: freshly initialised)")
+    th.add_argument("--seed", type=int, default=0, help="seed of the fresh generator and of every LoRA's training")
+    th.add_argument("--json-out", metavar="FILE", help="also write the figures to FILE (JSON)")
+    th.set_defaults(func=_Command("lofa.bench.lora_throughput:cli_bench_throughput"))
+    sw = bsub.add_parser("sweep", help="the LoRA recipe sweep: exact-case recognition of LoRA samples per recipe",
+                         description="The LoRA recipe sweep: how often samples from a case's LoRA are recognised as "
+                         "that exact case, as a fraction of how often ground-truth renders of it are, for several "
+                         "recipes on every task (notebook 03's protocol on a run's own bases and evaluators). "
+                         "Resumes: finished points in --out are skipped.")
+    sw.add_argument("--run-dir", required=True, metavar="DIR",
+                    help="a pipeline run folder (runs/<scale>): its bases and evaluators (required)")
+    sw.add_argument("--scale", default="mini", choices=SCALES, help="scale preset of the run's configs")
+    sw.add_argument("--device", default="auto", choices=DEVICES, help="where to train and score (auto: the GPU "
+                    "when torch sees one)")
+    sw.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to sweep")
+    sw.add_argument("--steps", nargs="*", type=int, default=[100, 200, 400, 800], metavar="N",
+                    help="step counts (may be none)")
+    sw.add_argument("--knobs", action="store_true", help="also lr x 2.5, rank x 2, batch x 4 at the preset's steps")
+    sw.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="LoraTrainConfig fields changed under every point, e.g. include_ffn=true batch_size=8")
+    sw.add_argument("--cases", type=int, default=48, metavar="N", help="every held-out case of the zoo's "
+                    "selection, then train cases up to this many (notebook 03's QUALITY_CASES)")
+    sw.add_argument("--per-case", type=int, default=2, metavar="N", help="samples scored per case")
+    sw.add_argument("--replicates", action="store_true",
+                    help="also train each LoRA again on new renders: ΔW cosine of a case's two LoRAs vs other cases'")
+    sw.add_argument("--seed", type=int, default=0, help="seed of the run, the case selection and every LoRA")
+    sw.add_argument("--out", required=True, metavar="FILE.csv",
+                    help="CSV of the points, rewritten after each one (required)")
+    sw.set_defaults(func=_Command("lofa.bench.lora_sweep:cli_bench_sweep"))
+    rp = bsub.add_parser("replicates", help="ΔW agreement of two LoRAs of one case vs LoRAs of different cases",
+                         description="How much of a per-case LoRA is its case, and how much is training noise: each "
+                         "case's LoRA trained twice with the task's zoo recipe, cos(ΔW) between a case's two "
+                         "replicates and between different cases.")
+    rp.add_argument("--run-dir", required=True, metavar="DIR",
+                    help="a pipeline run folder holding the task's base generator (required)")
+    rp.add_argument("--scale", default="mini", choices=SCALES, help="scale preset of the run's configs")
+    rp.add_argument("--task", default="identities", choices=TASKS, help="the task whose base and recipe are used")
+    rp.add_argument("--cases", type=int, default=4, metavar="N",
+                    help="train cases compared (the first of the world's train split)")
+    rp.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
+    rp.add_argument("--new-renders", action="store_true",
+                    help="the second replicate also draws new renders of its case (what a condition can predict)")
+    rp.add_argument("--seed", type=int, default=0, help="seed of the run and of both replicates' training")
+    rp.set_defaults(func=_Command("lofa.bench.lora_replicates:cli_bench_replicates"))
     return p
 
 
 def bench_latency(args: argparse.Namespace) -> int:
     """`lofa bench latency`: on the CPU, pin torch to --threads intra-op threads for the run and say so."""
-    from lofa.hypernet.bench import cli_bench_latency
+    from lofa.bench.latency import cli_bench_latency
 
     if args.device != "cpu":
         return cli_bench_latency(args)
@@ -261,6 +317,11 @@ def bench_latency(args: argparse.Namespace) -> int:
         return cli_bench_latency(args)
     finally:
         torch.set_num_threads(before)
+
+
+def bench_main(name: str) -> int:
+    """`python -m lofa.bench.MODULE ARGS` = `lofa bench NAME ARGS`: each benchmark has one argument parser, here."""
+    return main(["bench", name, *sys.argv[1:]])
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -3,7 +3,7 @@
 Each handler takes the parsed arguments, checks them before anything is written, calls the library, prints what
 a user needs, and returns the exit code; a bad input raises LofaError, which `lofa.cli.main` prints as one line
 (exit 2). The library is imported inside each handler, so `lofa --help` starts without loading torch. The
-benchmarks' handlers live with their benchmarks (`lofa.hypernet.bench`, `lofa.hypernet.bench_wan`).
+benchmarks' handlers live with their benchmarks, one module each in `lofa.bench`.
 """
 from __future__ import annotations
 

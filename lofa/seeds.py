@@ -139,7 +139,7 @@ PURPOSES: dict[str, Purpose] = _registry(
             entropy=("seed", "case"), words=4, word=3),
     Purpose("lora.init", "train", "the A shared by every LoRA of a zoo (LoraTrainConfig.shared_init)",
             parent="lora", entropy=("seed",), spawn_key=(1,)),
-    Purpose("lora.replicate", "train", "replicate `index` of a LoRA (lofa.lora.replicates): another draw of its "
+    Purpose("lora.replicate", "train", "replicate `index` of a LoRA (lofa.bench.lora_replicates): another draw of its "
             "batches (seed: its lora.stream) or renders (seed: its lora.render)", parent="lora.stream",
             entropy=("seed", "index")),
     Purpose("hypernet.init", "train", "parameter init of Stage I (Run.hypernet)"),
@@ -165,7 +165,7 @@ PURPOSES: dict[str, Purpose] = _registry(
     Purpose("competence", "eval", "seed + `index` of the base-competence check and the evaluator sanity table "
             "(notebook 02, lofa pretrain)", base=500_000, arg="index", limit=100_000),
     Purpose("quality.sample", "eval", "noise of scored sample `index` of the zoo's quality check (notebook 03, "
-            "lofa.lora.sweep)", base=7_000_000, scale=100_000, arg="index", limit=100_000),
+            "lofa bench sweep)", base=7_000_000, scale=100_000, arg="index", limit=100_000),
     Purpose("quality.ground_truth", "eval", "ground-truth renders of the zoo's quality check (index 1: the Fréchet "
             "reference set)", base=8_000_000, scale=100_000, arg="index", limit=100_000),
     Purpose("quality.reference", "eval", "style / face references of the zoo's quality check", base=9_000_000,

@@ -30,7 +30,8 @@ def options(parser):
 def test_every_option_has_help_with_its_default_and_choices():
     parsers = dict(subparsers(build_parser()))
     assert {("lofa", c) for c in ("reproduce", "pretrain", "response-map", "train", "predict")} <= set(parsers)
-    assert ("lofa", "bench", "latency") in parsers
+    benches = ("latency", "train", "activate", "throughput", "sweep", "replicates")
+    assert {("lofa", "bench", b) for b in benches} <= set(parsers)
     for path, parser in parsers.items():
         text = " ".join(parser.format_help().split())
         for action in options(parser):
@@ -73,6 +74,7 @@ def test_settings_and_tasks_listed_by_the_cli_are_the_pipelines():
     (["predict", "--prompt", "a kick"], "required: --checkpoint, --out"),
     (["predict", "--checkpoint", "c", "--prompt", "a", "--image", "b", "--out", "o.safetensors"], "not allowed with"),
     (["bench", "latency", "--preset", "huge"], "invalid choice: 'huge'"),
+    (["bench", "sweep", "--out", "s.csv"], "required: --run-dir"),
     (["response-map", "--base", "b", "--lora", "l", "--tau", "two"], "invalid float value: 'two'"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(capsys, argv, message):
@@ -88,6 +90,16 @@ def test_help_exits_0(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 0 and "usage: lofa" in capsys.readouterr().out
+
+
+def test_python_m_of_a_bench_module_is_its_lofa_bench_command(capsys, monkeypatch):
+    """`python -m lofa.bench.lora_sweep ARGS` runs `lofa bench sweep ARGS` (lofa.cli.bench_main)."""
+    from lofa.cli import bench_main
+
+    monkeypatch.setattr("sys.argv", ["lora_sweep.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main("sweep")
+    assert exit_info.value.code == 0 and "usage: lofa bench sweep" in capsys.readouterr().out
 
 
 def test_cpu_benchmark_pins_its_threads_and_says_so(capsys, tmp_path):

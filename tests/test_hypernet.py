@@ -426,7 +426,7 @@ def test_cli_predict_writes_a_lora_diffusers_loads(tmp_path, capsys):
 # --- benchmark ----------------------------------------------------------------------------------------------------
 
 def test_flop_count_matches_the_reference_estimate():
-    from lofa.hypernet.bench import bench_targets, stage_flops
+    from lofa.bench.latency import bench_targets, stage_flops
 
     cfg = HyperConfig()
     spec = bench_targets("paper")
@@ -436,7 +436,7 @@ def test_flop_count_matches_the_reference_estimate():
 
 
 def test_bench_latency_smoke_cpu(tmp_path, capsys):
-    from lofa.hypernet.bench import cli_bench_latency
+    from lofa.bench.latency import cli_bench_latency
 
     out = tmp_path / "bench.json"
     args = argparse.Namespace(preset="smoke", device="cpu", runs=20, compile=True, json_out=str(out))

@@ -277,9 +277,9 @@ def test_grouped_lora_refuses_non_linear_targets():
 
 
 def test_replicates_of_a_case_agree_more_than_different_cases():
-    """lofa.lora.replicates: two draws of one case's training stream (same renders, same init) give LoRAs closer to
+    """lofa.bench.lora_replicates: two draws of one case's training stream (same renders, same init) give LoRAs closer to
     each other than to other cases' LoRAs, but not identical ones."""
-    from lofa.lora.replicates import replicate_cosine
+    from lofa.bench.lora_replicates import replicate_cosine
 
     world, text = StubWorld(), StubText()
     r = replicate_cosine(tiny_generator(), world, [0, 1, 2], tiny_config(steps=20, lr=3e-3), seed=3, text=text)
@@ -305,7 +305,7 @@ def test_cosine_schedule_makes_the_last_steps_small():
 def test_new_renders_replicate_draws_other_renders_and_first_loras_are_reused():
     """replicate > 0 keeps the case's renders unless new_renders; replicate_cosine(first=...) gives what training
     replicate 0 itself gives."""
-    from lofa.lora.replicates import replicate_cosine
+    from lofa.bench.lora_replicates import replicate_cosine
     from lofa.lora.train import CaseStream
 
     world, text, cfg = StubWorld(), StubText(), tiny_config(steps=4)
@@ -323,9 +323,9 @@ def test_new_renders_replicate_draws_other_renders_and_first_loras_are_reused():
 
 
 def test_replicates_cli_refuses_a_run_without_a_base(tmp_path, capsys):
-    from lofa.lora.replicates import main
+    from lofa.cli import main
 
-    assert main(["--run-dir", str(tmp_path / "none"), "--task", "identities"]) == 2
+    assert main(["bench", "replicates", "--run-dir", str(tmp_path / "none"), "--task", "identities"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no trained identities base" in err
     assert not (tmp_path / "none").exists()

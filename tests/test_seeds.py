@@ -244,7 +244,7 @@ def test_vectorised_seed_sequence():
 @dataclass(frozen=True)
 class Counts:
     """How many seeds each stream of one run takes for one world at a scale (scored counts are upper bounds of what
-    notebooks 02-08 and lofa.lora.sweep score)."""
+    notebooks 02-08 and lofa bench sweep score)."""
 
     cases: int
     heldout: tuple[int, ...]         # held-out case ids (notebook 08 fine-tunes some of them)
@@ -272,7 +272,7 @@ def counts(scale: str, task: str) -> Counts:
     world = make_world(task, scale)
     cases, heldout = len(world.cases), len(world.ids("heldout"))
     n_check = 16 if scale == "smoke" else 128        # notebook 02 / lofa.models.pretrained.quality_numbers
-    quality_cases = {"smoke": 12, "mini": 48}.get(scale, 240)  # notebook 03 (lofa.lora.sweep: 48)
+    quality_cases = {"smoke": 12, "mini": 48}.get(scale, 240)  # notebook 03 (lofa bench sweep: 48)
     return Counts(
         cases=cases, heldout=tuple(world.ids("heldout")),
         base_steps=preset(BaseTrainConfig, scale).for_task(task).steps,
@@ -307,7 +307,7 @@ class Intervals:
 
 def _lora_seeds(out: Intervals, lora_seed: int, cases, label: str = "", replicates: bool = True) -> np.ndarray:
     """The hashed seeds of the LoRAs of `cases` (ids): four per case (lofa.lora.train.case_seeds), the shared init,
-    and the first replicate's batches and renders (lofa.lora.replicates)."""
+    and the first replicate's batches and renders (lofa.bench.lora_replicates)."""
     words = seed_sequence_words(_rows(lora_seed, np.asarray(cases)), 4)
     for k, name in enumerate(("render", "prior", "stream", "condition")):
         out.add(f"{label}lora.{name}", words[:, k])
@@ -387,7 +387,7 @@ def collisions() -> tuple[tuple, ...]:
 KNOWN_COLLISIONS = {
     ("evaluators.fit", "quality.denoise"): (
         (0,), "run seed 0 (the shipped runs): the evaluators' seed 10,000 gives fit seeds 10,000,000 + role (init and "
-        "batch / augmentation generator of referee and clip); notebook 03 and lofa.lora.sweep render the denoising "
+        "batch / augmentation generator of referee and clip); notebook 03 and lofa bench sweep render the denoising "
         "check at 10,000,000 and draw its noise from 10,000,001"),
     ("encoder.pairs>pairs.frames", "competence"): (
         (5,), "run seed 5: condition-encoder pair seeds 500,000 + step (frame picks, drawn for styles only) are the "

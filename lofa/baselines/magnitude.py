@@ -2,7 +2,7 @@
 
 Why: a predictor trained to regress the zoo's LoRAs from their conditions (LoFA's Stage II, Text-to-LoRA, the
 ridge LoRA) learns at best E[ΔW | condition]. Two LoRAs of one case trained on different renders agree only in part
-(`lofa.lora.replicates`), so that expectation averages away the part of each LoRA its case does not determine, and
+(`lofa bench replicates`), so that expectation averages away the part of each LoRA its case does not determine, and
 the prediction comes out several times smaller than any LoRA of the zoo: on held-out cases the ridge LoRA's ΔW has
 about half the zoo's norm, LoFA's a quarter to a half. A LoRA that small barely moves the base model. Rescaling each
 module's ΔW to the mean norm of the training LoRAs' ΔW of that module gives the prediction the strength of a LoRA

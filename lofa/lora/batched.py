@@ -160,7 +160,7 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
     Same recipe, data and randomness per case as `train_lora`, so the same weights. Returns [(weights, metadata)]
     in case order; metadata's wall_time_s is this batch's wall time divided by its number of LoRAs.
     replicate > 0 trains on another draw of the training stream (same init; same renders unless `new_renders`): see
-    lofa.lora.replicates.
+    lofa.bench.lora_replicates.
 
     A LoRA whose loss or factors go NaN or inf (`divergence`) is reported with a warning and retrained alone, in a
     group of one; the group's other LoRAs are kept as they are (each LoRA has its own samples, loss, gradient

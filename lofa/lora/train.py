@@ -44,7 +44,7 @@ class LoraTrainConfig:
     lr: float = 2e-3
     # "constant" | "cosine" (lr decays to 0 over the run). At a constant lr AdamW's steps stay lr-sized to the end,
     # so the final weights carry the last steps' gradient noise; the decay removes it, so two LoRAs of one case agree
-    # more (lofa.lora.replicates --new-renders). That noise barely changes what a LoRA generates, and the decay
+    # more (lofa bench replicates --new-renders). That noise barely changes what a LoRA generates, and the decay
     # lowers recognition at equal lr (figures/bench/lora_sweep_replicates_mini_h100.csv), so the presets keep
     # "constant".
     lr_schedule: str = "constant"
@@ -137,7 +137,7 @@ class CaseStream:
         self.seed = seed
         self.seeds = case_seeds(seed, case_id)
         stream, render = self.seeds["stream"], self.seeds["render"]
-        if replicate:  # same init, another draw of batches, t and noise (lofa.lora.replicates); renders too if asked
+        if replicate:  # same init, another draw of batches, t and noise (lofa bench replicates); renders too if asked
             stream = seed_streams.stream(stream, "lora.replicate", index=replicate)
             if new_renders:
                 render = seed_streams.stream(render, "lora.replicate", index=replicate)

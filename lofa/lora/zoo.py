@@ -55,7 +55,7 @@ class ZooConfig:
 
 
 def quality_seeds(seed: int = 0) -> tuple[int, int, int, int]:
-    """Seeds of a zoo's quality check (notebook 03, `python -m lofa.lora.sweep`): LoRA / base samples, ground-truth
+    """Seeds of a zoo's quality check (notebook 03, `lofa bench sweep`): LoRA / base samples, ground-truth
     renders, reference images, denoising noise: the first seeds of the "quality.*" streams of lofa.seeds."""
     return tuple(seeds.stream(seed, f"quality.{name}") for name in ("sample", "ground_truth", "reference", "denoise"))
 

@@ -1,9 +1,10 @@
-"""The LoRA recipe sweep: how often samples from a case's LoRA are recognised as that exact case, as a fraction of
-how often ground-truth renders of it are (issue 4's target: >= 0.5), for several recipes on every task.
+"""`lofa bench sweep`, the LoRA recipe sweep: how often samples from a case's LoRA are recognised as that exact case,
+as a fraction of how often ground-truth renders of it are (issue 4's target: >= 0.5), for several recipes on every
+task.
 
-    python -m lofa.lora.sweep --run-dir runs/mini [--scale mini] [--device cuda] [--tasks actions ...]
-                              [--steps 100 200 400 800] [--knobs] [--set FIELD=VALUE ...] [--cases 48]
-                              [--per-case 2] [--replicates] --out FILE.csv
+    lofa bench sweep --run-dir runs/mini [--scale mini] [--device cuda] [--tasks actions ...]
+                     [--steps 100 200 400 800] [--knobs] [--set FIELD=VALUE ...] [--cases 48]
+                     [--per-case 2] [--replicates] --out FILE.csv      # or: python -m lofa.bench.lora_sweep ...
 
 The protocol is notebook 03's section 3 on the run's own bases and evaluators (trained if missing): the zoo's
 selection of cases (every held-out case, then train cases up to `--cases`), `--per-case` samples each with the case's
@@ -16,7 +17,6 @@ sweep resumes. Several processes can split a sweep (different --tasks / --steps,
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -73,10 +73,10 @@ def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_
                progress: bool = True, fixed: dict | None = None, replicates: bool = False):
     """Yield one result row per sweep point of `task` (`points`, with `fixed` under each) not in `done`
     ({(task, label)}). replicates: also train each case's LoRA a second time on new renders and report the ΔW
-    cosine between a case's two LoRAs and between different cases' (`lofa.lora.replicates`)."""
+    cosine between a case's two LoRAs and between different cases' (`lofa.bench.lora_replicates`)."""
+    from lofa.bench.lora_replicates import replicate_cosine
     from lofa.evaluate import GenerateConfig, denoising_loss, eval_plan, generate, ratio_of_means, score_cases
     from lofa.lora.batched import train_lora_batch
-    from lofa.lora.replicates import replicate_cosine
     from lofa.lora.train import LoraTrainConfig
     from lofa.lora.zoo import ZooConfig, quality_seeds, select_cases
     from lofa.models import TextEncoder
@@ -129,53 +129,35 @@ def sweep_task(run, task: str, steps: list[int], knobs: bool, n_cases: int, per_
                "train s": train_s, **agreement}
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli_bench_sweep(args) -> int:
+    """`lofa bench sweep`: args.run_dir, scale, device, tasks, steps, knobs, set, cases, per_case, replicates, seed,
+    out. One line per finished point; the CSV holds every point's row."""
     from lofa.config import resolve_device
-    from lofa.pipeline import TASKS, Run
+    from lofa.lora.train import LoraTrainConfig
+    from lofa.pipeline import Run
 
-    p = argparse.ArgumentParser(prog="python -m lofa.lora.sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-dir", required=True, help="a pipeline run folder (runs/<scale>): its bases and evaluators")
-    p.add_argument("--scale", default="mini")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--steps", nargs="*", type=int, default=[100, 200, 400, 800], help="step counts (may be none)")
-    p.add_argument("--knobs", action="store_true", help="also lr x 2.5, rank x 2, batch x 4 at the preset's steps")
-    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="LoraTrainConfig fields changed under every point, e.g. include_ffn=true batch_size=8")
-    p.add_argument("--cases", type=int, default=48, help="every held-out case of the zoo's selection, then train "
-                   "cases up to this many (notebook 03's QUALITY_CASES)")
-    p.add_argument("--per-case", type=int, default=2)
-    p.add_argument("--replicates", action="store_true",
-                   help="also train each LoRA again on new renders: ΔW cosine of a case's two LoRAs vs other cases'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, metavar="FILE.csv")
-    args = p.parse_args(argv)
-    try:
-        if min(args.steps, default=1) < 1 or args.cases < 1 or args.per_case < 1:
-            raise LofaError("--steps, --cases and --per-case must be positive")
-        from lofa.lora.train import LoraTrainConfig
-
-        fixed = parse_set(args.set, LoraTrainConfig)
-        run = Run(args.scale, resolve_device(args.device), args.seed, args.run_dir)
-        out = Path(args.out)
-        table = pd.read_csv(out) if out.exists() else pd.DataFrame()
-        done = set(zip(table.task, table.point)) if len(table) else set()
-        for task in args.tasks:
-            for row in sweep_task(run, task, args.steps, args.knobs, args.cases, args.per_case, done, args.seed,
-                                   fixed=fixed, replicates=args.replicates):
-                table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
-                with atomic_path(out) as tmp:
-                    table.to_csv(tmp, index=False, float_format="%.4g")
-                print(f"{task:10s} {row['point']:24s} ratio {row['ratio']:.2f} [{row['ratio ci_low']:.2f}, "
-                      f"{row['ratio ci_high']:.2f}]  LoRA {row['LoRA acc']:.2f}  ground truth {row['gt acc']:.2f}  "
-                      f"base {row['base acc']:.2f}  train {row['train s']:.0f} s"
-                      + (f"  replicate cos {row['replicate cosine']:.3f} other {row['other-case cosine']:.3f}"
-                         if args.replicates else ""), flush=True)
-    except LofaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if min(args.steps, default=1) < 1 or args.cases < 1 or args.per_case < 1:
+        raise LofaError("--steps, --cases and --per-case must be positive")
+    fixed = parse_set(args.set, LoraTrainConfig)
+    run = Run(args.scale, resolve_device(args.device), args.seed, args.run_dir)
+    out = Path(args.out)
+    table = pd.read_csv(out) if out.exists() else pd.DataFrame()
+    done = set(zip(table.task, table.point)) if len(table) else set()
+    for task in args.tasks:
+        for row in sweep_task(run, task, args.steps, args.knobs, args.cases, args.per_case, done, args.seed,
+                               fixed=fixed, replicates=args.replicates):
+            table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+            with atomic_path(out) as tmp:
+                table.to_csv(tmp, index=False, float_format="%.4g")
+            print(f"{task:10s} {row['point']:24s} ratio {row['ratio']:.2f} [{row['ratio ci_low']:.2f}, "
+                  f"{row['ratio ci_high']:.2f}]  LoRA {row['LoRA acc']:.2f}  ground truth {row['gt acc']:.2f}  "
+                  f"base {row['base acc']:.2f}  train {row['train s']:.0f} s"
+                  + (f"  replicate cos {row['replicate cosine']:.3f} other {row['other-case cosine']:.3f}"
+                     if args.replicates else ""), flush=True)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m lofa.bench.lora_sweep ARGS = lofa bench sweep ARGS
+    from lofa.cli import bench_main
+
+    sys.exit(bench_main("sweep"))

@@ -1,7 +1,8 @@
-"""Throughput of LoRA-zoo collection: LoRAs per hour, batched multi-LoRA training vs one-at-a-time peft training.
+"""`lofa bench throughput`: LoRAs per hour of LoRA-zoo collection, batched multi-LoRA training vs one-at-a-time peft
+training.
 
-    python -m lofa.lora.bench --device cpu|cuda [--task actions] [--scale mini] [--loras 32] [--single 4]
-                              [--steps N] [--base DIR] [--json-out FILE]
+    lofa bench throughput --device cpu|cuda [--task actions] [--scale mini] [--loras 32] [--single 4]
+                          [--steps N] [--base DIR] [--json-out FILE]      # or: python -m lofa.bench.lora_throughput ...
 
 Both trainers run the same recipe for the same number of steps on the same cases; because the batched trainer is
 exactly equivalent, the LoRAs they share end at the same final loss (printed as a check). The wall time of each
@@ -10,7 +11,6 @@ not depend on the weights).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -113,18 +113,8 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lofa.lora.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--task", default="actions", choices=["actions", "styles", "identities"])
-    p.add_argument("--scale", default="mini")
-    p.add_argument("--loras", type=int, help="LoRAs in the batched run (default: the preset's group_size)")
-    p.add_argument("--single", type=int, help="LoRAs trained one at a time (default 4 on cpu, 8 on cuda)")
-    p.add_argument("--steps", type=int, help="training steps per LoRA (default: the preset's)")
-    p.add_argument("--base", metavar="DIR", help="a saved base generator (default: freshly initialised)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json-out", metavar="FILE")
-    args = p.parse_args(argv)
+def cli_bench_throughput(args) -> int:
+    """`lofa bench throughput`: args.task, scale, device, loras, single, steps, base, seed, json_out."""
     r = run(args.task, args.scale, args.device, args.loras, args.single, args.steps, args.base, args.seed)
     print(report(r))
     if args.json_out:
@@ -132,5 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m lofa.bench.lora_throughput ARGS = lofa bench throughput ARGS
+    from lofa.cli import bench_main
+
+    sys.exit(bench_main("throughput"))

@@ -1,4 +1,4 @@
-"""How much of a per-case LoRA is its case, and how much is training noise.
+"""`lofa bench replicates`: how much of a per-case LoRA is its case, and how much is training noise.
 
 Trains each case's LoRA twice — same initial A (the zoo's shared init), two draws of the training stream (batches,
 t, noise), and with `new_renders` two draws of the case's renders too — and compares ΔW / rms(W) over all adapted
@@ -7,11 +7,11 @@ that regresses ΔW from the condition can at best predict the part that replicat
 renders' pose, lighting and background are not in the condition); if replicates of one case are far apart, the
 loss on ΔW mostly asks for their mean.
 
-    python -m lofa.lora.replicates --run-dir runs/mini --task identities [--cases 4] [--new-renders] [--device cpu]
+    lofa bench replicates --run-dir runs/mini --task identities [--cases 4] [--new-renders] [--device cpu]
+    python -m lofa.bench.lora_replicates ...      # the same command
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -63,31 +63,18 @@ def replicate_cosine(gen, world, case_ids: list[int], cfg, seed: int = 0, device
     return {"same_case": sum(same) / n, "other_case": sum(other) / len(other), "cases": n}
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli_bench_replicates(args) -> int:
+    """`lofa bench replicates`: args.run_dir, scale, task, cases, device, new_renders, seed."""
     from lofa.lora.train import LoraTrainConfig
     from lofa.pipeline import Run
 
-    p = argparse.ArgumentParser(prog="python -m lofa.lora.replicates", description=__doc__.split("\n")[0])
-    p.add_argument("--run-dir", required=True, help="a pipeline run folder holding the task's base generator")
-    p.add_argument("--scale", default="mini")
-    p.add_argument("--task", default="identities")
-    p.add_argument("--cases", type=int, default=4, help="train cases compared (the first of the world's train split)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--new-renders", action="store_true",
-                   help="the second replicate also draws new renders of its case (what a condition can predict)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        if not (Path(args.run_dir) / "base" / args.task / "summary.json").exists():
-            raise LofaError(f"no trained {args.task} base in {args.run_dir}; run the pipeline (notebook 02) first")
-        run = Run(args.scale, args.device, args.seed, args.run_dir)
-        cfg = run.config(LoraTrainConfig).for_task(args.task)  # the recipe the task's zoo is trained with
-        world = run.world(args.task)
-        result = replicate_cosine(run.base(args.task, progress=False), world, world.ids("train")[: args.cases],
-                                  cfg, args.seed, args.device, new_renders=args.new_renders)
-    except LofaError as e:
-        print(f"lofa.lora.replicates: error: {e}", file=sys.stderr)
-        return 2
+    if not (Path(args.run_dir) / "base" / args.task / "summary.json").exists():
+        raise LofaError(f"no trained {args.task} base in {args.run_dir}; run the pipeline (notebook 02) first")
+    run = Run(args.scale, args.device, args.seed, args.run_dir)
+    cfg = run.config(LoraTrainConfig).for_task(args.task)  # the recipe the task's zoo is trained with
+    world = run.world(args.task)
+    result = replicate_cosine(run.base(args.task, progress=False), world, world.ids("train")[: args.cases],
+                              cfg, args.seed, args.device, new_renders=args.new_renders)
     print(f"{args.task} ({args.scale}, rank {cfg.rank}, {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
           f"FFN {cfg.include_ffn}, shared init {cfg.shared_init}, new renders {args.new_renders}): cos(ΔW) between "
           f"two replicates of one case {result['same_case']:.3f}, "
@@ -95,5 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m lofa.bench.lora_replicates ARGS = lofa bench replicates ARGS
+    from lofa.cli import bench_main
+
+    sys.exit(bench_main("replicates"))

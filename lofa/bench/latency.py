@@ -9,7 +9,7 @@ Per condition the predictor runs Stage I's backbone (its map decoder is skipped:
 Stage II, and the fused merge W += (alpha / r) · B @ A. The condition-independent prefix (patch tokens and block
 0's self half, per stage) is computed once per base model and reported on its own line.
 
-    lofa bench latency --preset paper --device cuda          # or: python -m lofa.hypernet.bench ...
+    lofa bench latency --preset paper --device cuda          # or: python -m lofa.bench.latency ...
     lofa bench latency --preset smoke --device cpu --no-compile
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def measure_copy_bandwidth(device: torch.device) -> float:
     return 2 * n / seconds
 
 
-def _randomise_zero_inits(module: torch.nn.Module, generator: torch.Generator) -> None:
+def randomise_zero_inits(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Give zero-initialised parameters (B head, feature cross-attention outputs) random values, so the timed
     outputs, and the compiled-vs-eager check, are not trivially zero."""
     with torch.no_grad():
@@ -158,7 +158,7 @@ def _bench(args) -> int:
     torch.manual_seed(0)
     stage1 = Stage1(cfg, spec)
     stage2 = Stage2.from_stage1(stage1)
-    _randomise_zero_inits(stage2, g)
+    randomise_zero_inits(stage2, g)
     n_params = [sum(p.numel() for p in s.parameters()) for s in (stage1, stage2)]
     lofa = LoFA(stage2, stage1).to(device, dtype)
 
@@ -294,12 +294,7 @@ def _delta_rel_error(out, ref, spec: TargetSpec, cfg: HyperConfig, n: int = 8) -
     return (num / den) ** 0.5 if den > 0 else float("nan")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m lofa.hypernet.bench ARGS` = `lofa bench latency ARGS` (one argument parser, in lofa.cli)."""
-    from lofa.cli import main as cli_main
+if __name__ == "__main__":  # python -m lofa.bench.latency ARGS = lofa bench latency ARGS
+    from lofa.cli import bench_main
 
-    return cli_main(["bench", "latency", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main("latency"))

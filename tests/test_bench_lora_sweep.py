@@ -1,8 +1,9 @@
 import pandas as pd
 import pytest
 
+from lofa.bench.lora_sweep import parse_set, points
+from lofa.cli import main
 from lofa.errors import LofaError
-from lofa.lora.sweep import main, parse_set, points
 from lofa.lora.train import LoraTrainConfig
 
 
@@ -38,13 +39,14 @@ def test_finished_points_are_skipped_without_touching_models(tmp_path, capsys):
     out = tmp_path / "sweep.csv"
     pd.DataFrame([{"task": "identities", "point": "7 steps", "ratio": 0.5}]).to_csv(out, index=False)
     before = out.read_text()
-    assert main(["--run-dir", str(tmp_path / "run"), "--scale", "smoke", "--device", "cpu", "--tasks", "identities",
-                 "--steps", "7", "--out", str(out)]) == 0
+    assert main(["bench", "sweep", "--run-dir", str(tmp_path / "run"), "--scale", "smoke", "--device", "cpu",
+                 "--tasks", "identities", "--steps", "7", "--out", str(out)]) == 0
     assert out.read_text() == before and not (tmp_path / "run" / "base").exists()
 
 
 def test_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys):
     for bad in (["--steps", "0"], ["--set", "rnak=8"]):
-        assert main(["--run-dir", str(tmp_path), *bad, "--out", str(tmp_path / "s.csv")]) == 2
+        assert main(["bench", "sweep", "--run-dir", str(tmp_path), *bad, "--out", str(tmp_path / "s.csv")]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error:") and err.count("\n") == 1 and not (tmp_path / "s.csv").exists()
+        assert err.startswith("lofa bench sweep: error:") and err.count("\n") == 1
+        assert not (tmp_path / "s.csv").exists()
