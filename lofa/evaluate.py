@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 import numpy as np
@@ -52,10 +52,14 @@ LOWER_IS_BETTER = frozenset({"denoise"})
 class GenerateConfig:
     """Sampler settings for evaluation (Euler on diffusers' flow-matching grid, classifier-free guidance)."""
 
-    steps: int = 20
-    guidance_scale: float = 3.0
-    shift: float = 1.0              # FlowMatchEulerDiscreteScheduler shift (Wan uses 3-5 at its resolution)
-    batch: int = 64                 # samples per sampler call
+    steps: int = field(default=20, metadata={"help": "Euler steps of the sampler, from t = 1 (pure noise) to 0."})
+    guidance_scale: float = field(default=3.0, metadata={
+        "help": "Classifier-free guidance scale g: v = v_uncond + g · (v_cond - v_uncond), the unconditional "
+                "prediction on the empty prompt; 1 turns guidance off."})
+    shift: float = field(default=1.0, metadata={
+        "help": "Timestep shift of diffusers' FlowMatchEulerDiscreteScheduler grid; 1 is the plain grid (Wan uses "
+                "3-5 at its resolution)."})
+    batch: int = field(default=64, metadata={"help": "Samples per sampler call."})
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "smoke": {"steps": 8},

@@ -22,7 +22,7 @@ zoo's A and B of that target (`factor_units`), so one learning rate suits factor
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,15 +50,22 @@ class TextToLoraConfig:
     """The shape of the Text-to-LoRA hypernetwork. rank, alpha and cond_dim left None are the data's
     (`for_data`): the zoo's rank and alpha, the condition encoder's width."""
 
-    cond_dim: int | None = None    # width Dc of the condition tokens (MiniLM 384); None: the data's
-    rank: int | None = None        # rank r of the predicted LoRAs; None: the zoo's
-    alpha: float | None = None     # their alpha, ΔW = (alpha / r) · B @ A; None: the zoo's
-    task_dim: int = 64             # width of the encoded condition (T2L's task encoder: Linear + LayerNorm)
-    embed_dim: int = 32            # width of the learned block-depth and module-type embeddings
-    hidden: int = 256              # width of the shared MLP
-    depth: int = 2                 # residual MLP blocks after its input layer
-    dropout: float = 0.05          # dropout inside the MLP (T2L's 0.05)
-    start: str = "mean"            # "mean": step 0 predicts the training LoRAs' mean factors; "zero": ΔW = 0 (T2L's)
+    cond_dim: int | None = field(default=None, metadata={
+        "help": "Width Dc of the condition tokens (MiniLM: 384); None takes the data's."})
+    rank: int | None = field(default=None, metadata={"help": "Rank r of the predicted LoRAs; None takes the zoo's."})
+    alpha: float | None = field(default=None, metadata={
+        "help": "Alpha of the predicted LoRAs, ΔW = (alpha / r) · B @ A; None takes the zoo's."})
+    task_dim: int = field(default=64, metadata={
+        "help": "Width of the encoded condition (T2L's task encoder: Linear + LayerNorm over the pooled tokens)."})
+    embed_dim: int = field(default=32, metadata={
+        "help": "Width of each learned embedding of a target's block depth and module type."})
+    hidden: int = field(default=256, metadata={"help": "Width of the MLP shared by every target."})
+    depth: int = field(default=2, metadata={"help": "Residual blocks of the shared MLP after its input layer."})
+    dropout: float = field(default=0.05, metadata={
+        "help": "Dropout rate inside the shared MLP, in [0, 1) (T2L's is 0.05)."})
+    start: str = field(default="mean", metadata={
+        "help": "Where the prediction starts: 'mean', step 0 predicts the training LoRAs' mean factors (needs the "
+                "zoo's rank); 'zero', B = 0 so ΔW = 0 (T2L's start)."})
 
     PRESETS = {
         "smoke": {"task_dim": 16, "embed_dim": 8, "hidden": 32, "depth": 1},

@@ -21,7 +21,7 @@ cases are for evaluation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -45,13 +45,22 @@ KINDS = ("text", "pose", "image")
 class TripletConfig:
     """How conditions are drawn and how the Stage II diffusion term samples clips."""
 
-    views: int = 8                   # condition seeds per case (pose / image); text uses every phrasing of the split
-    clips_per_case: int = 8          # renders (with fine captions) cached per case for the diffusion term
-    clips_per_step: int = 2          # of those, drawn per LoRA and step
-    t_sampling: str = "logit_normal"
-    t_mean: float = 0.8              # the base's distribution of t (BaseTrainConfig), as for the zoo's LoRAs
-    t_std: float = 0.8
-    encode_chunk: int = 256          # conditions encoded per forward of the condition encoder
+    views: int = field(default=8, metadata={
+        "help": "Condition seeds per case for pose and image conditions (a seed-independent condition keeps one); "
+                "text conditions use every phrasing of the split instead."})
+    clips_per_case: int = field(default=8, metadata={
+        "help": "Renders of each case, with fine train captions, rendered once and cached for Stage II's diffusion "
+                "term."})
+    clips_per_step: int = field(default=2, metadata={
+        "help": "Of those renders, how many each LoRA of a step is scored on (drawn with t and noise per step)."})
+    t_sampling: str = field(default="logit_normal", metadata={
+        "help": "How the diffusion term draws t: 'logit_normal' (sigmoid of N(t_mean, t_std)) or 'uniform'."})
+    t_mean: float = field(default=0.8, metadata={
+        "help": "Mean of the normal draw inside logit-normal t sampling: the base's own distribution "
+                "(BaseTrainConfig), as for the zoo's LoRAs."})
+    t_std: float = field(default=0.8, metadata={"help": "Std of the normal draw inside logit-normal t sampling."})
+    encode_chunk: int = field(default=256, metadata={
+        "help": "Conditions encoded per forward pass of the condition encoder when the condition bank is built."})
 
     PRESETS = {
         "smoke": {"views": 2, "clips_per_case": 2, "clips_per_step": 1},

@@ -39,31 +39,52 @@ MIN_LR_RATIO = 0.1
 
 @dataclass
 class TrainConfig:
-    steps: int = 20_000
-    lr: float = 2.5e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.01
-    warmup_steps: int = 500
-    decay: str = "constant"          # after warm-up: "constant" (the authors') or "cosine" (to 10 % of lr)
-    grad_clip: float = 1.0
-    batch_size: int = 48             # LoRAs per step and process (the authors: 192 for Stage I, 8 for Stage II on 4 GPUs)
-    matrices_per_sample: int = 10    # Stage I: random target matrices per step
-    map_balance: str = "balanced"
-    recon: str = "delta"             # Stage II reconstruction term: "delta" L1 on ΔW, "delta_mse" squared error on ΔW,
-                                     # "factors" L1 on A and B (the paper's wording); see losses.RECON_TERMS
-    lambda_recon: float = 1.0
-    lambda_diff: float = 10.0
-    mixed_precision: str = "auto"    # "auto": bf16 autocast on CUDA, none on CPU; or "bf16" / "no"
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    # Added to the run seed to seed this stage's batches (the "hypernet.batch" stream of lofa.seeds; Stage II and
-    # Text-to-LoRA take the "hypernet.stage2" seed of run seed + seed). 0 in every preset: another value draws other
-    # batches from the same zoo, and tests/test_seeds.py checks the streams at 0 only.
-    seed: int = 0
-    # Steps between measurements of the `monitor` that `fit` is given (Stage II: ΔW fidelity on held-out and
-    # training cases), after the first step, every `monitor_every` steps and after the last; 0 never measures.
-    # Measuring changes nothing in training: no gradient, no random numbers.
-    monitor_every: int = 0
+    """The training loop (`fit`) of LoFA's Stage I; `Stage2TrainConfig` extends it for Stage II, whose loop the
+    pipeline's Text-to-LoRA baseline shares."""
+
+    steps: int = field(default=20_000, metadata={"help": "Optimizer steps."})
+    lr: float = field(default=2.5e-4, metadata={"help": "Peak AdamW learning rate, reached after the warm-up."})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW's (β1, β2)."})
+    weight_decay: float = field(default=0.01, metadata={
+        "help": "AdamW weight decay of the Linear and conv weight matrices; norms, biases, embeddings, position "
+                "tables and the CLS token are not decayed."})
+    warmup_steps: int = field(default=500, metadata={"help": "Steps of linear warm-up to lr."})
+    decay: str = field(default="constant", metadata={
+        "help": "Learning rate after the warm-up: 'constant' (the authors') or 'cosine' (down to 10 % of lr at the "
+                "last step)."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip of every step."})
+    batch_size: int = field(default=48, metadata={
+        "help": "LoRAs (training cases) per step and process, each with a random condition view (the authors: 192 "
+                "for Stage I, 8 for Stage II on 4 GPUs)."})
+    matrices_per_sample: int = field(default=10, metadata={
+        "help": "Stage I only: target matrices per step, drawn at random and shared by the step's LoRAs (Stage II "
+                "and Text-to-LoRA use every target)."})
+    map_balance: str = field(default="balanced", metadata={
+        "help": "Stage I's BCE on the response maps: 'balanced' weighs the responding and the silent entries half "
+                "each (and calibrates the map threshold to the training maps' density); 'none' is the plain mean."})
+    recon: str = field(default="delta", metadata={
+        "help": "Reconstruction term of Stage II and Text-to-LoRA: 'delta' L1 on ΔW, 'delta_mse' squared error on "
+                "ΔW (both relative to rms(W)), 'factors' L1 on A and B (the paper's wording); see "
+                "losses.RECON_TERMS."})
+    lambda_recon: float = field(default=1.0, metadata={"help": "Weight of Stage II's reconstruction term."})
+    lambda_diff: float = field(default=10.0, metadata={
+        "help": "Weight of Stage II's flow-matching term through the frozen base with the predicted LoRA merged; 0 "
+                "leaves the term out."})
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "'auto': bf16 autocast on CUDA, none on CPU; or 'bf16' / 'no'. Weights and AdamW states stay "
+                "float32 either way."})
+    checkpoint_every: int = field(default=1000, metadata={
+        "help": "Steps between resumable checkpoints; the last step always writes one."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints kept; older ones are deleted."})
+    # 0 in every preset: tests/test_seeds.py checks the seed streams at 0 only.
+    seed: int = field(default=0, metadata={
+        "help": "Added to the run seed to seed this stage's batches (stream hypernet.batch of lofa.seeds; Stage II "
+                "and Text-to-LoRA take the hypernet.stage2 seed of run seed + seed); another value draws other "
+                "batches from the same zoo."})
+    monitor_every: int = field(default=0, metadata={
+        "help": "Steps between measurements of the monitor `fit` is given (Stage II: ΔW fidelity on held-out and "
+                "training cases): after the first step, every monitor_every steps and after the last; 0 never "
+                "measures. Measuring changes nothing in training (no gradient, no random numbers)."})
 
     # smoke / mini fit the pipeline's budgets on 2 shared CPU cores (Stage I of all four settings: < 1 min / ~4 min)
     PRESETS = {
@@ -85,18 +106,20 @@ class Stage2TrainConfig(TrainConfig):
     """TrainConfig of Stage II: few LoRAs per step, since each one also runs the base generator for the diffusion
     term (the authors: 8 per step on 4 GPUs, against 192 for Stage I)."""
 
-    batch_size: int = 2
-    # Where Stage II's LoRA starts: "mean" puts the training LoRAs' mean factors under the head (`LoraHead.set_start`)
-    # so that step 0 predicts the mean LoRA and the network learns the condition's residual; "zero" is the paper's
-    # start at ΔW = 0 (B = 0), from which the L1 first has to find the mean LoRA before the condition can matter.
-    start: str = "mean"
+    batch_size: int = field(default=2, metadata={
+        "help": "LoRAs (training cases) per step and process, each with every target and a random condition view."})
+    start: str = field(default="mean", metadata={
+        "help": "Where Stage II's LoRA starts. 'mean' puts the training LoRAs' mean factors under the head "
+                "(`LoraHead.set_start`), so step 0 predicts the mean LoRA and the network learns the condition's "
+                "residual; 'zero' is the paper's start at ΔW = 0 (B = 0), from which the reconstruction term first "
+                "has to find the mean LoRA before the condition can matter."})
+    # "delta_mse", not the paper's L1: much of a zoo LoRA's ΔW is its training noise (two LoRAs of one case agree
+    # only partly: the replicate cosine of figures/bench/lora_sweep_replicates_mini_h100.csv), the L1's optimum is
+    # then the per-entry median, and its sign-valued gradient drowns the condition's signal.
+    recon: str = field(default="delta_mse", metadata={
+        "help": "Reconstruction term: 'delta_mse' squared error on ΔW, 'delta' L1 on ΔW (both relative to rms(W)), "
+                "'factors' L1 on A and B (the paper's wording); see losses.RECON_TERMS."})
 
-    # The reconstruction term. "delta_mse" (squared error on ΔW), not the paper's L1: half of a zoo LoRA's ΔW is
-    # its training noise (two LoRAs of one case agree at ΔW cosine ~0.5), the L1's optimum is then the per-entry
-    # median, and its sign-valued gradient drowns the condition's signal. Measured at mini (identities, no diffusion
-    # term, held-out ΔW cosine to the per-case LoRAs after 600 steps): L1 0.14 (no move from the mean start; mean
-    # LoRA 0.16), squared error 0.22.
-    recon: str = "delta_mse"
     # lambda_diff 1, not the authors' 10: the reconstruction term here is relative to rms(W).
     PRESETS = {
         "smoke": {"steps": 10, "warmup_steps": 2, "checkpoint_every": 10, "lr": 2e-3, "lambda_diff": 1.0,

@@ -36,37 +36,52 @@ from lofa.schedules import lr_scheduler
 class LoraTrainConfig:
     """Recipe of one per-case LoRA. The batched trainer trains `group_size` of them per forward/backward."""
 
-    rank: int = 4
-    alpha: float = 4.0              # ΔW = (alpha / rank) · B A
-    include_ffn: bool = False       # the paper adapts attention only
-    steps: int = 100
-    batch_size: int = 2             # samples of the case per step
-    lr: float = 2e-3
-    # "constant" | "cosine" (lr decays to 0 over the run). At a constant lr AdamW's steps stay lr-sized to the end,
-    # so the final weights carry the last steps' gradient noise; the decay removes it, so two LoRAs of one case agree
-    # more (lofa bench replicates --new-renders). That noise barely changes what a LoRA generates, and the decay
-    # lowers recognition at equal lr (figures/bench/lora_sweep_replicates_mini_h100.csv), so the presets keep
-    # "constant".
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0      # clipped per LoRA
-    n_renders: int = 16             # renders of the case drawn once per LoRA; appearance differs in each
-    prior_weight: float = 0.0       # DreamBooth prior preservation λ (0 = off)
-    t_sampling: str = "logit_normal"
+    rank: int = field(default=4, metadata={"help": "LoRA rank r of every adapter: A is [r, in], B is [out, r]."})
+    alpha: float = field(default=4.0, metadata={"help": "LoRA alpha: ΔW = (alpha / rank) · B @ A."})
+    include_ffn: bool = field(default=False, metadata={
+        "help": "Also adapt the two linear layers of every block's feed-forward network; False adapts q, k, v and "
+                "the output of self- and cross-attention only, as the paper does."})
+    steps: int = field(default=100, metadata={"help": "Optimizer steps of each LoRA."})
+    batch_size: int = field(default=2, metadata={
+        "help": "Renders of the case per step (as many prior-preservation renders again when prior_weight > 0)."})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate from the first step on (no warm-up)."})
+    # "constant" in every preset: the cosine decay removes the last steps' gradient noise from the weights, so two
+    # LoRAs of one case agree more, but that noise barely changes what a LoRA generates and the decay lowers
+    # recognition at equal lr (figures/bench/lora_sweep_replicates_mini_h100.csv).
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "Learning-rate schedule: 'constant', or 'cosine' (decays to 0 at the last step)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LoRA factors."})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "Gradient-norm clip, applied to each LoRA's factors on their own (also inside a batched group)."})
+    n_renders: int = field(default=16, metadata={
+        "help": "Renders of the case drawn once per LoRA, each with its own appearance and train phrasing; every "
+                "step draws batch_size of them."})
+    prior_weight: float = field(default=0.0, metadata={
+        "help": "Weight λ of DreamBooth's prior-preservation loss, on coarse-captioned renders of the other training "
+                "cases of the case's coarse category; 0 turns it off."})
+    t_sampling: str = field(default="logit_normal", metadata={
+        "help": "How training times t are drawn: 'logit_normal' (sigmoid of N(t_mean, t_std)) or 'uniform'."})
     # the base's training distribution of t (BaseTrainConfig.t_mean / t_std): a LoRA refines the base's own
     # denoising task; SD3's (0, 1) put most of an x0-predicting base's velocity loss at t -> 0 (weight 1 / t^2)
-    t_mean: float = 0.8
-    t_std: float = 0.8
-    precision: str = "fp32"         # "bf16": autocast the generator's forward (fp32 master weights and loss)
-    group_size: int = 32            # LoRAs per forward/backward in lofa.lora.batched
-    # Every LoRA of a zoo starts from one A (drawn from the zoo seed), not from its own random A. A short LoRA run
-    # moves A little, so ΔW = B A stays near the row space of its initial A: with per-case inits the zoo's ΔW lie
-    # in unrelated random subspaces and no hypernetwork can predict them from the condition (measured at mini:
-    # Stage II's L1 barely left the ΔW = 0 level). A shared init makes ΔW a function of the case.
-    shared_init: bool = True
-    # {task: {field: value}}: one world's recipe differs from the preset's (`lofa.config.for_task`); the trainers
-    # and the zoo resolve it for the world they are given, and a zoo's index stores the resolved recipe
-    task_overrides: dict = field(default_factory=dict)
+    t_mean: float = field(default=0.8, metadata={
+        "help": "Mean of the normal draw inside logit-normal t sampling; larger trains more near pure noise (t = 1)."})
+    t_std: float = field(default=0.8, metadata={"help": "Std of the normal draw inside logit-normal t sampling."})
+    precision: str = field(default="fp32", metadata={
+        "help": "'fp32', or 'bf16': the generator's forward runs under bf16 autocast, while the LoRA weights and "
+                "the loss stay float32."})
+    group_size: int = field(default=32, metadata={
+        "help": "LoRAs trained together per forward / backward by the batched trainer (lofa.lora.batched); it does "
+                "not change their weights, so a zoo's recipe check ignores it."})
+    # A short LoRA run moves A little, so ΔW = B A stays near the row space of its initial A: with per-case inits the
+    # zoo's ΔW lie in unrelated random subspaces and no hypernetwork can predict them from the condition. A shared
+    # init makes ΔW a function of the case.
+    shared_init: bool = field(default=True, metadata={
+        "help": "Start every LoRA of a zoo from one A drawn from the zoo seed (B = 0); False draws each LoRA's own "
+                "A from its case's seed stream."})
+    task_overrides: dict = field(default_factory=dict, metadata={
+        "help": "{task: {field: value}}: fields of this recipe that differ for one world (`lofa.config.for_task`). "
+                "The trainers and the zoo resolve it for the world they are given, and a zoo's index stores the "
+                "resolved recipe."})
 
     PRESETS = {
         "smoke": {"steps": 10, "n_renders": 4, "group_size": 8},

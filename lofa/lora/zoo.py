@@ -19,7 +19,7 @@ import json
 import os
 import uuid
 from collections import Counter
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,7 +47,10 @@ PIPELINE_PREFIX = {"video_dit": "transformer", "image_unet": "unet"}
 class ZooConfig:
     """Which cases of a world get a LoRA (the recipe of each LoRA is `LoraTrainConfig`)."""
 
-    max_cases: int | None = None    # LoRAs per zoo (None = every case); held-out cases are always all included
+    max_cases: int | None = field(default=None, metadata={
+        "help": "Largest number of LoRAs a zoo holds, or None for one per case. Every held-out case gets one "
+                "even past the cap; training cases fill the rest in a seeded order, round-robin over the coarse "
+                "categories (`select_cases`)."})
 
     # every scale gives every case a LoRA: a cap would drop training cases and break the worlds' guarantee that each
     # held-out component value is seen in training

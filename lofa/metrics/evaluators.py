@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
@@ -51,28 +51,56 @@ META_FILE = "evaluators.json"
 class EvalConfig:
     """Sizes and training lengths of the evaluators of one world."""
 
-    width: int = 16            # channels of the first conv stage (doubles per stage)
-    depth: int = 4             # conv stages
-    dim: int = 128             # feature / embedding width
-    batch: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    per_case: int = 32         # ground-truth samples per case in the training pool (all roles share it)
-    steps_referee: int = 600
-    steps_clip: int = 500
-    steps_embed: int = 400     # ArcFace style / face descriptors
-    steps_generic: int = 300   # SimCLR appearance features (Face Div)
-    arc_scale: float = 16.0
-    arc_margin: float = 0.3
-    simclr_temperature: float = 0.2
-    noise_aug: float = 0.05    # max std of Gaussian noise added to training renders (robust to sampler noise)
-    motion_pool: int = 2
-    motion_top: float = 0.05
-    dd_quantile: float = 0.1   # dynamic threshold = this quantile of ground-truth motion in the pool
-    # First render seed of the ground-truth pools (the "evaluators.pool" stream of lofa.seeds starts here; a pool of
-    # evaluator seed s takes seeds from seed_offset + 1,000,000 · s on). A field because the evaluators' fingerprint
-    # records it; another value moves the pools, and tests/test_seeds.py checks only the default.
-    seed_offset: int = seeds.purpose("evaluators.pool").base
+    width: int = field(default=16, metadata={
+        "help": "Channels of the first conv stage of every evaluator's encoder; each further stage doubles them."})
+    depth: int = field(default=4, metadata={
+        "help": "Conv stages of every evaluator's encoder; each halves the height and width."})
+    dim: int = field(default=128, metadata={
+        "help": "Width of every evaluator's features and embeddings: the referee's pooled features (Fréchet "
+                "distance, DINO), the CLIP stand-in's joint space, the style, face and generic embeddings."})
+    batch: int = field(default=64, metadata={
+        "help": "Samples per training step of each evaluator; the CLIP stand-in draws distinct cases, so it takes "
+                "at most one per case."})
+    lr: float = field(default=2e-3, metadata={
+        "help": "Peak learning rate of every evaluator's AdamW, under a one-cycle schedule over its steps."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay of every evaluator."})
+    per_case: int = field(default=32, metadata={
+        "help": "Ground-truth renders per case in the training pool, rendered once and shared by every role."})
+    steps_referee: int = field(default=600, metadata={
+        "help": "Training steps of the referee, the fine-case classifier with coarse and per-component heads "
+                "(ground-truth accuracies, Fréchet distance)."})
+    steps_clip: int = field(default=500, metadata={
+        "help": "Training steps of the CLIP stand-in, contrastive on (render, train phrasing): CLIP-T and CLIP-I."})
+    steps_embed: int = field(default=400, metadata={
+        "help": "Training steps of each ArcFace descriptor: the style descriptor (CSD) and the face embedding "
+                "(face similarity)."})
+    steps_generic: int = field(default=300, metadata={
+        "help": "Training steps of the SimCLR appearance features that measure Face Div among a case's samples."})
+    arc_scale: float = field(default=16.0, metadata={
+        "help": "ArcFace logit scale s of the style and face descriptors: logits s · cos θ."})
+    arc_margin: float = field(default=0.3, metadata={
+        "help": "ArcFace additive angular margin m, in radians, on the true class of the style and face "
+                "descriptors: its logit is s · cos(θ + m)."})
+    simclr_temperature: float = field(default=0.2, metadata={
+        "help": "Temperature of the NT-Xent loss of the SimCLR appearance features."})
+    noise_aug: float = field(default=0.05, metadata={
+        "help": "Largest std of the Gaussian noise added to training renders (each sample draws its std uniformly "
+                "below it, besides a random blur), so the evaluators tolerate sampler noise."})
+    motion_pool: int = field(default=2, metadata={
+        "help": "Side, in pixels, of the average pooling of channel-averaged frames before their differences are "
+                "taken (motion magnitude, dynamic degree), so per-pixel sampling noise averages out."})
+    motion_top: float = field(default=0.05, metadata={
+        "help": "Fraction of the largest pooled frame differences averaged into a frame pair's motion magnitude "
+                "(VBench likewise averages the top 5 % of flow magnitudes)."})
+    dd_quantile: float = field(default=0.1, metadata={
+        "help": "Dynamic-degree threshold: this quantile of the motion magnitudes of the ground-truth pool; a "
+                "sample that moves more counts as dynamic."})
+    # A field, not a constant, because the evaluators' fingerprint records it; tests/test_seeds.py checks the
+    # seed streams at the default only.
+    seed_offset: int = field(default=seeds.purpose("evaluators.pool").base, metadata={
+        "help": "First render seed of the ground-truth pools (stream evaluators.pool of lofa.seeds): the "
+                "pool of evaluator seed s takes seeds from seed_offset + 1,000,000 · s on; another value moves "
+                "the pools."})
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "smoke": {"width": 8, "dim": 64, "batch": 32, "lr": 4e-3, "per_case": 8, "steps_referee": 300,

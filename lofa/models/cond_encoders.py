@@ -16,7 +16,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,14 +35,23 @@ PairsFn = Callable[[Sequence[int], int], tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class CondEncoderConfig:
-    kind: str = "image"                      # "pose" (3D conv over [N, 3, T, H, W]) | "image" ([N, 3, H, W])
-    channels: tuple[int, ...] = (32, 64, 128)
-    dim: int = 128                           # Dc, token width
-    grid: tuple[int, ...] = (4, 4)           # token grid (image: H, W; pose: T, H, W); K = prod(grid)
-    proj_dim: int = 64                       # contrastive head width (not used by the hypernetwork)
-    # one condition's shape at training time, (3, H, W) image / (3, T, H, W) pose; user conditions are fitted or
-    # checked against it (`read_condition`). None: not recorded (encoders saved before it was), nothing is fitted.
-    input_shape: tuple[int, ...] | None = None
+    """The shape of a condition encoder: conv stages, pooled to a grid of K tokens [K, Dc] for the hypernetwork."""
+
+    kind: str = field(default="image", metadata={
+        "help": "'pose': 3D convs over skeleton sequences [N, 3, T, H, W] (actions); 'image': 2D convs over "
+                "reference images [N, 3, H, W]."})
+    channels: tuple[int, ...] = field(default=(32, 64, 128), metadata={
+        "help": "Channels of each conv stage: two 3x3 convs, the first halving height and width."})
+    dim: int = field(default=128, metadata={"help": "Width Dc of the tokens handed to the hypernetwork."})
+    grid: tuple[int, ...] = field(default=(4, 4), metadata={
+        "help": "Grid the features are average-pooled to, one token per cell: (H, W) for images, (T, H, W) for "
+                "poses; K = prod(grid)."})
+    proj_dim: int = field(default=64, metadata={
+        "help": "Width of the contrastive head the encoder is pre-trained with (the hypernetwork does not use it)."})
+    input_shape: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "One condition's shape at training time, (3, H, W) image or (3, T, H, W) pose; users' conditions "
+                "are fitted to it or checked against it (`read_condition`). None: not recorded (encoders saved "
+                "before it was), nothing is fitted."})
 
     PRESETS = {
         "smoke": {"channels": (8, 16, 32), "dim": 32, "proj_dim": 16},

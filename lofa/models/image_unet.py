@@ -7,27 +7,45 @@ the mini text encoder has token states only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class ImageUNetConfig:
-    sample_size: int = 32
-    in_channels: int = 3
-    out_channels: int = 3
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
-    layers_per_block: int = 1
+    """The shape of the image base generator, a diffusers UNet2DConditionModel in pixel space (`make_image_unet`)."""
+
+    sample_size: int = field(default=32, metadata={
+        "help": "Side, in pixels, of the square images the UNet is built for (diffusers' sample_size)."})
+    in_channels: int = field(default=3, metadata={"help": "Channels of the noisy input image (3: RGB pixels)."})
+    out_channels: int = field(default=3, metadata={"help": "Channels of the output (3: RGB pixels)."})
+    block_out_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata={
+        "help": "Channels of each resolution level, the highest resolution first."})
+    down_block_types: tuple[str, ...] = field(
+        default=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), metadata={
+            "help": "diffusers block type of each down level, the highest resolution first; as in SDXL that one has "
+                    "no attention and the lower ones have cross-attention transformer blocks."})
+    up_block_types: tuple[str, ...] = field(
+        default=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), metadata={
+            "help": "diffusers block type of each up level, the lowest resolution first."})
+    layers_per_block: int = field(default=1, metadata={
+        "help": "ResNet layers per down level (each followed by a transformer block where the level has "
+                "attention); up levels get one more."})
     # diffusers' historical naming: for UNet2DConditionModel `attention_head_dim` is the number of heads
-    attention_head_dim: int = 4
-    cross_attention_dim: int = 384
-    norm_num_groups: int = 8
-    use_linear_projection: bool = True
-    zero_init_output: bool = True  # start from a zero output so early training is stable
-    prediction: str = "x0"         # what the net outputs: "x0" or "velocity"; see Generator
+    attention_head_dim: int = field(default=4, metadata={
+        "help": "Number of attention heads of every transformer block (not their width)."})
+    cross_attention_dim: int = field(default=384, metadata={
+        "help": "Width of the text token states that cross-attention reads (MiniLM: 384)."})
+    norm_num_groups: int = field(default=8, metadata={"help": "Groups of every GroupNorm."})
+    use_linear_projection: bool = field(default=True, metadata={
+        "help": "Linear (not 1x1 conv) proj_in / proj_out around the transformer blocks, as in SDXL."})
+    zero_init_output: bool = field(default=True, metadata={
+        "help": "Zero the output conv at initialisation, so the untrained net outputs 0 and early training is "
+                "stable."})
+    prediction: str = field(default="x0", metadata={
+        "help": "What the net outputs: 'x0', the clean image (the Generator turns it into a velocity), or "
+                "'velocity'."})
 
     PRESETS = {
         "smoke": {"block_out_channels": (16, 32, 32), "attention_head_dim": 2},

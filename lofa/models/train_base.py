@@ -31,29 +31,46 @@ KIND_BY_MODALITY = {"video": "video_dit", "image": "image_unet"}
 
 @dataclass
 class BaseTrainConfig:
-    model_scale: str = "mini"                 # preset of VideoDiTConfig / ImageUNetConfig
-    model_overrides: dict = field(default_factory=dict)
-    steps: int = 2000
-    batch_size: int = 8
-    lr: float = 1e-3
-    warmup_steps: int = 100                   # linear warm-up, then cosine decay to lr * min_lr_ratio
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    cond_dropout: float = 0.1                 # empty-prompt rate, trains the unconditional branch for CFG
-    t_sampling: str = "logit_normal"
-    # logit-normal mean / std of t; mean > 0 trains more near pure noise, which x0-prediction needs: measured
-    # here, with SD3's (0, 1) the first sampling steps (t ≈ 1) produced patch noise that every later step kept
-    t_mean: float = 0.8
-    t_std: float = 0.8
-    ema_decay: float = 0.0                    # 0 = no EMA; else the saved generator holds the EMA weights
-    text_length: int = 32
-    checkpoint_every: int = 200
-    # {task: {field: value}}: fields that differ for one world's base (replaced, not merged; they win over the
-    # fields above). Actions bases need the position planes (see Generator._with_positions): without them a mini
-    # base did not learn where the figure is (coarse accuracy 0.17-0.60 after 2k-8k steps).
-    task_overrides: dict = field(default_factory=dict)
+    """Recipe of a world's base generator: flow matching on fresh renders of every training case under their coarse
+    captions (`train_base`)."""
 
+    model_scale: str = field(default="mini", metadata={
+        "help": "Preset of the generator's config: VideoDiTConfig for video worlds, ImageUNetConfig for image worlds."})
+    model_overrides: dict = field(default_factory=dict, metadata={
+        "help": "{field: value}: fields of that generator config that differ from its preset."})
+    steps: int = field(default=2000, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=8, metadata={
+        "help": "Renders per step, of random training cases, each with fresh appearance and a coarse caption."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate, reached after the warm-up."})
+    warmup_steps: int = field(default=100, metadata={
+        "help": "Steps of linear warm-up to lr; a cosine decay to lr · min_lr_ratio at the last step follows."})
+    min_lr_ratio: float = field(default=0.1, metadata={
+        "help": "Where the cosine decay ends, as a fraction of lr."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip; 0 turns clipping off."})
+    cond_dropout: float = field(default=0.1, metadata={
+        "help": "Rate at which a sample's caption is replaced by the empty prompt, which trains the unconditional "
+                "prediction that classifier-free guidance needs."})
+    t_sampling: str = field(default="logit_normal", metadata={
+        "help": "How training times t are drawn: 'logit_normal' (sigmoid of N(t_mean, t_std)) or 'uniform'."})
+    # mean > 0 trains more near pure noise, which x0-prediction needs: with SD3's (0, 1) the first sampling steps
+    # (t ≈ 1) produced patch noise that every later step kept
+    t_mean: float = field(default=0.8, metadata={
+        "help": "Mean of the normal draw inside logit-normal t sampling; larger trains more near pure noise (t = 1)."})
+    t_std: float = field(default=0.8, metadata={"help": "Std of the normal draw inside logit-normal t sampling."})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "Decay of a constant-rate exponential moving average of the weights, which the saved generator then "
+                "holds; 0: no EMA, the trained weights are saved."})
+    text_length: int = field(default=32, metadata={
+        "help": "Tokens the text encoder pads or cuts every caption to (its max_length)."})
+    checkpoint_every: int = field(default=200, metadata={
+        "help": "Steps between checkpoints of the whole training state, from which an interrupted run resumes."})
+    task_overrides: dict = field(default_factory=dict, metadata={
+        "help": "{task: {field: value}}: fields that differ for one world's base (`lofa.config.for_task`); they "
+                "replace the fields above, not merge into them."})
+
+    # mini / full: actions bases get the position planes (Generator._with_positions); without them a mini base did
+    # not learn where the figure is.
     PRESETS = {
         "smoke": {"model_scale": "smoke", "steps": 20, "batch_size": 4, "warmup_steps": 5, "checkpoint_every": 10},
         "mini": {"batch_size": 32, "steps": 4000, "warmup_steps": 200, "ema_decay": 0.999,

@@ -6,7 +6,7 @@ umT5 text states), for users who point the package at local weights or benchmark
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -15,21 +15,39 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 
 @dataclass
 class VideoDiTConfig:
-    patch_size: tuple[int, int, int] = (2, 4, 4)
-    num_layers: int = 4
-    num_heads: int = 2
-    head_dim: int = 64
-    ffn_dim: int = 512
-    in_channels: int = 3
-    out_channels: int = 3
-    text_dim: int = 384            # MiniLM token states; Wan2.1 uses umT5-XXL (4096)
-    freq_dim: int = 256
-    cross_attn_norm: bool = True
-    qk_norm: str = "rms_norm_across_heads"
-    rope_max_seq_len: int = 1024
-    zero_init_output: bool = True  # DiT-style: start from a zero output so early training is stable
-    prediction: str = "x0"         # what the net outputs: "x0" (pixel-space models) or "velocity" (Wan); see Generator
-    position_channels: int = 0     # extra input channels carrying (t, y, x) coordinates; see Generator._with_positions
+    """The shape of the video base generator, a diffusers WanTransformer3DModel (`make_video_dit`); the `wan` preset
+    is Wan2.1-T2V-1.3B."""
+
+    patch_size: tuple[int, int, int] = field(default=(2, 4, 4), metadata={
+        "help": "(t, h, w) size of the patches the patch embedding cuts a clip into, one token each."})
+    num_layers: int = field(default=4, metadata={"help": "Transformer blocks."})
+    num_heads: int = field(default=2, metadata={
+        "help": "Attention heads of every block; the model width is num_heads · head_dim."})
+    head_dim: int = field(default=64, metadata={"help": "Channels of each attention head."})
+    ffn_dim: int = field(default=512, metadata={"help": "Hidden width of every block's feed-forward network."})
+    in_channels: int = field(default=3, metadata={
+        "help": "Channels of the noisy input clip (3: RGB pixels; Wan: 16 latent channels), position planes not "
+                "counted."})
+    out_channels: int = field(default=3, metadata={"help": "Channels of the output clip."})
+    text_dim: int = field(default=384, metadata={
+        "help": "Width of the text token states (MiniLM: 384; Wan2.1 uses umT5-XXL: 4096)."})
+    freq_dim: int = field(default=256, metadata={"help": "Width of the sinusoidal timestep embedding."})
+    cross_attn_norm: bool = field(default=True, metadata={
+        "help": "A LayerNorm (with affine weights) on the hidden states before cross-attention, as in Wan."})
+    qk_norm: str = field(default="rms_norm_across_heads", metadata={
+        "help": "Normalisation of queries and keys (diffusers' WanTransformer3DModel qk_norm; Wan's is "
+                "'rms_norm_across_heads')."})
+    rope_max_seq_len: int = field(default=1024, metadata={
+        "help": "Positions per axis (t, h, w) that the rotary embedding has frequencies for."})
+    zero_init_output: bool = field(default=True, metadata={
+        "help": "Zero the output projection at initialisation (DiT-style), so the untrained net outputs 0 and "
+                "early training is stable."})
+    prediction: str = field(default="x0", metadata={
+        "help": "What the net outputs: 'x0', the clean clip (pixel-space models; the Generator turns it into a "
+                "velocity), or 'velocity' (Wan)."})
+    position_channels: int = field(default=0, metadata={
+        "help": "Input planes of absolute coordinates in [-1, 1] added to the clip, 0 to 3: the last this many of "
+                "(t, y, x) (Generator._with_positions)."})
 
     PRESETS = {
         "smoke": {"num_layers": 2, "num_heads": 2, "head_dim": 32, "ffn_dim": 128},

@@ -79,18 +79,31 @@ POSE_COLOURS = {"body": (0.9, 0.9, 0.9), "left_arm": (1.0, 0.55, 0.1), "right_ar
 class ActionsConfig:
     """Sizes, component vocabularies (subsets of the tables above) and the held-out fraction."""
 
-    frames: int = 8
-    height: int = 32
-    width: int = 32
-    parts: tuple = ("left_arm", "right_arm", "both_arms", "left_leg", "right_leg", "torso")
-    motions: tuple = ("swing", "bend", "circle")
-    speeds: tuple = ("slow", "fast")
-    levels: tuple = ("low", "mid", "high")
-    amplitudes: tuple = ("small", "large")
-    directions: tuple = ("up",)
-    heldout_fraction: float = 0.2
-    pose_jitter: float = 0.0           # condition: seeded shift (canvas units) and relative scale; 0 = canonical
-    tempos: tuple = field(default=(), repr=False)   # () = no tempo component (every clip steady); see __repr__
+    frames: int = field(default=8, metadata={"help": "Frames T of every clip and pose sequence."})
+    height: int = field(default=32, metadata={
+        "help": "Height H of clips and pose sequences, in pixels; the figure is laid out in units of it."})
+    width: int = field(default=32, metadata={"help": "Width W of clips and pose sequences, in pixels."})
+    parts: tuple = field(default=("left_arm", "right_arm", "both_arms", "left_leg", "right_leg", "torso"), metadata={
+        "help": "Body parts that move (names in PARTS); an action's coarse class is its part."})
+    motions: tuple = field(default=("swing", "bend", "circle"), metadata={
+        "help": "Motions (names in MOTIONS): the waveforms that drive the proximal and the distal joint."})
+    speeds: tuple = field(default=("slow", "fast"), metadata={
+        "help": "Speeds (names in SPEEDS): motion cycles per clip."})
+    levels: tuple = field(default=("low", "mid", "high"), metadata={
+        "help": "Levels (names in LEVELS): the moving joint's base angle, or the torso's crouch depth."})
+    amplitudes: tuple = field(default=("small", "large"), metadata={
+        "help": "Amplitudes (names in AMPLITUDES): the fraction of the full angular range the motion sweeps."})
+    directions: tuple = field(default=("up",), metadata={
+        "help": "Directions (names in DIRECTIONS): the starting phase of the motion."})
+    heldout_fraction: float = field(default=0.2, metadata={
+        "help": "Fraction of the actions held out (rounded up), chosen so that every component value keeps a "
+                "training case (`heldout_split`)."})
+    pose_jitter: float = field(default=0.0, metadata={
+        "help": "Augmentation of the pose condition: the largest seeded shift of the skeleton, in canvas heights, "
+                "and relative change of its size; 0 draws the canonical skeleton whatever the seed."})
+    tempos: tuple = field(default=(), repr=False, metadata={
+        "help": "Tempos (names in TEMPOS): how the pace changes over the clip; () leaves tempo out of the case "
+                "space, every clip steady (and out of the repr, see __repr__)."})
 
     PRESETS: ClassVar[dict] = {
         "smoke": {"height": 16, "width": 16, "parts": ("left_arm", "right_arm", "left_leg"),

@@ -22,7 +22,7 @@ CNN trained on renders names the exact identity of fresh renders 100 % of the ti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 import torch
@@ -61,23 +61,40 @@ SKIN_FAMILIES, HAIR_FAMILIES = ("light", "dark"), ("dark", "light", "dyed")
 class IdentitiesConfig:
     """Sizes, number of identities, attribute vocabularies (subsets of the tables above), distinctness and split."""
 
-    height: int = 32
-    width: int = 32
-    n_cases: int = 160
-    face_shapes: tuple = ("round", "oval", "long", "square")
-    skins: tuple = ("porcelain", "fair", "beige", "tan", "brown", "dark")
-    hair_styles: tuple = ("bald", "short", "bob", "long", "bun", "curly")
-    hair_colours: tuple = ("black", "brown", "blonde", "red", "grey")
-    eye_colours: tuple = ("brown", "blue", "green")
-    eye_shapes: tuple = tuple(EYE_SHAPES)
-    brows: tuple = tuple(BROWS)
-    noses: tuple = NOSES
-    mouths: tuple = tuple(MOUTHS)
-    facial_hair: tuple = ("none", "moustache", "beard")
-    accessories: tuple = ("none", "glasses", "earrings")
-    min_distance: int = 3              # attributes in which any two identities differ (2 of them salient)
-    context_prob: float = 0.4          # sample(): chance that a sample shows (and its caption names) a context
-    heldout_fraction: float = 0.2
+    height: int = field(default=32, metadata={
+        "help": "Height H of the face images, in pixels; the face is laid out in units of it."})
+    width: int = field(default=32, metadata={"help": "Width W of the face images, in pixels."})
+    n_cases: int = field(default=160, metadata={
+        "help": "Number of identities, drawn from the attribute space with the world seed."})
+    face_shapes: tuple = field(default=("round", "oval", "long", "square"), metadata={
+        "help": "Face shapes identities draw from (names in FACE_SHAPES)."})
+    skins: tuple = field(default=("porcelain", "fair", "beige", "tan", "brown", "dark"), metadata={
+        "help": "Skin tones identities draw from (names in SKINS); their light / dark family is half of the coarse "
+                "class."})
+    hair_styles: tuple = field(default=("bald", "short", "bob", "long", "bun", "curly"), metadata={
+        "help": "Hair styles identities draw from (names in HAIR_STYLES)."})
+    hair_colours: tuple = field(default=("black", "brown", "blonde", "red", "grey"), metadata={
+        "help": "Hair colours identities draw from (names in HAIR_COLOURS); their dark / light / dyed family is the "
+                "other half of the coarse class."})
+    eye_colours: tuple = field(default=("brown", "blue", "green"), metadata={
+        "help": "Eye colours identities draw from (names in EYE_COLOURS)."})
+    eye_shapes: tuple = field(default=tuple(EYE_SHAPES), metadata={
+        "help": "Eye shapes identities draw from (names in EYE_SHAPES)."})
+    brows: tuple = field(default=tuple(BROWS), metadata={"help": "Brow shapes identities draw from (names in BROWS)."})
+    noses: tuple = field(default=NOSES, metadata={"help": "Nose shapes identities draw from (names in NOSES)."})
+    mouths: tuple = field(default=tuple(MOUTHS), metadata={
+        "help": "Mouth shapes identities draw from (names in MOUTHS)."})
+    facial_hair: tuple = field(default=("none", "moustache", "beard"), metadata={
+        "help": "Facial hair identities draw from (names in FACIAL_HAIR)."})
+    accessories: tuple = field(default=("none", "glasses", "earrings"), metadata={
+        "help": "Accessories identities draw from (names in ACCESSORIES)."})
+    min_distance: int = field(default=3, metadata={
+        "help": "Fewest attributes in which any two identities differ; two of them must be salient ones (SALIENT)."})
+    context_prob: float = field(default=0.4, metadata={
+        "help": "Chance that a sample() render shows a context (a hat or sunglasses) and its caption names it."})
+    heldout_fraction: float = field(default=0.2, metadata={
+        "help": "Fraction of the identities held out (rounded up), chosen so that every attribute value and coarse "
+                "class keeps a training case (`heldout_split`)."})
 
     PRESETS: ClassVar[dict] = {
         "smoke": {"height": 16, "width": 16, "n_cases": 32},                          # 32 identities

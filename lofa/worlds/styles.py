@@ -21,7 +21,7 @@ the time at mini (120 styles); not measured at full (2520 styles).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 import torch
@@ -74,16 +74,27 @@ PERIOD = 0.15                                             # pattern period, canv
 class StylesConfig:
     """Sizes, style vocabularies (subsets of the tables above), content vocabularies and the held-out fraction."""
 
-    frames: int = 8
-    height: int = 32
-    width: int = 32
-    palettes: tuple = ("sunset", "ocean", "candy", "neon", "desert", "ink")
-    textures: tuple = ("solid", "stripes", "dots", "checker", "gradient")
-    strokes: tuple = ("none", "outline", "glow", "shadow")
-    backgrounds: tuple = ("plain",)
-    shapes: tuple = SHAPES
-    motions: tuple = MOTIONS
-    heldout_fraction: float = 0.2
+    frames: int = field(default=8, metadata={"help": "Frames T of every clip."})
+    height: int = field(default=32, metadata={
+        "help": "Height H of clips and reference images, in pixels; sizes and positions are drawn in units of it."})
+    width: int = field(default=32, metadata={"help": "Width W of clips and reference images, in pixels."})
+    palettes: tuple = field(default=("sunset", "ocean", "candy", "neon", "desert", "ink"), metadata={
+        "help": "Colour palettes of the style space (names in PALETTES); a style's coarse class is its palette's "
+                "family."})
+    textures: tuple = field(default=("solid", "stripes", "dots", "checker", "gradient"), metadata={
+        "help": "Fill textures of the style space (names in TEXTURES)."})
+    strokes: tuple = field(default=("none", "outline", "glow", "shadow"), metadata={
+        "help": "Edge treatments of the style space (names in STROKES)."})
+    backgrounds: tuple = field(default=("plain",), metadata={
+        "help": "Background treatments of the style space (names in BACKGROUNDS); with a single one, case names "
+                "and prompts leave it out."})
+    shapes: tuple = field(default=SHAPES, metadata={
+        "help": "Shapes that move in the clips (names in SHAPES): per-sample content, not part of a style."})
+    motions: tuple = field(default=MOTIONS, metadata={
+        "help": "How those shapes move (names in MOTIONS): per-sample content, not part of a style."})
+    heldout_fraction: float = field(default=0.2, metadata={
+        "help": "Fraction of the styles held out (rounded up), chosen so that every palette, texture, stroke, "
+                "background and family keeps a training case (`heldout_split`)."})
 
     PRESETS: ClassVar[dict] = {
         "smoke": {"height": 16, "width": 16, "palettes": ("sunset", "ocean", "neon"),
