@@ -252,7 +252,8 @@ CLAIMS = (
           _verdict_rows(LOFA, "Text-to-LoRA", "heldout", _paper_metric, at_least=False)),
     Claim("ablations", "paper", "Each ablation (single stage, lightweight, prompt input) is worse than LoFA "
           "(Table 4).", "FVD 665.4 / 655.1 / 653.7 vs 589.8", "—",
-          _untestable("the Table 4 variants are not built yet")),
+          _untestable("the Table 4 variants are built (Run.hypernet variants no_response, lightweight, "
+                      "prompt_input), not yet scored")),
     Claim("zoo-size", "paper", "LoFA keeps improving with more training LoRAs while Text-to-LoRA and the single stage "
           "plateau (Fig. 8).", "Fig. 8", "—", _untestable("no zoo-size sweep is run yet")),
     Claim("seconds-vs-hours", "paper", "LoFA adapts in seconds where a per-case LoRA takes hours.", "3.7 s vs 1 h "

@@ -233,6 +233,9 @@ class Run:
         (Stage I, then Stage II initialised from it), saved with `save_pretrained` in runs/<scale>/hypernet/
         <setting>/<variant>/ (`lofa predict --checkpoint` reads it). Variants (HYPERNET_VARIANTS) change Stage II's
         training only; their Stage II starts from the one Stage I in <setting>/lofa/stage1 and sees the same batches.
+        The ablations of the paper's Table 4 ("no_response", "lightweight", "prompt_input": `recipe.train_ablation`)
+        train no Stage I on the response maps: each is trained by Stage II's loop alone, on the same batches, and
+        has stage 2 only.
 
         Trained on the zoo's train-split LoRAs with `TrainConfig` (Stage I) and `Stage2TrainConfig` (Stage II, with
         the flow-matching term through the frozen base generator when lambda_diff > 0); each stage resumes from its
@@ -241,7 +244,7 @@ class Run:
         from lofa.hypernet import LoFA, save_pretrained
         from lofa.hypernet.data import DiffusionLoss
         from lofa.hypernet.predictor import CONFIG_FILE
-        from lofa.hypernet.recipe import train_stage1, train_stage2
+        from lofa.hypernet.recipe import train_ablation, train_stage1, train_stage2
         from lofa.hypernet.train import Stage2TrainConfig, TrainConfig
         from lofa.models.text import TextEncoder
 
@@ -250,6 +253,10 @@ class Run:
             raise LofaError(f"unknown hypernetwork variant {variant!r}; choose one of {', '.join(HYPERNET_VARIANTS)}")
         if stage not in (1, 2):
             raise LofaError(f"stage must be 1 (response maps) or 2 (LoRA), not {stage!r}")
+        changes = dict(HYPERNET_VARIANTS[variant])
+        ablation = changes.pop("ablation", None)
+        if ablation is not None and stage == 1:
+            raise LofaError(f"the {variant} ablation has no Stage I trained on response maps; ask for stage 2")
         out = self.path("hypernet", setting, variant)
         if (out / CONFIG_FILE).exists():
             lofa = LoFA.from_pretrained(out, device=self.device, dtype=torch.float32)
@@ -258,20 +265,26 @@ class Run:
         with launch.main_process_first() if launch else contextlib.nullcontext():
             data = self.triplets(setting)  # under a multi-process launch the main process builds what is missing
         cfg = self.hypernet_config(setting)
-        stage1 = train_stage1(data, cfg, self.config(TrainConfig), self.path("hypernet", setting, "lofa", "stage1"),
-                              device=str(self.device), seed=self.seed, progress=progress)
-        if stage == 1:
-            return stage1
-        changes = dict(HYPERNET_VARIANTS[variant])
+        if ablation is None:
+            stage1 = train_stage1(data, cfg, self.config(TrainConfig),
+                                  self.path("hypernet", setting, "lofa", "stage1"), device=str(self.device),
+                                  seed=self.seed, progress=progress)
+            if stage == 1:
+                return stage1
         lora_head = changes.pop("lora_head", None)
         train2 = dataclasses.replace(self.config(Stage2TrainConfig), **changes)
         diffusion = None
         if train2.lambda_diff:
             diffusion = DiffusionLoss(self.base(task), data.world, data.text or TextEncoder(self.device), data.cfg,
                                       seed=seeds.stream(self.seed, "hypernet"))
-        stage2 = train_stage2(data, stage1, train2, out / "stage2", device=str(self.device), seed=self.seed,
-                              lora_head=lora_head, diffusion=diffusion, monitor_cases=MONITOR_CASES,
-                              progress=progress)
+        if ablation is None:
+            stage2 = train_stage2(data, stage1, train2, out / "stage2", device=str(self.device), seed=self.seed,
+                                  lora_head=lora_head, diffusion=diffusion, monitor_cases=MONITOR_CASES,
+                                  progress=progress)
+        else:
+            stage2, stage1 = train_ablation(ablation, data, cfg, train2, out / "stage2", device=str(self.device),
+                                            seed=self.seed, diffusion=diffusion, monitor_cases=MONITOR_CASES,
+                                            progress=progress)
         encoder = data.encoder if data.encoder is not None else {"kind": "text", "max_length": data.text.max_length}
         if launch is None or launch.is_main_process:
             save_pretrained(out, stage2, stage1, condition_encoder=encoder,
@@ -377,9 +390,14 @@ def _build_job(args: tuple, step: str, key: str) -> None:
 # Hypernetwork variants run.hypernet trains, each Stage II from the one Stage I of its setting -> Stage2TrainConfig
 # fields (and "lora_head", HyperConfig's): LoFA as configured, and ablations of its reconstruction term (the L1 on
 # ΔW; the L1 on the factors A and B, the paper's wording), of its start (ΔW = 0, the paper's head, instead of the mean
-# training LoRA) and of its LoRA head (the paper's shared head where the scale's preset has per-target layers)
+# training LoRA) and of its LoRA head (the paper's shared head where the scale's preset has per-target layers).
+# "ablation" names one of the paper's Table 4 (`lofa.hypernet.recipe.train_ablation`), trained without LoFA's Stage I
+# by Stage II's loop: w/o response (a single stage from scratch), lightweight (Stage I trained only through Stage
+# II's loss) and prompt input (a single stage reading the condition, never the base weights).
 HYPERNET_VARIANTS = {"lofa": {}, "recon_l1": {"recon": "delta"}, "recon_factors": {"recon": "factors"},
-                     "zero_start": {"start": "zero"}, "shared_head": {"lora_head": "shared"}}
+                     "zero_start": {"start": "zero"}, "shared_head": {"lora_head": "shared"},
+                     "no_response": {"ablation": "no_response"}, "lightweight": {"ablation": "lightweight"},
+                     "prompt_input": {"ablation": "prompt_input"}}
 
 
 def parse_setting(name: str) -> tuple[str, str, str]:

@@ -42,6 +42,12 @@ class HyperConfig:
         "help": "Blocks (0-based) after which Stage II cross-attends to Stage I's final features; None: after the "
                 "middle and the last block (the authors': after blocks 4 and 8 of 8); []: a single-stage model "
                 "(ablation)."})
+    input_tokens: str = field(default="weights", metadata={
+        "help": "What Stage II's blocks read as their token sequence. 'weights' (LoFA's): the base model's weight "
+                "patches, one sequence per target matrix, cross-attending to the condition. 'condition' (the 'prompt "
+                "input' ablation of the paper's Table 4): the condition tokens self-attend, and learned per-target "
+                "query tokens in the weight tokens' layout cross-attend to them; the base weights are never read "
+                "(B's unit rms(W) is a constant of the network, `LoraHead.set_units`). Stage I always reads W."})
     lora_head: str = field(default="shared", metadata={
         "help": "Stage II's LoRA head. 'shared' (the paper's) decodes every weight patch of every target with one "
                 "linear layer d -> p·r, so each patch's block of A or B lies in one d-dimensional subspace shared by "
@@ -70,6 +76,9 @@ class HyperConfig:
     def __post_init__(self):
         if self.lora_head not in ("shared", "per_target"):
             raise ValueError(f"lora_head {self.lora_head!r}: use 'shared' (the paper's head) or 'per_target'")
+        if self.input_tokens not in ("weights", "condition"):
+            raise ValueError(f"input_tokens {self.input_tokens!r}: use 'weights' (LoFA's) or 'condition' (the "
+                             "prompt-input ablation)")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.stage2_cross_after is not None:

@@ -167,11 +167,13 @@ class HyperNet(nn.Module):
     the same block as the forward did (defect 1 of the authors' code).
     """
 
+    tokenizer_class = WeightTokenizer
+
     def __init__(self, cfg: HyperConfig, spec: TargetSpec, feature_cross_after: list[int] = ()):
         super().__init__()
         d = cfg.d_model
         self.grad_checkpoint = cfg.grad_checkpoint
-        self.tokenizer = WeightTokenizer(spec, d, cfg.patch)
+        self.tokenizer = self.tokenizer_class(spec, d, cfg.patch)
         # Condition standardisation (per channel, fitted on the training conditions by `set_condition_stats`).
         # Conditions of one task are alike (MiniLM states of two action prompts have cosine ~0.9), so without it the
         # RMS-normalised projection is dominated by what every condition shares and the part that tells cases apart
@@ -225,6 +227,74 @@ class HyperNet(nn.Module):
         for i, block in enumerate(self.blocks):
             if i > 0:
                 x = self._run(block.self_half, x, layout)
+            x = self._run(block.cross_half, x, c, cond_mask)
+            if f is not None and str(i) in self.feature_cross:
+                x = self._run(self.feature_cross[str(i)], x, f, layout)
+        return layout.unpack(self.norm_out(x))
+
+
+class QueryTokenizer(WeightTokenizer):
+    """The weight tokens with the weights taken out, for the prompt-input ablation (`PromptNet`): the same layout
+    (a CLS slot and one token per p×p patch of each target, the same masks and pooling) and the same token recipe,
+    RMSNorm(embedding) + row and column position + block-depth and module-type embeddings, but the embedding of each
+    patch token is a learned query vector of its own (one per real patch of each target: `query` [patches, d]) where
+    LoFA embeds the weight patch. No patch embedding, no CLS parameter (nothing reads the CLS slot's output here):
+    `base` is never read."""
+
+    def __init__(self, spec: TargetSpec, d_model: int, patch: int):
+        super().__init__(spec, d_model, patch)
+        del self.embed, self.cls
+        real = self.mask[:, 1:]                                       # [M, S-1] the real patch tokens
+        index = torch.zeros_like(self.rows)
+        index[real] = torch.arange(int(real.sum()))
+        self.register_buffer("query_index", index, persistent=False)  # (target, patch) -> row of `query`
+        self.query = nn.Parameter(torch.randn(int(real.sum()), d_model) * 0.02)
+
+    def forward(self, base: BaseWeights | None, targets: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """targets [m] -> query tokens [m, S, d]; padded positions are zero. `base` and `chunk` are not used."""
+        ti = targets.to(self.query.device)
+        queries = self.norm(self.query[self.query_index[ti]])                                # [m, S-1, d]
+        patches = queries + self.row_pos[self.rows[ti]] + self.col_pos[self.cols[ti]]
+        x = torch.cat([torch.zeros_like(patches[:, :1]), patches], dim=1)
+        x = x + (self.depth_emb(self.depth_index[ti]) + self.type_emb(self.type_index[ti]))[:, None, :]
+        return x * self.mask[ti, :, None] if self.has_padding else x
+
+
+def _condition_self_half(block: Block, c: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A block's self half over the condition tokens: c [N, K, d], key mask [N, K] or None -> [N, K, d]."""
+    c = c + block.attn(block.norm1(c), mask)
+    return c + block.mlp1(block.norm2(c))
+
+
+class PromptNet(HyperNet):
+    """The backbone of the 'prompt input' ablation (the paper's Table 4): the condition is the input sequence and
+    the base weights are not read (`HyperConfig.input_tokens = "condition"`).
+
+    HyperNet's blocks (the same modules and parameters) with the roles swapped: in each block the condition tokens
+    (standardised and projected as in HyperNet) run the self half — self-attention over the condition, MLP — and the
+    learned per-target query tokens of `QueryTokenizer`, standing where LoFA's weight tokens stand, run the cross
+    half, reading the condition stream of that block. The queries leave in the weight tokens' layout, so
+    Stage II's `LoraHead` decodes them unchanged (with a fixed unit for B: `LoraHead.set_units`). `prefix` is the
+    query tokens alone, a function of nothing but the network's parameters.
+    """
+
+    tokenizer_class = QueryTokenizer
+
+    def prefix(self, base: BaseWeights | None, targets: torch.Tensor, layout: TokenLayout | None = None
+               ) -> torch.Tensor:
+        """targets [m] -> packed query tokens [T, d]; the base weights are not read."""
+        layout = self.tokenizer.layout(targets) if layout is None else layout
+        return layout.pack(self.tokenizer(None, targets)[None])[0]
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout, cond: torch.Tensor, cond_mask: torch.Tensor | None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        """As `HyperNet.forward`: x [T, d] from `prefix` -> features [N, m, S, d], zero at padded positions."""
+        N = cond.shape[0]
+        c = self.cond_norm(self.cond_proj((cond - self.cond_shift.to(cond.dtype)) / self.cond_scale.to(cond.dtype)))
+        x = x.expand(N, *x.shape[-2:])
+        f = None if features is None else layout.pack(features)
+        for i, block in enumerate(self.blocks):
+            c = self._run(_condition_self_half, block, c, cond_mask)
             x = self._run(block.cross_half, x, c, cond_mask)
             if f is not None and str(i) in self.feature_cross:
                 x = self._run(self.feature_cross[str(i)], x, f, layout)
@@ -306,6 +376,10 @@ class LoraHead(nn.Module):
     cfg.lora_head = "per_target" adds to each projection one layer per target matrix, `a_per_target` and
     `b_per_target` [n_targets, d, p·r] (zero at construction and at `set_start`): the shared layer alone can only place
     a patch's block of A or B in one d-dimensional subspace common to every target.
+
+    cfg.input_tokens = "condition" (the prompt-input ablation, which never reads the base weights) gives B a fixed unit
+    instead of the given base's rms(W): the buffer `b_unit` [n_targets], saved with the weights and set once from the
+    training base by `set_units`, as Text-to-LoRA's factor units are.
     """
 
     def __init__(self, cfg: HyperConfig, n_targets: int, grid_rows: int, grid_cols: int):
@@ -324,6 +398,16 @@ class LoraHead(nn.Module):
             self.b_per_target = nn.Parameter(torch.zeros(n_targets, d, p * r))
         self.register_buffer("a_start", None)  # set_start (or a loaded state dict) fills them
         self.register_buffer("b_start", None)
+        self.register_buffer("b_unit", torch.ones(n_targets) if cfg.input_tokens == "condition" else None)
+
+    @torch.no_grad()
+    def set_units(self, w_rms: torch.Tensor) -> None:
+        """Fix B's unit to w_rms [n_targets] (rms(W) of the training base) for a head whose network never reads the
+        base weights (cfg.input_tokens = "condition"); a head of LoFA's takes rms(W) from the base at every call."""
+        if self.b_unit is None:
+            raise LofaError("this LoRA head takes B's unit from the base weights at every call; fixed units are for a "
+                            "network that does not read them (HyperConfig.input_tokens = 'condition')")
+        self.b_unit.copy_(w_rms)
 
     @torch.no_grad()
     def set_start(self, factors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -365,7 +449,7 @@ class LoraHead(nn.Module):
         a = a.view(N, m, -1, p, r).permute(0, 1, 4, 2, 3).reshape(N, m, r, -1)
         b = b.view(N, m, -1, r)
         a = a * tokenizer.in_features[targets].to(a.dtype).rsqrt()[:, None, None]
-        b = b * w_rms[targets].to(b.dtype)[:, None, None]
+        b = b * (w_rms if self.b_unit is None else self.b_unit)[targets].to(b.dtype)[:, None, None]
         if self.a_start is not None:
             a, b = a + self.a_start[targets], b + self.b_start[targets]
         return a, b
@@ -388,6 +472,9 @@ class Stage1(nn.Module):
 
     def __init__(self, cfg: HyperConfig, spec: TargetSpec):
         super().__init__()
+        if cfg.input_tokens != "weights":
+            raise LofaError(f"Stage I reads the base weights (input_tokens 'weights', not {cfg.input_tokens!r}): its "
+                            "map is |ΔW / W| > τ; the prompt-input ablation is a single Stage II")
         self.cfg, self.spec = cfg, spec
         self.backbone = HyperNet(cfg, spec)
         self.map_head = ResponseMapHead(cfg)
@@ -432,13 +519,15 @@ class Stage2(nn.Module):
     """Stage I's architecture plus feature cross-attention to Stage I, with A and B heads at rank r.
 
     Build it with `Stage2.from_stage1(stage1)` (the paper initialises Stage II from Stage I) or `Stage2(cfg, spec)`
-    from scratch; with cfg.stage2_cross_after = [] or stage1_features=None it is the single-stage ablation.
+    from scratch; with cfg.stage2_cross_after = [] or stage1_features=None it is the single-stage ablation, and with
+    cfg.input_tokens = "condition" its backbone is `PromptNet` (the prompt-input ablation).
     """
 
     def __init__(self, cfg: HyperConfig, spec: TargetSpec):
         super().__init__()
         self.cfg, self.spec = cfg, spec
-        self.backbone = HyperNet(cfg, spec, cfg.feature_cross_after)
+        backbone = PromptNet if cfg.input_tokens == "condition" else HyperNet
+        self.backbone = backbone(cfg, spec, cfg.feature_cross_after)
         tokenizer = self.backbone.tokenizer
         self.lora_head = LoraHead(cfg, len(spec), tokenizer.grid_rows, tokenizer.grid_cols)
 
@@ -471,3 +560,33 @@ class Stage2(nn.Module):
             out_f, in_f = target.shape
             lora[target.name] = (out.A[:, j, :, :in_f], out.B[:, j, :out_f], self.cfg.alpha)
         return lora
+
+
+class JointStages(nn.Module):
+    """Stage I feeding Stage II, trained as one network by Stage II's loss alone: the 'lightweight' ablation of the
+    paper's Table 4, Stage II guided by implicit features without explicit response supervision.
+
+    Built as LoFA is (`Stage2.from_stage1` of an untrained Stage I, feature cross-attention after the same blocks),
+    but no response map is ever computed or supervised: Stage I's backbone learns whatever features help Stage II's
+    reconstruction (and diffusion) term through the feature cross-attention, end to end, and its map decoder is frozen
+    at its initialisation (never run). Same parameters and the same inference path as LoFA: save `stage1` and `stage2`
+    with `save_pretrained` and the `LoFA` predictor runs them unchanged. forward / lora have Stage II's signature, so
+    `Stage2Objective(base, cfg, stage1=None)` trains it with Stage II's loop.
+    """
+
+    def __init__(self, stage1: Stage1, stage2: Stage2):
+        super().__init__()
+        self.stage1, self.stage2 = stage1, stage2
+        self.cfg, self.spec = stage2.cfg, stage2.spec
+        stage1.map_head.requires_grad_(False)
+
+    def forward(self, base: BaseWeights, targets: torch.Tensor, cond: torch.Tensor,
+                cond_mask: torch.Tensor | None = None, stage1_features: torch.Tensor | None = None) -> Stage2Output:
+        """As `Stage2.forward`, with Stage I's features computed here, with gradient (stage1_features must be None)."""
+        if stage1_features is not None:
+            raise LofaError("JointStages computes Stage I's features itself; pass stage1_features=None")
+        features = self.stage1(base, targets, cond, cond_mask, decode_map=False).features
+        return self.stage2(base, targets, cond, cond_mask, features)
+
+    def lora(self, out: Stage2Output, targets: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        return self.stage2.lora(out, targets)
