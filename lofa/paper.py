@@ -39,15 +39,17 @@ FAST_ENOUGH = 100.0            # "seconds instead of hours": prediction at least
 class Claim:
     """One claim of the paper. key: short id; section: "paper" (the paper's claims) or "checks" (what only a known
     world allows: LoFA against the reference predictors); text: the claim in words; paper: the paper's number(s);
-    rule: one sentence saying how the verdict is decided; assess: reads the figures folder and returns rows
-    {"setting", "ours", "verdict", "evidence"} (evidence: the table the row comes from)."""
+    rule: one sentence saying how the verdict is decided; table: the run's table the rule reads (None: the claim
+    cannot be tested here); assess(table, name) -> rows {"setting", "ours", "verdict", "evidence"} (evidence: the
+    table the row comes from), or assess() for an untestable claim."""
 
     key: str
     section: str
     text: str
     paper: str
     rule: str
-    assess: Callable[[Path], list[dict]]
+    table: str | None
+    assess: Callable[..., list[dict]]
 
 
 def _read(figures: Path, name: str):
@@ -61,8 +63,8 @@ def _missing(name: str) -> list[dict]:
     return [{"setting": "all", "ours": "—", "verdict": MISSING, "evidence": name}]
 
 
-def _untestable(reason: str) -> Callable[[Path], list[dict]]:
-    def assess(figures: Path) -> list[dict]:
+def _untestable(reason: str) -> Callable[[], list[dict]]:
+    def assess() -> list[dict]:
         return [{"setting": "all", "ours": reason, "verdict": UNTESTABLE, "evidence": "—"}]
     return assess
 
@@ -72,11 +74,7 @@ def _interval(mean: float, low: float, high: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- the claims' rules
-def _sparsity(figures: Path) -> list[dict]:
-    name = "04_sparsity_per_lora.csv"
-    table = _read(figures, name)
-    if table is None:
-        return _missing(name)
+def _sparsity(table, name: str) -> list[dict]:
     rows = []
     for task, block in table.groupby("task", sort=False):
         mean, low, high = bootstrap_ci(block.fraction_below.to_numpy())
@@ -87,11 +85,7 @@ def _sparsity(figures: Path) -> list[dict]:
     return rows
 
 
-def _family_structure(figures: Path) -> list[dict]:
-    name = "04_similarity.csv"
-    table = _read(figures, name)
-    if table is None:
-        return _missing(name)
+def _family_structure(table, name: str) -> list[dict]:
     rows = []
     for r in table[(table.metric == "cosine") & (table.task != "all")].itertuples():
         significant = r.difference > 0 and r.p_value < 0.05
@@ -107,22 +101,14 @@ def _family_structure(figures: Path) -> list[dict]:
     return rows
 
 
-def _depth_type(figures: Path) -> list[dict]:
-    name = "04_variance_explained.csv"
-    table = _read(figures, name)
-    if table is None:
-        return _missing(name)
+def _depth_type(table, name: str) -> list[dict]:
     return [{"setting": r.task, "ours": f"η² module type {r.eta2_module_type:.2f}, depth {r.eta2_depth:.2f}, "
              f"module (depth × type) {r.eta2_module:.2f}, LoRA {r.eta2_lora:.2f}",
              "verdict": HOLDS if r.eta2_module >= 0.5 else FAILS, "evidence": name} for r in table.itertuples()]
 
 
-def _map_fidelity(comparison: str) -> Callable[[Path], list[dict]]:
-    def assess(figures: Path) -> list[dict]:
-        name = "06_map_fidelity.csv"
-        table = _read(figures, name)
-        if table is None:
-            return _missing(name)
+def _map_fidelity(comparison: str) -> Callable[..., list[dict]]:
+    def assess(table, name: str) -> list[dict]:
         rows = []
         for r in table[table.comparison == comparison].itertuples():
             verdict = HOLDS if r.ci_low >= r.paper else (FAILS if r.ci_high < r.paper else UNDECIDED)
@@ -133,14 +119,10 @@ def _map_fidelity(comparison: str) -> Callable[[Path], list[dict]]:
 
 
 def _verdict_rows(method: str, reference: str, split: str, metrics: Callable[[str], list[str]], at_least: bool
-                  ) -> Callable[[Path], list[dict]]:
+                  ) -> Callable[..., list[dict]]:
     """Rows from notebook 07's paired verdicts of `method` minus `reference`. at_least: the claim is "on par or
     better" (holds unless worse); otherwise "better" (holds only when better)."""
-    def assess(figures: Path) -> list[dict]:
-        name = "07_reference_verdicts.csv"
-        table = _read(figures, name)
-        if table is None:
-            return _missing(name)
+    def assess(table, name: str) -> list[dict]:
         if "method" not in table:
             table = table.assign(method="LoFA")
         block = table[(table.method == method) & (table.reference == reference) & (table.split == split)]
@@ -169,11 +151,7 @@ def _recognition(setting: str) -> list[str]:
     return ["acc", "attr_acc"]
 
 
-def _speed(figures: Path) -> list[dict]:
-    name = "07_methods.csv"
-    table = _read(figures, name)
-    if table is None:
-        return _missing(name)
+def _speed(table, name: str) -> list[dict]:
     rows = []
     for r in table[table.method == "LoFA"].itertuples():
         ratio = r.per_case_lora_train_s / (r.predict_ms / 1000.0)
@@ -183,11 +161,7 @@ def _speed(figures: Path) -> list[dict]:
     return rows
 
 
-def _initialisation(figures: Path) -> list[dict]:
-    name = "08_steps_to_reach.csv"
-    table = _read(figures, name)
-    if table is None:
-        return _missing(name)
+def _initialisation(table, name: str) -> list[dict]:
     rows = []
     for task, block in table.groupby("task", sort=False):
         zero = block[block.start == "recipe start"].steps_to_reach
@@ -206,11 +180,7 @@ def _initialisation(figures: Path) -> list[dict]:
     return rows
 
 
-def _stage1_vs_mean_map(figures: Path) -> list[dict]:
-    name = "05_stage1_metrics.csv"
-    table = _read(figures, name)
-    if table is None:
-        return _missing(name)
+def _stage1_vs_mean_map(table, name: str) -> list[dict]:
     rows = []
     for setting, block in table.groupby("setting", sort=False):
         stage1 = block[block.predictor == "Stage I"].iloc[0]
@@ -228,61 +198,63 @@ MATCHED = "LoFA, norm-matched"
 CLAIMS = (
     Claim("sparsity", "paper", "Most of a LoRA's entries barely change the base weight: 50–80 % stay below τ = 2 %.",
           "50–80 %", "holds when the 95 % interval of the mean share (over the zoo's LoRAs) lies inside 50–80 %; "
-          "does not hold when it lies outside", _sparsity),
+          "does not hold when it lies outside", "04_sparsity_per_lora.csv", _sparsity),
     Claim("structure-task", "paper", "Response maps are task- and condition-specific: LoRAs of one family share "
           "more of their pattern than LoRAs of different families.", "Fig. 2 (qualitative)",
           "holds when within-family (within-task) similarity exceeds across with permutation p < 0.05",
-          _family_structure),
+          "04_similarity.csv", _family_structure),
     Claim("structure-depth-type", "paper", "Response maps differ by network depth and by module type.",
           "Fig. 2 (qualitative)", "holds when depth × module type explain at least half of the variance of the "
-          "relative change (η² of the module ≥ 0.5)", _depth_type),
+          "relative change (η² of the module ≥ 0.5)", "04_variance_explained.csv", _depth_type),
     Claim("stage1-fidelity", "paper", "Stage I predicts the response map: cosine to the true map.", "0.77",
           "holds when the interval lies at or above the paper's number, does not hold when below",
-          _map_fidelity("stage1_vs_truth")),
+          "06_map_fidelity.csv", _map_fidelity("stage1_vs_truth")),
     Claim("stage2-vs-stage1", "paper", "Stage II's LoRA follows Stage I's map: cosine of its implied map to Stage I's.",
-          "0.91", "as above", _map_fidelity("stage2_vs_stage1")),
+          "0.91", "as above", "06_map_fidelity.csv", _map_fidelity("stage2_vs_stage1")),
     Claim("stage2-fidelity", "paper", "Stage II's LoRA has the true response map: cosine of its implied map to the "
-          "truth.", "0.83", "as above", _map_fidelity("stage2_vs_truth")),
+          "truth.", "0.83", "as above", "06_map_fidelity.csv", _map_fidelity("stage2_vs_truth")),
     Claim("lofa-vs-lora", "paper", "On held-out cases LoFA is on par with or better than the per-case LoRA (Tables "
           "1–3), on the paper's metric and on exact-case recognition.", "e.g. FVD 589.8 vs 609.5, face sim 0.548 "
           "vs 0.488", "holds unless the paired interval of LoFA − per-case LoRA lies below 0",
-          _verdict_rows(LOFA, "per-case LoRA", "heldout", _paper_metric, at_least=True)),
+          "07_reference_verdicts.csv", _verdict_rows(LOFA, "per-case LoRA", "heldout", _paper_metric, at_least=True)),
     Claim("lofa-vs-t2l", "paper", "LoFA beats Text-to-LoRA (Table 1).", "FVD 589.8 vs 907.5, CLIP-T 0.372 vs 0.354",
           "holds when the paired interval of LoFA − Text-to-LoRA lies above 0",
-          _verdict_rows(LOFA, "Text-to-LoRA", "heldout", _paper_metric, at_least=False)),
+          "07_reference_verdicts.csv", _verdict_rows(LOFA, "Text-to-LoRA", "heldout", _paper_metric, at_least=False)),
     Claim("ablations", "paper", "Each ablation (single stage, lightweight, prompt input) is worse than LoFA "
           "(Table 4).", "FVD 665.4 / 655.1 / 653.7 vs 589.8", "—",
-          _untestable("the Table 4 variants are built (Run.hypernet variants no_response, lightweight, "
+          None, _untestable("the Table 4 variants are built (Run.hypernet variants no_response, lightweight, "
                       "prompt_input), not yet scored")),
     Claim("zoo-size", "paper", "LoFA keeps improving with more training LoRAs while Text-to-LoRA and the single stage "
-          "plateau (Fig. 8).", "Fig. 8", "—", _untestable("no zoo-size sweep is run yet")),
+          "plateau (Fig. 8).", "Fig. 8", "—", None, _untestable("no zoo-size sweep is run yet")),
     Claim("seconds-vs-hours", "paper", "LoFA adapts in seconds where a per-case LoRA takes hours.", "3.7 s vs 1 h "
           "(identities), ~2 h per video LoRA", f"holds when one prediction is at least {FAST_ENOUGH:.0f}× faster "
-          "than training one per-case LoRA (times as the run's tables record them)", _speed),
+          "than training one per-case LoRA (times as the run's tables record them)", "07_methods.csv", _speed),
     Claim("preference", "paper", "Users prefer LoFA's results over the per-case LoRA's about half the time or more.",
-          "56.8 % / 51.2 % / 52.4 %", "—", _untestable("no referee-preference table is produced yet")),
+          "56.8 % / 51.2 % / 52.4 %", "—", None, _untestable("no referee-preference table is produced yet")),
     Claim("prior", "paper", "A predicted LoRA is a prior: fine-tuning from it reaches the per-case quality in fewer "
           "steps than from zero.", "qualitative", "holds when the start from LoFA reaches the per-case LoRA's "
           "exact-case acc in fewer recipe steps than the start from zero; undecided when neither reaches it",
-          _initialisation),
+          "08_steps_to_reach.csv", _initialisation),
     Claim("stage1-vs-mean", "checks", "Stage I's held-out maps beat the mean training map.", "—",
-          "holds when Stage I's cosine interval lies above the mean map's", _stage1_vs_mean_map),
+          "holds when Stage I's cosine interval lies above the mean map's", "05_stage1_metrics.csv",
+          _stage1_vs_mean_map),
     Claim("lofa-vs-mean", "checks", "LoFA beats the condition-blind mean LoRA on held-out cases (exact case, and "
           "the share of its components right).", "—",
           "holds when the paired interval of LoFA − mean LoRA lies above 0",
-          _verdict_rows(LOFA, "mean LoRA", "heldout", _recognition, at_least=False)),
+          "07_reference_verdicts.csv", _verdict_rows(LOFA, "mean LoRA", "heldout", _recognition, at_least=False)),
     Claim("lofa-vs-nearest", "checks", "LoFA beats nearest-LoRA retrieval on held-out cases (exact case, and the share "
           "of its components right).", "—", "as above, against the nearest LoRA",
-          _verdict_rows(LOFA, "nearest LoRA", "heldout", _recognition, at_least=False)),
+          "07_reference_verdicts.csv", _verdict_rows(LOFA, "nearest LoRA", "heldout", _recognition, at_least=False)),
     Claim("lofa-train-cases", "checks", "On the cases it was trained on, LoFA is on par with their per-case LoRAs "
           "(exact case, and the share of its components right).", "—",
           "holds unless the paired interval of LoFA − per-case LoRA lies below 0",
-          _verdict_rows(LOFA, "per-case LoRA", "train", _recognition, at_least=True)),
+          "07_reference_verdicts.csv", _verdict_rows(LOFA, "per-case LoRA", "train", _recognition, at_least=True)),
     Claim("matched-vs-mean", "checks", "LoFA norm-matched beats the mean LoRA on held-out cases (exact case, and the "
           "share of its components right).", "—", "holds when the paired interval lies above 0",
-          _verdict_rows(MATCHED, "mean LoRA", "heldout", _recognition, at_least=False)),
+          "07_reference_verdicts.csv", _verdict_rows(MATCHED, "mean LoRA", "heldout", _recognition, at_least=False)),
     Claim("matched-vs-lora", "checks", "LoFA norm-matched is on par with the per-case LoRA on held-out cases.", "—",
           "holds unless the paired interval lies below 0",
+          "07_reference_verdicts.csv",
           _verdict_rows(MATCHED, "per-case LoRA", "heldout", _paper_metric, at_least=True)),
 )
 
@@ -294,7 +266,12 @@ def assess_claims(figures: Path, claims: tuple[Claim, ...] = CLAIMS):
 
     rows = []
     for claim in claims:
-        for row in claim.assess(Path(figures)):
+        if claim.table is None:
+            found = claim.assess()
+        else:
+            table = _read(figures, claim.table)
+            found = _missing(claim.table) if table is None else claim.assess(table, claim.table)
+        for row in found:
             rows.append({"key": claim.key, "section": claim.section, "claim": claim.text, "paper": claim.paper,
                          **row, "rule": claim.rule})
     return pd.DataFrame(rows, columns=["key", "section", "claim", "paper", "setting", "ours", "verdict", "rule",
