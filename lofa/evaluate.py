@@ -391,7 +391,8 @@ def paired_differences(per_case, method: str, baselines: Sequence[str], metrics:
     per_case: `case_means` output (columns by..., method, case_id, the metrics). metrics: {group key (a tuple of
     the `by` values): its metrics}, in the order the rows should come; a metric the table lacks is left out.
     Returns a DataFrame with one row per (group, metric, baseline): by..., metric, `baseline_column`, difference,
-    ci_low, ci_high, cases, verdict (for `method`; LOWER_IS_BETTER metrics turned around).
+    ci_low, ci_high, cases, verdict (for `method`; LOWER_IS_BETTER metrics turned around), method (`method`, so
+    that tables of several methods concatenate and every reader finds the method compared in its row).
     """
     import pandas as pd
 
@@ -408,7 +409,7 @@ def paired_differences(per_case, method: str, baselines: Sequence[str], metrics:
             for baseline in baselines:
                 d = paired_difference(block[method], block[baseline], lower_is_better=metric in LOWER_IS_BETTER,
                                       seed=seed)
-                rows.append({**dict(zip(by, key)), "metric": metric, baseline_column: baseline, **d})
+                rows.append({**dict(zip(by, key)), "metric": metric, baseline_column: baseline, **d, "method": method})
     return pd.DataFrame(rows)
 
 

@@ -123,8 +123,6 @@ def _verdict_rows(method: str, reference: str, split: str, metrics: Callable[[st
     """Rows from notebook 07's paired verdicts of `method` minus `reference`. at_least: the claim is "on par or
     better" (holds unless worse); otherwise "better" (holds only when better)."""
     def assess(table, name: str) -> list[dict]:
-        if "method" not in table:
-            table = table.assign(method="LoFA")
         block = table[(table.method == method) & (table.reference == reference) & (table.split == split)]
         rows = []
         for r in block.itertuples():

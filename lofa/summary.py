@@ -53,7 +53,6 @@ def results_summary(figures: Path) -> list[str]:
     verdicts = table("07_reference_verdicts.csv")
     if verdicts is not None:
         acc = verdicts[verdicts.metric == "acc"]
-        acc = acc if "method" in acc else acc.assign(method="LoFA")
         for (method, setting, split), block in acc.groupby(["method", "setting", "split"], sort=False):
             parts = [f"{r.reference} {r.difference:+.2f} ({_short(r.verdict)})" for r in block.itertuples()]
             lines.append(f"{method} exact-case acc, {setting} {split} (07_reference_verdicts.csv): "

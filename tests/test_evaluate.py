@@ -260,6 +260,7 @@ def test_paired_differences_per_group_metric_and_baseline():
     metrics = {("a",): ["acc", "denoise", "missing"], ("b",): ["acc"]}
     table = paired_differences(per_case, "LoFA", ("base", "other"), metrics, by=("setting",), seed=0)
     assert list(table.columns[:3]) == ["setting", "metric", "baseline"]
+    assert list(table.columns[-2:]) == ["verdict", "method"] and set(table.method) == {"LoFA"}
     assert table[["setting", "metric", "baseline"]].values.tolist() == [
         ["a", "acc", "base"], ["a", "acc", "other"], ["a", "denoise", "base"], ["a", "denoise", "other"],
         ["b", "acc", "base"], ["b", "acc", "other"]]
@@ -267,7 +268,8 @@ def test_paired_differences_per_group_metric_and_baseline():
     assert by.loc[("a", "acc", "base"), "verdict"] == "better"
     assert by.loc[("a", "denoise", "base"), "verdict"] == "better"  # lower is better for denoise
     a = per_case[per_case.setting == "a"].pivot(index="case_id", columns="method", values="acc")
-    assert by.loc[("a", "acc", "base")].to_dict() == {**paired_difference(a["LoFA"], a["base"], seed=0)}
+    assert by.loc[("a", "acc", "base")].to_dict() == {**paired_difference(a["LoFA"], a["base"], seed=0),
+                                                      "method": "LoFA"}
     settings = (("s1", "styles", "image"), ("s2", "actions", "text"))
     assert setting_metrics(settings) == {("s1",): [*METRICS["styles"], "denoise"],
                                          ("s2",): [*METRICS["actions"], "denoise"]}

@@ -50,8 +50,8 @@ def test_on_par_claims_hold_unless_worse_and_better_claims_only_when_better(tmp_
             rows.append({"setting": setting, "split": "heldout", "metric": metric, "reference": reference,
                          "difference": difference, "ci_low": difference - 0.1 if verdict != "better" else 0.1,
                          "ci_high": difference + 0.1 if verdict != "worse" else -0.1, "cases": 12,
-                         "verdict": verdict})
-    pd.DataFrame(rows).to_csv(tmp_path / "07_reference_verdicts.csv", index=False)  # no method column: LoFA's
+                         "verdict": verdict, "method": "LoFA"})
+    pd.DataFrame(rows).to_csv(tmp_path / "07_reference_verdicts.csv", index=False)
     table = assess_claims(tmp_path)
     assert _verdicts(table, "lofa-vs-lora") == {"styles · csd": FAILS, "styles · acc": HOLDS,
                                                  "identities · acc": HOLDS}

@@ -9,12 +9,12 @@ def test_the_summary_reads_each_table_and_leaves_out_what_the_run_did_not_make(t
     pd.DataFrame([{"task": "styles", "cases": 4, "gt acc": 0.9, "base acc": 0.0, "LoRA acc": 0.45, "ratio": 0.5,
                    "ratio ci_low": 0.3, "ratio ci_high": 0.7}]).to_csv(tmp_path / "03_lora_target.csv", index=False)
     pd.DataFrame([{"setting": "styles", "split": "heldout", "metric": "acc", "reference": "mean LoRA",
-                   "difference": 0.25, "ci_low": 0.1, "ci_high": 0.4, "cases": 6, "verdict": "better"},
+                   "difference": 0.25, "ci_low": 0.1, "ci_high": 0.4, "cases": 6, "verdict": "better", "method": "LoFA"},
                   {"setting": "styles", "split": "heldout", "metric": "acc", "reference": "per-case LoRA",
                    "difference": -0.1, "ci_low": -0.3, "ci_high": 0.1, "cases": 6,
-                   "verdict": "no significant difference"},
+                   "verdict": "no significant difference", "method": "LoFA"},
                   {"setting": "styles", "split": "heldout", "metric": "clip_t", "reference": "mean LoRA",
-                   "difference": 9.0, "ci_low": 1.0, "ci_high": 10.0, "cases": 6, "verdict": "better"}]
+                   "difference": 9.0, "ci_low": 1.0, "ci_high": 10.0, "cases": 6, "verdict": "better", "method": "LoFA"}]
                  ).to_csv(tmp_path / "07_reference_verdicts.csv", index=False)
     pd.DataFrame([{"setting": "styles", "step": 1, "heldout_cosine": 0.1, "train_cosine": 0.2},
                   {"setting": "styles", "step": 50, "heldout_cosine": 0.3, "train_cosine": 0.6}]

@@ -264,11 +264,9 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
 
 def reference_verdict_lines(verdicts: pd.DataFrame, metric: str = "acc") -> list[str]:
     """One line per (method, setting, split) of notebook 07's paired differences (`evaluate.paired_differences`
-    with a reference column; a "method" column names the method compared, "LoFA" where it is missing): its verdict
-    and difference in `metric` against each reference."""
+    with a reference column): its verdict and difference in `metric` against each reference."""
     lines = []
     table = verdicts[verdicts.metric == metric]
-    table = table if "method" in table else table.assign(method="LoFA")
     for (method, setting, split), block in table.groupby(["method", "setting", "split"], sort=False):
         lines.append(f"{setting:>13} {split:>8}: {method} vs " + ", ".join(
             f"{r.reference} {r.verdict} ({r.difference:+.2f})" for r in block.itertuples()))
