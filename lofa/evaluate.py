@@ -413,6 +413,44 @@ def paired_differences(per_case, method: str, baselines: Sequence[str], metrics:
     return pd.DataFrame(rows)
 
 
+def preference(scores, method: str, against: str, metrics: dict[tuple, Sequence[str]], by: Sequence[str], *,
+               n_boot: int = 1000, seed: int = 0):
+    """How often the referees prefer `method`'s sample to `against`'s sample of the same case, prompt and noise.
+
+    scores: `compare`'s per-sample table with the columns by..., method, sample, case_id and the metrics (samples
+    with the same `sample` index share case, prompt and noise whatever the method). metrics: {group key (a tuple of
+    the `by` values): its metrics}, as for `paired_differences`. Each pair scores 1 when `method`'s value is the
+    better one (LOWER_IS_BETTER turned around), 0 when it is the worse one and 0.5 on a tie; a case's preference is
+    the mean over its pairs, and the share is the mean over cases with a percentile-bootstrap interval over cases
+    (the pairs of one case share a LoRA, so they are not independent draws). Returns a DataFrame with one row per
+    (group, metric): by..., metric, method, against, share, ci_low, ci_high, cases, pairs.
+    """
+    import pandas as pd
+
+    rows = []
+    for key, group_metrics in metrics.items():
+        mask = np.ones(len(scores), dtype=bool)
+        for column, value in zip(by, key):
+            mask &= (scores[column] == value).to_numpy()
+        block = scores[mask & scores.method.isin([method, against]).to_numpy()]
+        for metric in group_metrics:
+            if metric not in block or block[metric].isna().all():
+                continue
+            wide = block.pivot_table(index=["case_id", "sample"], columns="method", values=metric, sort=False)
+            if method not in wide or against not in wide:
+                continue
+            wide = wide.dropna()
+            ahead = wide[method] - wide[against]
+            if metric in LOWER_IS_BETTER:
+                ahead = -ahead
+            wins = np.where(ahead > 0, 1.0, np.where(ahead < 0, 0.0, 0.5))
+            per_case = pd.Series(wins, index=wide.index).groupby(level="case_id", sort=False).mean()
+            share, lo, hi = bootstrap_ci(per_case.to_numpy(), n=n_boot, seed=seed)
+            rows.append({**dict(zip(by, key)), "metric": metric, "method": method, "against": against,
+                         "share": share, "ci_low": lo, "ci_high": hi, "cases": len(per_case), "pairs": len(wins)})
+    return pd.DataFrame(rows)
+
+
 def setting_metrics(settings: Sequence[tuple[str, str, str]], splits: Sequence[str] = ()) -> dict[tuple, list[str]]:
     """The metrics `paired_differences` compares per group: each setting's (name, task, kind) task metrics and
     denoise, keyed (setting,) or, with splits, (setting, split) for each split."""

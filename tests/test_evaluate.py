@@ -8,8 +8,7 @@ import torch
 from lofa.diffusion import sample
 from lofa.errors import LofaError
 from lofa.evaluate import (METRICS, GenerateConfig, case_means, denoising_loss, eval_plan, generate, paired_difference,
-                           ratio_of_means,
-                           score_cases, summarize)
+                           preference, ratio_of_means, score_cases, summarize)
 from lofa.lora.formats import LoraFactor
 from lofa.lora.train import apply_lora
 from lofa.lora.zoo import select_cases
@@ -277,3 +276,25 @@ def test_paired_differences_per_group_metric_and_baseline():
                                                                       ("s2", "heldout"), ("s2", "train")]
     named = paired_differences(per_case, "LoFA", ("base",), metrics, by=("setting",), baseline_column="reference")
     assert "reference" in named and "baseline" not in named
+
+
+def test_preference_counts_wins_ties_and_losses_per_case_and_turns_lower_is_better_around():
+    rows = []
+    # case 0: LoFA wins both pairs on acc; case 1: one tie, one loss; case 2: never scored by "LoRA" (left out)
+    for case, samples, lofa, lora in ((0, (0, 1), (1.0, 1.0), (0.0, 0.0)), (1, (2, 3), (1.0, 0.0), (1.0, 1.0))):
+        for sample, a, b in zip(samples, lofa, lora):
+            rows.append({"setting": "s", "method": "LoFA", "sample": sample, "case_id": case, "acc": a,
+                         "denoise": 0.1 * a})
+            rows.append({"setting": "s", "method": "LoRA", "sample": sample, "case_id": case, "acc": b,
+                         "denoise": 0.1 * b})
+    rows.append({"setting": "s", "method": "LoFA", "sample": 4, "case_id": 2, "acc": 1.0, "denoise": 0.0})
+    scores = pd.DataFrame(rows)
+    table = preference(scores, "LoFA", "LoRA", {("s",): ["acc", "denoise", "missing"]}, by=("setting",), seed=0)
+    by = table.set_index("metric")
+    assert list(by.index) == ["acc", "denoise"]
+    # per case: 1.0 and (0.5 + 0) / 2 = 0.25 -> 0.625 over the two cases that have both methods
+    assert by.loc["acc", "share"] == 0.625 and by.loc["acc", "cases"] == 2 and by.loc["acc", "pairs"] == 4
+    assert by.loc["acc", "ci_low"] <= 0.625 <= by.loc["acc", "ci_high"]
+    # denoise is lower-is-better: LoFA's higher denoise loses where its acc wins
+    assert by.loc["denoise", "share"] == 1 - 0.625
+    assert set(table.method) == {"LoFA"} and set(table.against) == {"LoRA"}

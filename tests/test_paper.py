@@ -1,11 +1,12 @@
 """The paper's claims against a run (lofa.paper): each verdict follows from its table by the stated rule."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from lofa.paper import (CLAIMS, FAILS, HOLDS, MISSING, UNDECIDED, UNTESTABLE, assess_claims, provenance,
-                        report_markdown, verdict_counts, write_report)
+from lofa.paper import (CLAIMS, FAILS, HOLDS, MISSING, PAPER_TABLES, UNDECIDED, UNTESTABLE, assess_claims,
+                        paper_tables, provenance, report_markdown, verdict_counts, write_report)
 
 
 def _verdicts(table, key):
@@ -17,7 +18,9 @@ def test_every_claim_reads_not_in_this_run_or_untestable_without_tables(tmp_path
     table = assess_claims(tmp_path)
     assert list(dict.fromkeys(table.key)) == [c.key for c in CLAIMS]
     assert set(table.verdict) == {MISSING, UNTESTABLE}
-    assert verdict_counts(table)[MISSING] == sum(1 for c in CLAIMS if c.section == "paper") - 3
+    untestable = sum(1 for c in CLAIMS if c.section == "paper" and c.table is None)
+    assert verdict_counts(table)[UNTESTABLE] == untestable
+    assert verdict_counts(table)[MISSING] == sum(1 for c in CLAIMS if c.section == "paper") - untestable
     assert provenance(tmp_path) == ""
 
 
@@ -93,3 +96,37 @@ def test_report_has_one_section_per_claim_and_names_the_runs_provenance(tmp_path
     assert text.count("### ") == len(CLAIMS) and line in text
     path = write_report(table, tmp_path / "REPORT.md", "mini", line)
     assert path.read_text() == text + "\n"
+
+
+def test_preference_holds_unless_its_interval_lies_below_half_on_the_paper_metric(tmp_path):
+    rows = [{"setting": setting, "split": split, "metric": metric, "method": method, "against": "per-case LoRA",
+             "share": share, "ci_low": share - 0.1, "ci_high": share + 0.1, "cases": 12, "pairs": 24}
+            for setting, metric, share in (("styles", "csd", 0.3), ("styles", "acc", 0.45), ("styles", "dino", 0.1),
+                                           ("identities", "face_sim", 0.6))
+            for split in ("heldout", "train") for method in ("LoFA", "LoFA, norm-matched")]
+    pd.DataFrame(rows).to_csv(tmp_path / "07_referee_preference.csv", index=False)
+    # styles · dino is not a claim's metric; the train split and the norm-matched rows are not the claim's
+    assert _verdicts(assess_claims(tmp_path), "preference") == {"styles · csd": FAILS, "styles · acc": HOLDS,
+                                                                 "identities · face_sim": HOLDS}
+
+
+def test_paper_tables_take_each_tables_settings_metrics_and_the_time_column():
+    references = pd.DataFrame([{"setting": setting, "split": split, "method": method, "metric": metric,
+                                "mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "cases": 12}
+                               for setting, metrics in (("actions-text", ("clip_t", "acc", "csd")),
+                                                        ("identities", ("face_sim", "acc")))
+                               for split in ("heldout", "train") for method in ("LoFA", "per-case LoRA")
+                               for metric in metrics])
+    methods = pd.DataFrame([{"setting": "identities", "method": "LoFA", "predict_ms": 20.0,
+                             "per_case_lora_train_s": 60.0}])
+    data = paper_tables(references, methods)
+    assert set(data.table) == {"Table 1", "Table 3"}
+    assert set(data[data.table == "Table 1"].metric) == {"clip_t", "acc"}  # csd is not one of Table 1's columns
+    time = data[data.metric == "adapt_s"].set_index("method")["mean"].to_dict()
+    assert time == {"LoFA": 0.02, "per-case LoRA": 60.0}
+    assert len(data) == 2 * 2 + 2 * 2 + 2  # held-out rows only, two methods, plus the Time column
+    text = report_markdown(assess_claims(Path("/nonexistent")), "mini", "", data)
+    assert "### Table 1 · human action video" in text and "### Table 2" not in text
+    assert "| identities | LoFA | 0.5 [0.4, 0.6] | 0.5 [0.4, 0.6] | 0.02 |" in text  # columns the run scored
+    assert "| identities | per-case LoRA | 0.5 [0.4, 0.6] | 0.5 [0.4, 0.6] | 60 |" in text
+    assert text.count("### ") == len(CLAIMS) + 2 and len(PAPER_TABLES) == 3
