@@ -94,6 +94,7 @@ OVERRIDABLE = {
     "Stage2TrainConfig": ("lofa.hypernet.train", "Stage2TrainConfig"),
     "TextToLoraConfig": ("lofa.baselines.text_to_lora", "TextToLoraConfig"),
     "GenerateConfig": ("lofa.evaluate", "GenerateConfig"),
+    "ScoringConfig": ("lofa.evaluate", "ScoringConfig"),
     "world.actions": ("lofa.worlds.actions", "ActionsConfig"),
     "world.styles": ("lofa.worlds.styles", "StylesConfig"),
     "world.identities": ("lofa.worlds.identities", "IdentitiesConfig"),

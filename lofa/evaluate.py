@@ -72,6 +72,41 @@ class GenerateConfig:
 GenerateConfig.PRESETS["paper"] = GenerateConfig.PRESETS["wan"]
 
 
+@dataclass
+class ScoringConfig:
+    """How many cases and samples each notebook scores: every interval of a run rests on these counts. Samples of a
+    case share their noise seeds across methods (paired); cases are the unit the intervals resample."""
+
+    competence_samples: int = field(default=128, metadata={
+        "help": "Samples per check and task in the base model's competence table (notebook 02)."})
+    zoo_cases: int = field(default=240, metadata={
+        "help": "Cases per task whose per-case LoRA is scored (notebook 03): every held-out case first, then "
+                "training cases up to this count."})
+    zoo_per_case: int = field(default=4, metadata={"help": "Samples per case and method in notebook 03."})
+    stage2_cases: int | None = field(default=None, metadata={
+        "help": "Held-out cases sampled per setting in Stage II's comparison (notebook 06); None: all of them."})
+    stage2_per_case: int = field(default=4, metadata={"help": "Samples per case and method in notebook 06."})
+    reference_cases: int = field(default=64, metadata={
+        "help": "Held-out cases, and as many training cases, per setting in the reference comparison (notebook 07)."})
+    reference_per_case: int = field(default=4, metadata={"help": "Samples per case and method in notebook 07."})
+    initialisation_cases: int = field(default=16, metadata={
+        "help": "Held-out cases per task fine-tuned from each start in notebook 08."})
+    initialisation_per_case: int = field(default=4, metadata={"help": "Samples per case and method in notebook 08."})
+    initialisation_tasks_on_cpu: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "The tasks notebook 08 fine-tunes when the run computes on a CPU (None: every task); on a GPU it "
+                "runs every task."})
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "smoke": {"competence_samples": 16, "zoo_cases": 12, "zoo_per_case": 2, "stage2_per_case": 2,
+                  "reference_cases": 3, "reference_per_case": 1, "initialisation_cases": 2,
+                  "initialisation_per_case": 1},
+        # 2 CPU cores: fewer cases, two paired samples each; notebook 08 fine-tunes the identities task only
+        "mini": {"zoo_cases": 48, "zoo_per_case": 2, "stage2_cases": 16, "stage2_per_case": 2, "reference_cases": 12,
+                 "reference_per_case": 2, "initialisation_cases": 8, "initialisation_per_case": 2,
+                 "initialisation_tasks_on_cpu": ("identities",)},
+    }
+
+
 @dataclass(frozen=True)
 class EvalSeeds:
     """First seeds of the scored streams of a comparison: sample noise, style / face references, ground-truth

@@ -19,6 +19,7 @@ CONFIG_CLASSES = [
     ("lofa.models.video_dit", "VideoDiTConfig"),
     ("lofa.models.cond_encoders", "CondEncoderConfig"),
     ("lofa.evaluate", "GenerateConfig"),
+    ("lofa.evaluate", "ScoringConfig"),
     ("lofa.hypernet.config", "HyperConfig"),
     ("lofa.hypernet.data", "TripletConfig"),
     ("lofa.hypernet.train", "TrainConfig"),
