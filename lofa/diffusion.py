@@ -7,6 +7,7 @@ e.g. a `lofa.models.Generator` or a functional_call wrapper that plugs predicted
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -35,20 +36,69 @@ def sample_t(n: int, *, generator: torch.Generator | None = None, device="cpu", 
     raise LofaError(f"unknown t sampling {mode!r}; use 'logit_normal' or 'uniform'")
 
 
+T_MODES = ("logit_normal", "uniform")
+
+
+@dataclass(frozen=True)
+class TimeDistribution:
+    """How diffusion training draws its times t in (0, 1): sigmoid(N(mean, std)) ("logit_normal") or U(0, 1).
+
+    A property of a base generator: the distribution it was trained with, which `Generator` carries (and saves in
+    its folder). LoRA training (`lofa.lora.train.CaseStream`) and Stage II's diffusion term
+    (`lofa.hypernet.data.DiffusionLoss`) draw t from the base's own distribution, since a LoRA refines the base's
+    own denoising task; with SD3's (0, 1) an x0-predicting base puts most of its velocity loss at t -> 0
+    (weight 1 / t^2). The defaults are the from-scratch bases' (`BaseTrainConfig`); Wan's is logit-normal(0, 1)
+    (`lofa.models.wan.T_DISTRIBUTION`).
+    """
+
+    mode: str = field(default="logit_normal", metadata={
+        "help": "How training times t are drawn: 'logit_normal' (sigmoid of N(mean, std)) or 'uniform'."})
+    # mean > 0 trains more near pure noise, which x0-prediction needs: with SD3's (0, 1) the first sampling steps
+    # (t ≈ 1) produced patch noise that every later step kept
+    mean: float = field(default=0.8, metadata={
+        "help": "Mean of the normal draw inside logit-normal t sampling; larger trains more near pure noise (t = 1)."})
+    std: float = field(default=0.8, metadata={"help": "Std of the normal draw inside logit-normal t sampling."})
+
+    def __post_init__(self):
+        if self.mode not in T_MODES:
+            raise LofaError(f"unknown t sampling {self.mode!r}; use 'logit_normal' or 'uniform'")
+
+    def sample(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+        """Times t [n] in (0, 1) drawn from `generator` (`sample_t`)."""
+        return sample_t(n, generator=generator, device=device, mode=self.mode, mean=self.mean, std=self.std)
+
+    def record(self) -> dict:
+        """{"t_sampling", "t_mean", "t_std"}: the distribution under the keys training recipes store it with
+        (BaseTrainConfig's fields; a zoo's recipe and its LoRAs' metadata)."""
+        return {"t_sampling": self.mode, "t_mean": self.mean, "t_std": self.std}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "TimeDistribution":
+        """Inverse of `record`: the distribution of a recipe holding t_sampling / t_mean / t_std (other keys are
+        ignored), e.g. a BaseTrainConfig's `as_dict`."""
+        return cls(mode=record["t_sampling"], mean=record["t_mean"], std=record["t_std"])
+
+    def to_json(self) -> dict:
+        """{"mode", "mean", "std"}, as a generator folder's lofa_generator.json stores it."""
+        return asdict(self)
+
+
 def flow_matching_loss(gen: VelocityFn, x0: torch.Tensor, context: torch.Tensor,
                        context_mask: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
                        t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                       t_sampling: str = "logit_normal", t_mean: float = 0.0, t_std: float = 1.0,
-                       reduction: str = "mean") -> torch.Tensor:
+                       times: TimeDistribution | None = None, reduction: str = "mean") -> torch.Tensor:
     """MSE between gen's velocity and noise - x0 at x_t = (1 - t)·x0 + t·noise.
 
     x0: [N, ...] clean data; context [N, L, D]; t [N] and noise like x0 are drawn from `generator` when not given
-    (t from `sample_t(mode=t_sampling, mean=t_mean, std=t_std)`).
+    (t from `times`, which must then be given: the generator's `t_distribution`).
     reduction "mean" -> scalar, "none" -> per-sample loss [N] (for batched multi-LoRA training).
     """
     n = x0.shape[0]
     if t is None:
-        t = sample_t(n, generator=generator, device=x0.device, mode=t_sampling, mean=t_mean, std=t_std)
+        if times is None:
+            raise LofaError("flow_matching_loss draws t only from a given distribution; pass times= (the base "
+                            "generator's t_distribution) or t=")
+        t = times.sample(n, generator, x0.device)
     if noise is None:
         noise = randn(x0.shape, generator, x0.device)
     t_b = t.view(n, *([1] * (x0.ndim - 1))).to(x0.dtype)

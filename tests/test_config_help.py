@@ -7,6 +7,7 @@ import pytest
 
 # (module, class): every configuration dataclass of lofa, each listed once.
 CONFIG_CLASSES = [
+    ("lofa.diffusion", "TimeDistribution"),
     ("lofa.metrics.evaluators", "EvalConfig"),
     ("lofa.lora.zoo", "ZooConfig"),
     ("lofa.lora.train", "LoraTrainConfig"),

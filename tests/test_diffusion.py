@@ -39,9 +39,11 @@ def test_loss_is_seeded_and_per_sample():
     gen = _gen()
     context, mask = _context()
     x0 = torch.zeros(SHAPE)
-    a = flow_matching_loss(gen, x0, context, mask, generator=torch.Generator().manual_seed(5))
-    b = flow_matching_loss(gen, x0, context, mask, generator=torch.Generator().manual_seed(5))
-    per = flow_matching_loss(gen, x0, context, mask, generator=torch.Generator().manual_seed(5), reduction="none")
+    times = gen.t_distribution
+    a = flow_matching_loss(gen, x0, context, mask, generator=torch.Generator().manual_seed(5), times=times)
+    b = flow_matching_loss(gen, x0, context, mask, generator=torch.Generator().manual_seed(5), times=times)
+    per = flow_matching_loss(gen, x0, context, mask, generator=torch.Generator().manual_seed(5), times=times,
+                             reduction="none")
     assert torch.equal(a, b) and per.shape == (2,) and torch.allclose(per.mean(), a)
 
 
@@ -96,3 +98,33 @@ def test_sample_t_distributions():
     for t in (sd3, noisy, uniform):
         assert ((t > 0) & (t < 1)).all()
     assert abs(sd3.mean() - 0.5) < 0.02 and noisy.mean() > 0.62 and abs(uniform.mean() - 0.5) < 0.02
+
+
+def test_time_distribution_draws_what_sample_t_draws_and_refuses_an_unknown_mode():
+    import pytest
+
+    from lofa.diffusion import TimeDistribution, sample_t
+    from lofa.errors import LofaError
+
+    for times in (TimeDistribution(), TimeDistribution(mode="logit_normal", mean=0.0, std=1.0),
+                  TimeDistribution(mode="uniform")):
+        drawn = times.sample(64, torch.Generator().manual_seed(3), "cpu")
+        expected = sample_t(64, generator=torch.Generator().manual_seed(3), mode=times.mode, mean=times.mean,
+                            std=times.std)
+        assert drawn.shape == (64,) and torch.equal(drawn, expected)
+        # the keys the recipes (BaseTrainConfig, a zoo's index) store it under, and back
+        assert TimeDistribution.from_record({**times.record(), "steps": 3}) == times
+    assert TimeDistribution().record() == {"t_sampling": "logit_normal", "t_mean": 0.8, "t_std": 0.8}
+    with pytest.raises(LofaError, match="unknown t sampling"):
+        TimeDistribution(mode="beta")
+
+
+def test_drawing_t_needs_a_distribution():
+    import pytest
+
+    from lofa.errors import LofaError
+
+    gen = _gen()
+    context, mask = _context()
+    with pytest.raises(LofaError, match="times="):
+        flow_matching_loss(gen, torch.zeros(SHAPE), context, mask, generator=torch.Generator().manual_seed(5))

@@ -169,6 +169,30 @@ def test_diffusion_loss_reaches_the_predicted_factors_not_the_base(setup):
     assert loss_fn(pred, data.batch(data.train_ids[:2], step=6)).item() != pytest.approx(loss.item(), rel=1e-6)
 
 
+def test_diffusion_loss_draws_t_from_the_base_generators_distribution(setup):
+    """Stage II's diffusion term draws t from the base's own distribution (`Generator.t_distribution`)."""
+    from lofa.diffusion import TimeDistribution
+
+    world, gen, _, data = setup
+    batch = data.batch(data.train_ids[:2], step=5)
+    drawn = []
+
+    def record_t(module, args):  # gen(x_t, t [k], context, mask), once per case
+        drawn.append(args[1])
+
+    hook = gen.register_forward_pre_hook(record_t)
+    own = gen.t_distribution
+    try:
+        for times in (TimeDistribution(mean=5.0, std=0.1), TimeDistribution(mean=-5.0, std=0.1)):
+            gen.t_distribution = times
+            DiffusionLoss(gen, world, StubText(), CFG, seed=1)(batch.loras, batch)
+    finally:
+        hook.remove()
+        gen.t_distribution = own
+    late, early = torch.cat(drawn[:len(drawn) // 2]), torch.cat(drawn[len(drawn) // 2:])
+    assert len(drawn) == 4 and (late > 0.99).all() and (early < 0.01).all()
+
+
 def test_stage2_diffusion_term_trains_the_hypernetwork(setup):
     world, gen, _, data = setup
     cfg = HyperConfig(d_model=32, n_heads=2, depth=2, patch=16, rank=RANK, alpha=float(RANK), cond_dim=data.cond_dim,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lofa.config import preset
-from lofa.diffusion import flow_matching_loss
+from lofa.diffusion import TimeDistribution, flow_matching_loss
 from lofa.errors import LofaError
 from lofa.lora.batched import GroupedLora, GroupedLoraLinear, grouped_lora, multi_lora, train_lora_batch
 from lofa.lora.formats import LoraFactor, load_lora, save_lora
@@ -150,11 +150,35 @@ def test_shared_init_gives_every_case_one_initial_a(shared):
 
     world, text, cfg = StubWorld(), StubText(), tiny_config(shared_init=shared)
     shapes = {"a": (5, 7), "b": (3, 9)}
-    inits = [CaseStream(world, text, c, cfg, seed, "cpu").init_factors(shapes) for c, seed in ((0, 7), (1, 7), (0, 8))]
+    inits = [CaseStream(world, text, c, cfg, seed, "cpu", t_distribution=TimeDistribution()).init_factors(shapes)
+             for c, seed in ((0, 7), (1, 7), (0, 8))]
     for name in shapes:
         assert inits[0][name][0].shape == (cfg.rank, shapes[name][1]) and not inits[0][name][1].any()
         assert torch.equal(inits[0][name][0], inits[1][name][0]) == shared
         assert not torch.equal(inits[0][name][0], inits[2][name][0])
+
+
+def test_lora_training_draws_t_from_the_base_generators_distribution():
+    """The recipe has no t distribution: both trainers draw t from the base's (`Generator.t_distribution`), record
+    it in the LoRA's metadata, and another base distribution gives another LoRA from the same renders."""
+    from lofa.lora.train import CaseStream
+
+    world, text, cfg = StubWorld(), StubText(), tiny_config(steps=3)
+    late, early = TimeDistribution(mean=5.0, std=0.1), TimeDistribution(mean=-5.0, std=0.1)
+    batches = {d: CaseStream(world, text, 1, cfg, 0, "cpu", t_distribution=d).next_batch() for d in (late, early)}
+    assert (batches[late]["t"] > 0.99).all() and (batches[early]["t"] < 0.01).all()
+    assert torch.equal(batches[late]["x0"], batches[early]["x0"])  # same renders and picks, other t
+    gen = tiny_generator(torch.float64)
+    losses = {}
+    for times in (TimeDistribution(), early):
+        gen.t_distribution = times
+        (batched, info), = train_lora_batch(gen, world, [1], cfg, seed=0, text=text)
+        single, single_info = train_lora(gen, world, 1, cfg, seed=0, text=text)
+        recorded = {k: (info[k], single_info[k]) for k in ("t_sampling", "t_mean", "t_std")}
+        assert recorded == {k: (v, v) for k, v in times.record().items()}
+        assert info["final_loss"] == pytest.approx(single_info["final_loss"], rel=1e-6)
+        losses[times] = info["final_loss"]
+    assert losses[early] != pytest.approx(losses[TimeDistribution()], rel=1e-3)
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's CPU rms_norm under autocast
@@ -309,7 +333,8 @@ def test_new_renders_replicate_draws_other_renders_and_first_loras_are_reused():
     from lofa.lora.train import CaseStream
 
     world, text, cfg = StubWorld(), StubText(), tiny_config(steps=4)
-    renders = {(r, new): CaseStream(world, text, 1, cfg, 0, "cpu", replicate=r, new_renders=new).pools[0][0]
+    renders = {(r, new): CaseStream(world, text, 1, cfg, 0, "cpu", replicate=r, new_renders=new,
+                                    t_distribution=TimeDistribution()).pools[0][0]
                for r, new in ((0, False), (1, False), (1, True))}
     assert torch.equal(renders[(0, False)], renders[(1, False)])
     assert not torch.allclose(renders[(0, False)], renders[(1, True)])

@@ -60,8 +60,37 @@ def test_save_load_round_trip(gen, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
     loaded = Generator.load(tmp_path / "g").eval()
     assert loaded.kind == gen.kind and loaded.config == gen.config
+    assert loaded.t_distribution == gen.t_distribution
     with torch.no_grad():
         assert torch.equal(gen(x, t, context, mask), loaded(x, t, context, mask))
+
+
+@pytest.mark.parametrize("times", [(0.3, 1.2), (0.8, 0.8), "uniform"], ids=["logit_normal", "default", "uniform"])
+def test_a_generator_keeps_its_t_distribution_through_save_and_load(times, tmp_path):
+    from lofa.diffusion import TimeDistribution
+
+    wanted = TimeDistribution(mode="uniform") if times == "uniform" else TimeDistribution(mean=times[0], std=times[1])
+    g = Generator.build("image_unet", "smoke", t_distribution=wanted)
+    assert Generator.build("image_unet", "smoke").t_distribution == TimeDistribution()  # BaseTrainConfig's default
+    g.save(tmp_path / "g")
+    assert Generator.load(tmp_path / "g").t_distribution == wanted
+
+
+def test_a_generator_folder_without_its_t_distribution_is_a_one_line_error(tmp_path):
+    import json
+
+    from lofa.errors import LofaError
+    from lofa.models.generator import CONFIG_FILE
+
+    Generator.build("image_unet", "smoke").save(tmp_path / "g")
+    meta_path = tmp_path / "g" / CONFIG_FILE
+    meta = json.loads(meta_path.read_text())
+    del meta["t_distribution"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(LofaError) as err:
+        Generator.load(tmp_path / "g")
+    message = str(err.value)
+    assert "\n" not in message and str(meta_path) in message and '"t_distribution"' in message
 
 
 def test_lora_targets_exist_and_peft_attaches(gen):
@@ -126,6 +155,9 @@ def test_from_pretrained_wan_local_folder(tmp_path):
     g.net.save_pretrained(tmp_path / "pipe" / "transformer")
     loaded = Generator.from_pretrained_wan(tmp_path / "pipe")
     assert loaded.config.prediction == "velocity"  # Wan checkpoints predict the velocity
+    assert loaded.t_distribution.record() == {"t_sampling": "logit_normal", "t_mean": 0.0, "t_std": 1.0}
+    # a plain diffusers folder (no lofa json) loads as a Wan transformer, with Wan's t distribution
+    assert Generator.load(tmp_path / "pipe" / "transformer").t_distribution == loaded.t_distribution
     assert dataclasses.replace(loaded.config, zero_init_output=True, prediction="x0") == g.config
     assert loaded.lora_target_modules() == g.lora_target_modules()
     assert all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), loaded.state_dict().values()))
@@ -209,6 +241,17 @@ def test_train_base_resumes_to_identical_weights(tmp_path):
         assert torch.equal(a, b)
     again = train_base(FakeWorld(fail_at_seed=0), _base_cfg(), tmp_path / "a", progress=False)  # complete: loads
     assert torch.equal(next(again.parameters()), next(straight.parameters()))
+    assert straight.t_distribution == again.t_distribution == _base_cfg().t_distribution
+
+
+def test_train_base_gives_the_generator_its_configs_t_distribution(tmp_path):
+    from lofa.diffusion import TimeDistribution
+    from lofa.models.train_base import train_base
+
+    cfg = _base_cfg(steps=1, t_mean=-0.5, t_std=1.5)
+    gen = train_base(FakeWorld(), cfg, tmp_path / "a", progress=False)
+    assert gen.t_distribution == TimeDistribution(mode="logit_normal", mean=-0.5, std=1.5)
+    assert Generator.load(tmp_path / "a" / "generator").t_distribution == gen.t_distribution
 
 
 def test_condition_encoders_shapes_and_save(tmp_path):

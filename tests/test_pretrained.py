@@ -81,6 +81,35 @@ def test_the_shipped_zoo_is_what_the_preset_trains_on_the_shipped_base_for_every
     assert all(f.A.dtype == torch.float32 and torch.isfinite(f.B).all() and f.B.any() for f in weights.values())
 
 
+@pytest.mark.parametrize("where", SHIPPED, ids=lambda p: f"{p.parent.name}-{p.name}")
+def test_the_zoo_header_computed_on_the_shipped_base_is_the_shipped_zoos_own(where, tmp_path):
+    """The header `zoo_header` computes for the run's recipe on the shipped base equals the shipped index's on
+    every key the index records (t_sampling / t_mean / t_std now come from the base generator), bar the fields
+    that do not change a LoRA; keys the index lacks are fields added since, at their defaults. Otherwise a run
+    would retrain the zoo instead of installing it."""
+    from dataclasses import MISSING, fields
+
+    from lofa.lora.train import LoraTrainConfig
+    from lofa.lora.zoo import _FREE_FIELDS, INDEX, zoo_header
+    from lofa.models.generator import Generator
+    from lofa.pipeline import Run
+
+    scale, task = where.parent.name, where.name
+    if not (where / "zoo").exists():
+        pytest.skip(f"no zoo shipped for {scale}/{task}")
+    run = Run(scale, "cpu", pretrained.verify(scale, task)["seed"], tmp_path / "run")
+    gen = Generator.load(where / "base" / "generator")
+    shipped = {k: v for k, v in json.loads((where / "zoo" / INDEX).read_text()).items() if k != "loras"}
+    header = json.loads(json.dumps(zoo_header(run.world(task), gen, run.config(LoraTrainConfig), run.seed)))
+    assert {k: v for k, v in header.items() if k != "config"} == {k: v for k, v in shipped.items() if k != "config"}
+    recorded = {k: v for k, v in shipped["config"].items() if k not in _FREE_FIELDS}
+    assert {k: header["config"][k] for k in recorded} == recorded
+    assert {k: header["config"][k] for k in ("t_sampling", "t_mean", "t_std")} == gen.t_distribution.record()
+    defaults = {f.name: f.default for f in fields(LoraTrainConfig) if f.default is not MISSING}
+    added = {k: v for k, v in header["config"].items() if k not in shipped["config"]}
+    assert added == {k: defaults[k] for k in added}
+
+
 def read_fingerprint(where: Path) -> str:
     return json.loads((where / "evaluators" / "evaluators.json").read_text())["fingerprint"]
 

@@ -101,6 +101,8 @@ def test_every_layout_loads_the_same_model(layouts, layout):
     net, folders = layouts
     gen = Generator.from_pretrained_wan(folders[layout]).eval()
     assert gen.config.prediction == "velocity" and gen.config.text_dim == TINY["text_dim"]
+    # a Wan checkpoint records no t distribution: every Wan generator carries Wan's, logit-normal(0, 1)
+    assert gen.t_distribution.record() == {"t_sampling": "logit_normal", "t_mean": 0.0, "t_std": 1.0}
     assert len(gen.lora_target_modules()) == 8 * TINY["num_layers"]
     ref = net.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in gen.net.state_dict().items())

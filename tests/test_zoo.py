@@ -145,6 +145,23 @@ def test_a_zoo_written_before_a_recipe_field_existed_resumes(tmp_path):
         _build(zoo_dir, n_cases=2, lr_schedule="cosine")
 
 
+def test_the_zoo_recipe_holds_the_bases_t_distribution_and_resume_refuses_another(tmp_path):
+    """t_sampling / t_mean / t_std of a zoo's recipe are the base generator's: a base of the same weights with
+    another t distribution trains other LoRAs, so it is refused like another recipe."""
+    from lofa.diffusion import TimeDistribution
+
+    zoo_dir = tmp_path / "zoo"
+    zoo = _build(zoo_dir, n_cases=2)
+    index = read_json(zoo_dir / INDEX)
+    assert {k: index["config"][k] for k in ("t_sampling", "t_mean", "t_std")} == TimeDistribution().record()
+    assert all(entry["t_mean"] == 0.8 for entry in index["loras"])
+    assert zoo.config == tiny_config(steps=2, group_size=4)  # the recipe proper, without the base's part
+    other = tiny_generator()
+    other.t_distribution = TimeDistribution(mean=0.0, std=1.0)
+    with pytest.raises(LofaError, match="t_mean=0.8, not 0.0"):
+        build_zoo(StubWorld(2), other, tiny_config(steps=2, group_size=4), zoo_dir, text=StubText(), progress=False)
+
+
 def test_resume_refuses_another_recipe_or_base(tmp_path):
     zoo_dir = tmp_path / "zoo"
     _build(zoo_dir, n_cases=2)

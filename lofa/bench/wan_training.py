@@ -127,15 +127,21 @@ def _time_steps(model, objective, batch_fn, cfg: TrainConfig, device: torch.devi
 
 
 def random_wan(args):
-    """(device, compute dtype, a random-weight video DiT of args.preset built on that device) for a benchmark."""
+    """(device, compute dtype, a random-weight video DiT of args.preset built on that device) for a benchmark.
+
+    At the Wan-scale presets ("wan", "paper") the DiT stands for Wan2.1 and carries Wan's t distribution, which
+    Stage II's diffusion term draws from; at the smaller ones a from-scratch base's (the default)."""
+    from lofa.diffusion import TimeDistribution
     from lofa.models.generator import Generator
+    from lofa.models.wan import T_DISTRIBUTION
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LofaError("--device cuda but no CUDA device is visible; use --device cpu (e.g. with --preset smoke)")
     torch.manual_seed(0)
     with torch.device(device):  # a 1.3B-parameter model initialises in seconds on the GPU, minutes on a CPU
-        gen = Generator.build("video_dit", args.preset)
+        gen = Generator.build("video_dit", args.preset, t_distribution=T_DISTRIBUTION if args.preset in ("wan", "paper")
+                              else TimeDistribution())
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32, gen
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lofa import seeds as seed_streams
-from lofa.diffusion import flow_matching_loss, randn, sample_t
+from lofa.diffusion import flow_matching_loss, randn
 from lofa.errors import LofaError
 from lofa.response import response_map
 from lofa.config import TAU
@@ -43,7 +43,8 @@ KINDS = ("text", "pose", "image")
 
 @dataclass
 class TripletConfig:
-    """How conditions are drawn and how the Stage II diffusion term samples clips."""
+    """How conditions are drawn and how the Stage II diffusion term samples clips (it draws t from the base
+    generator's own distribution, `Generator.t_distribution`, not from here)."""
 
     views: int = field(default=8, metadata={
         "help": "Condition seeds per case for pose and image conditions (a seed-independent condition keeps one); "
@@ -53,12 +54,6 @@ class TripletConfig:
                 "term."})
     clips_per_step: int = field(default=2, metadata={
         "help": "Of those renders, how many each LoRA of a step is scored on (drawn with t and noise per step)."})
-    t_sampling: str = field(default="logit_normal", metadata={
-        "help": "How the diffusion term draws t: 'logit_normal' (sigmoid of N(t_mean, t_std)) or 'uniform'."})
-    t_mean: float = field(default=0.8, metadata={
-        "help": "Mean of the normal draw inside logit-normal t sampling: the base's own distribution "
-                "(BaseTrainConfig), as for the zoo's LoRAs."})
-    t_std: float = field(default=0.8, metadata={"help": "Std of the normal draw inside logit-normal t sampling."})
     encode_chunk: int = field(default=256, metadata={
         "help": "Conditions encoded per forward pass of the condition encoder when the condition bank is built."})
 
@@ -68,8 +63,6 @@ class TripletConfig:
         # is their training objective, amortised over cases
         "mini": {"views": 4, "clips_per_case": 16, "clips_per_step": 1},
         "full": {"clips_per_case": 32},
-        "wan": {"t_mean": 0.0, "t_std": 1.0},
-        "paper": {"t_mean": 0.0, "t_std": 1.0},
     }
 
 
@@ -318,6 +311,7 @@ class DiffusionLoss:
     Each case of the batch is scored on its own clips: `clips_per_case` renders of the case with fine train-split
     captions (`world.sample`), rendered once and cached; per step `clips_per_step` of them, with t and noise, are
     drawn from a generator seeded by (seed, step), so the term is a pure function of the step and resumes exactly.
+    t is drawn from the base generator's own distribution (`gen.t_distribution`), as the zoo's LoRAs were trained.
     Gradients reach the predicted factors (and through them the hypernetwork); the generator's own parameters are
     frozen and get none.
     """
@@ -353,8 +347,7 @@ class DiffusionLoss:
         for i, case_id in enumerate(case_ids):
             x, context, mask = self.clips(case_id)
             pick = torch.randint(len(x), (k,), generator=g).to(x.device)
-            t = sample_t(k, generator=g, device=x.device, mode=self.cfg.t_sampling, mean=self.cfg.t_mean,
-                         std=self.cfg.t_std)
+            t = self.gen.t_distribution.sample(k, g, x.device)
             noise = randn((k, *x.shape[1:]), g, x.device)
             lora = {}
             for name, (A, B, alpha) in pred.items():

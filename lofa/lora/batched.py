@@ -172,7 +172,8 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
     cfg = cfg.for_task(world.task)
     text = text_encoder(text, device)
     start = time.perf_counter()
-    streams = [CaseStream(world, text, c, cfg, seed, device, _dtype(gen), replicate, new_renders) for c in case_ids]
+    streams = [CaseStream(world, text, c, cfg, seed, device, _dtype(gen), replicate, new_renders,
+                          t_distribution=gen.t_distribution) for c in case_ids]
     targets = gen.lora_target_modules(cfg.include_ffn)
     shapes = {n: tuple(gen.net.get_submodule(n).weight.shape) for n in targets}
     inits = [s.init_factors(shapes) for s in streams]

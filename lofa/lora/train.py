@@ -7,7 +7,8 @@ DreamBooth's prior preservation on coarse-prompt renders of other cases of the s
 
 `CaseStream` holds everything one LoRA's training draws (initial factors, samples, captions, t, noise) from a
 private generator, so a LoRA trained alone here and inside a batch by `lofa.lora.batched` sees the same numbers
-and ends at the same weights.
+and ends at the same weights. t is drawn from the base generator's own distribution (`Generator.t_distribution`):
+a LoRA refines the base's denoising task, so the recipe has no t distribution of its own.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lofa import seeds as seed_streams
 from lofa.config import for_task
-from lofa.diffusion import flow_matching_loss, sample_t
+from lofa.diffusion import TimeDistribution, flow_matching_loss
 from lofa.errors import LofaError
 from lofa.lora.formats import LoraFactor, LoraWeights, check_compatible
 from lofa.models.text import text_encoder
@@ -59,13 +60,6 @@ class LoraTrainConfig:
     prior_weight: float = field(default=0.0, metadata={
         "help": "Weight λ of DreamBooth's prior-preservation loss, on coarse-captioned renders of the other training "
                 "cases of the case's coarse category; 0 turns it off."})
-    t_sampling: str = field(default="logit_normal", metadata={
-        "help": "How training times t are drawn: 'logit_normal' (sigmoid of N(t_mean, t_std)) or 'uniform'."})
-    # the base's training distribution of t (BaseTrainConfig.t_mean / t_std): a LoRA refines the base's own
-    # denoising task; SD3's (0, 1) put most of an x0-predicting base's velocity loss at t -> 0 (weight 1 / t^2)
-    t_mean: float = field(default=0.8, metadata={
-        "help": "Mean of the normal draw inside logit-normal t sampling; larger trains more near pure noise (t = 1)."})
-    t_std: float = field(default=0.8, metadata={"help": "Std of the normal draw inside logit-normal t sampling."})
     precision: str = field(default="fp32", metadata={
         "help": "'fp32', or 'bf16': the generator's forward runs under bf16 autocast, while the LoRA weights and "
                 "the loss stay float32."})
@@ -97,7 +91,7 @@ class LoraTrainConfig:
                  "precision": "bf16", "group_size": 64},
         # Wan2.1-1.3B at the paper's adapter shape; a LoRA there is trained alone or a few at a time.
         "wan": {"rank": 32, "alpha": 32.0, "steps": 2000, "batch_size": 1, "n_renders": 64, "lr": 1e-4,
-                "precision": "bf16", "group_size": 4, "t_mean": 0.0, "t_std": 1.0},
+                "precision": "bf16", "group_size": 4},
     }
 
     def for_task(self, task: str) -> "LoraTrainConfig":
@@ -112,6 +106,13 @@ class LoraTrainConfig:
 
 
 LoraTrainConfig.PRESETS["paper"] = LoraTrainConfig.PRESETS["wan"]
+
+
+def recipe(cfg: LoraTrainConfig, t_distribution: TimeDistribution) -> dict:
+    """What a LoRA is trained with, as a zoo's index and each LoRA's metadata record it: the recipe's fields and the
+    base's t distribution under t_sampling / t_mean / t_std (the keys of the recipe when it still held them, so
+    zoos written then and now compare equal)."""
+    return {**asdict(cfg), **t_distribution.record()}
 
 
 def case_seeds(seed: int, case_id: int) -> dict[str, int]:
@@ -142,13 +143,15 @@ class CaseStream:
     train-split phrasing each, which also names the render's per-sample extras (styles: content; identities:
     hat / sunglasses). Prior pool (prior preservation only): renders of other train cases of the same coarse
     category with coarse captions. Captions are kept as token states [P, L, D] and masks [P, L].
+    t_distribution: the base generator's (`Generator.t_distribution`), which every step's t is drawn from.
     """
 
     def __init__(self, world, text, case_id: int, cfg: LoraTrainConfig, seed: int, device, dtype=torch.float32,
-                 replicate: int = 0, new_renders: bool = False):
+                 replicate: int = 0, new_renders: bool = False, *, t_distribution: TimeDistribution):
         self.case = world.cases[case_id]
         self.task = world.task
         self.cfg = cfg
+        self.t_distribution = t_distribution
         self.seed = seed
         self.seeds = case_seeds(seed, case_id)
         stream, render = self.seeds["stream"], self.seeds["render"]
@@ -194,8 +197,7 @@ class CaseStream:
         parts = []
         for x, context, mask in self.pools:
             pick = torch.randint(len(x), (b,), generator=self.rng, device=x.device)
-            t = sample_t(b, generator=self.rng, device=x.device, mode=self.cfg.t_sampling,
-                         mean=self.cfg.t_mean, std=self.cfg.t_std).to(x.dtype)
+            t = self.t_distribution.sample(b, self.rng, x.device).to(x.dtype)
             noise = torch.randn((b, *x.shape[1:]), generator=self.rng, device=x.device, dtype=x.dtype)
             parts.append(dict(x0=x[pick], context=context[pick], mask=mask[pick], t=t, noise=noise))
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -210,7 +212,7 @@ class CaseStream:
         return {
             "task": self.task, "case_id": self.case.id, "case_name": self.case.name, "split": self.case.split,
             "coarse": self.case.coarse, "prompts": self.prompts, "condition_seed": self.seeds["condition"],
-            "seed": self.seed, **asdict(self.cfg), "trainer": trainer,
+            "seed": self.seed, **recipe(self.cfg, self.t_distribution), "trainer": trainer,
             "final_loss": float(losses[-window:].mean()),
             "final_prior_loss": None if prior_losses is None else float(prior_losses[-window:].mean()),
             "loss_curve": [round(float(x), 6) for x in curve], "wall_time_s": wall_time_s,
@@ -283,7 +285,7 @@ def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, de
         check_init(init, targets, cfg.rank)
     text = text_encoder(text, device)
     start = time.perf_counter()
-    stream = CaseStream(world, text, case_id, cfg, seed, device, _dtype(gen))
+    stream = CaseStream(world, text, case_id, cfg, seed, device, _dtype(gen), t_distribution=gen.t_distribution)
     with frozen(gen):
         gen.net.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets,
                                        lora_dropout=0.0), adapter_name="lofa")

@@ -19,7 +19,7 @@ import json
 import os
 import uuid
 from collections import Counter
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from lofa.errors import LofaError
 from lofa.io import read_json, write_json
 from lofa.lora.batched import train_lora_batch
 from lofa.lora.formats import LoraFactor, LoraWeights, load_lora, save_lora
-from lofa.lora.train import LoraTrainConfig, train_lora
+from lofa.lora.train import LoraTrainConfig, recipe, train_lora
 from lofa.models.text import text_encoder
 
 INDEX = "index.json"
@@ -106,10 +106,11 @@ def weights_fingerprint(weights, names: list[str]) -> str:
 
 
 def zoo_header(world, gen, cfg: LoraTrainConfig, seed: int) -> dict:
-    """What identifies a zoo (its index.json minus the entries): task, seed, resolved recipe and base fingerprint;
-    two zoos with equal headers (up to `_FREE_FIELDS`) hold the same LoRAs."""
+    """What identifies a zoo (its index.json minus the entries): task, seed, resolved recipe (with the base's t
+    distribution, `lofa.lora.train.recipe`) and base fingerprint; two zoos with equal headers (up to
+    `_FREE_FIELDS`) hold the same LoRAs."""
     cfg = cfg.for_task(world.task)
-    return {"task": world.task, "seed": seed, "config": asdict(cfg),
+    return {"task": world.task, "seed": seed, "config": recipe(cfg, gen.t_distribution),
             "base": base_fingerprint(gen, gen.lora_target_modules(cfg.include_ffn))}
 
 
@@ -121,7 +122,8 @@ def same_zoo(found: dict, expected: dict) -> bool:
 
 def _recipe(config: dict) -> dict:
     """The recipe fields of an index's config; a field the index lacks (it was written before the field existed)
-    takes its dataclass default, which is the behaviour the recipe had then."""
+    takes its dataclass default, which is the behaviour the recipe had then. The t distribution's keys have no
+    default (they are the base's, `recipe`): an index without them matches no header."""
     defaults = {f.name: f.default for f in fields(LoraTrainConfig) if f.default is not MISSING}
     return {k: v for k, v in {**defaults, **config}.items() if k not in _FREE_FIELDS}
 
@@ -237,8 +239,11 @@ class Zoo:
         if index is None:
             raise LofaError(f"{self.dir} has no {INDEX}; build the zoo with lofa.lora.zoo.build_zoo first")
         self.task, self.seed, self.base = index["task"], index["seed"], index["base"]
-        # a field the index lacks takes its default; an imported zoo (lofa.lora.zoo_import) has no recipe: None
-        self.config = None if index["config"] is None else LoraTrainConfig(**index["config"])
+        # a field the index lacks takes its default; an imported zoo (lofa.lora.zoo_import) has no recipe: None.
+        # The recipe's t_sampling / t_mean / t_std are the base's t distribution (`recipe`), not LoraTrainConfig's.
+        names = {f.name for f in fields(LoraTrainConfig)}
+        self.config = None if index["config"] is None else LoraTrainConfig(
+            **{k: v for k, v in index["config"].items() if k in names})
         self.entries = {e["case_id"]: e for e in index["loras"]}
         self.header = {k: v for k, v in index.items() if k != "loras"}  # the index without its entries
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lofa.config import preset
+from lofa.diffusion import TimeDistribution
 from lofa.errors import LofaError
 from lofa.io import atomic_dir
 from lofa.models.image_unet import ImageUNetConfig, make_image_unet
@@ -48,9 +49,13 @@ class Generator(nn.Module):
     Denoise"). Measured here at the mini budget: v-prediction left patch-grid noise over every sample, x0
     gave figures on clean backgrounds; an EDM-style skip (x0 = c_skip x_t + c_out F) was noisier than plain x0.
     Either way the loss and the sampler see a velocity.
+
+    t_distribution: the `TimeDistribution` the generator was trained with; LoRA training and Stage II's
+    diffusion term draw t from it, so they train on the base's own denoising task. It is saved with the generator.
     """
 
-    def __init__(self, net: nn.Module, kind: str, config: VideoDiTConfig | ImageUNetConfig):
+    def __init__(self, net: nn.Module, kind: str, config: VideoDiTConfig | ImageUNetConfig, *,
+                 t_distribution: TimeDistribution):
         super().__init__()
         if kind not in ("video_dit", "image_unet"):
             raise LofaError(f"unknown generator kind {kind!r}; use 'video_dit' or 'image_unet'")
@@ -61,22 +66,28 @@ class Generator(nn.Module):
         self.net = net
         self.kind = kind
         self.config = config
+        self.t_distribution = t_distribution
 
     @classmethod
-    def from_config(cls, config: VideoDiTConfig | ImageUNetConfig) -> "Generator":
+    def from_config(cls, config: VideoDiTConfig | ImageUNetConfig,
+                    t_distribution: TimeDistribution = TimeDistribution()) -> "Generator":
+        """A fresh (randomly initialised) generator of `config`, to be trained with `t_distribution` (default:
+        `BaseTrainConfig`'s, logit-normal(0.8, 0.8))."""
         if isinstance(config, VideoDiTConfig):
-            return cls(make_video_dit(config), "video_dit", config)
+            return cls(make_video_dit(config), "video_dit", config, t_distribution=t_distribution)
         if isinstance(config, ImageUNetConfig):
-            return cls(make_image_unet(config), "image_unet", config)
+            return cls(make_image_unet(config), "image_unet", config, t_distribution=t_distribution)
         raise LofaError(f"no generator for config type {type(config).__name__}; pass a VideoDiTConfig or ImageUNetConfig")
 
     @classmethod
-    def build(cls, kind: str, scale: str = "mini", overrides: dict | None = None) -> "Generator":
-        """A fresh generator of `kind` ("video_dit" | "image_unet") at a scale preset."""
+    def build(cls, kind: str, scale: str = "mini", overrides: dict | None = None,
+              t_distribution: TimeDistribution = TimeDistribution()) -> "Generator":
+        """A fresh generator of `kind` ("video_dit" | "image_unet") at a scale preset, to be trained with
+        `t_distribution` (default: `BaseTrainConfig`'s, logit-normal(0.8, 0.8); `train_base` passes its config's)."""
         config_cls = GENERATOR_CONFIGS.get(kind)
         if config_cls is None:
             raise LofaError(f"unknown generator kind {kind!r}; use 'video_dit' or 'image_unet'")
-        return cls.from_config(preset(config_cls, scale, overrides))
+        return cls.from_config(preset(config_cls, scale, overrides), t_distribution)
 
     @property
     def context_dim(self) -> int:
@@ -146,20 +157,32 @@ class Generator(nn.Module):
                 if _ATTN_TARGET.search(name) or (include_ffn and ffn.search(name))]
 
     def save(self, directory: str | os.PathLike) -> None:
-        """A diffusers model folder (config.json + safetensors) plus lofa_generator.json, written atomically."""
-        payload = {"kind": self.kind, "config": dataclasses.asdict(self.config)}
+        """A diffusers model folder (config.json + safetensors) plus lofa_generator.json (kind, config,
+        t_distribution), written atomically."""
+        payload = {"kind": self.kind, "config": dataclasses.asdict(self.config),
+                   "t_distribution": self.t_distribution.to_json()}
         with atomic_dir(directory) as tmp:
             self.net.save_pretrained(tmp, safe_serialization=True)
             (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "Generator":
-        """Inverse of `save`. A plain diffusers Wan transformer folder (no lofa json) is accepted too."""
+        """Inverse of `save`. A plain diffusers Wan transformer folder (no lofa json) is accepted too.
+
+        A lofa_generator.json without "t_distribution" (written before generators carried it) is a one-line
+        LofaError saying what to add: guessing would silently train LoRAs on another t distribution than the base's.
+        """
         directory = Path(directory)
         meta_path = directory / CONFIG_FILE
         if not meta_path.exists():
             return cls.from_pretrained_wan(directory).to(device)
         meta = json.loads(meta_path.read_text())
+        if "t_distribution" not in meta:
+            raise LofaError(f"{meta_path} has no \"t_distribution\" (the t distribution the generator was trained "
+                            f"with); add \"t_distribution\": {{\"mode\": ..., \"mean\": ..., \"std\": ...}} with the "
+                            f"t_sampling, t_mean and t_std of its training (its summary.json's config for a "
+                            f"train_base folder; BaseTrainConfig's defaults are logit_normal, 0.8, 0.8)")
+        t_distribution = TimeDistribution(**meta["t_distribution"])
         if meta["kind"] == "video_dit":
             from diffusers import WanTransformer3DModel as net_cls
             config = VideoDiTConfig(**meta["config"])
@@ -167,19 +190,20 @@ class Generator(nn.Module):
             from diffusers import UNet2DConditionModel as net_cls
             config = ImageUNetConfig(**meta["config"])
         net = net_cls.from_pretrained(directory, local_files_only=True)
-        return cls(net, meta["kind"], config).to(device)
+        return cls(net, meta["kind"], config, t_distribution=t_distribution).to(device)
 
     @classmethod
     def from_pretrained_wan(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> "Generator":
         """Wrap a local Wan2.1 transformer: a diffusers pipeline folder (with transformer/) or that folder itself,
         or the original layout (WanModel config.json + diffusion_pytorch_model*.safetensors); `lofa.models.wan`.
 
-        Nothing is downloaded. The context must then be the model's own text states (umT5: text_dim 4096).
+        Nothing is downloaded. The context must then be the model's own text states (umT5: text_dim 4096). Its
+        t distribution is Wan's (`lofa.models.wan.T_DISTRIBUTION`).
         """
-        from lofa.models.wan import load_transformer
+        from lofa.models.wan import T_DISTRIBUTION, load_transformer
 
         net = load_transformer(folder, torch_dtype)
-        return cls(net, "video_dit", config_from_wan(dict(net.config)))
+        return cls(net, "video_dit", config_from_wan(dict(net.config)), t_distribution=T_DISTRIBUTION)
 
 
 def _block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from lofa import seeds
 from lofa.config import as_dict, for_task
-from lofa.diffusion import condition_dropout, flow_matching_loss
+from lofa.diffusion import TimeDistribution, condition_dropout, flow_matching_loss
 from lofa.errors import LofaError
 from lofa.faults import check_finite
 from lofa.io import read_json, save_torch, write_json
@@ -51,13 +51,16 @@ class BaseTrainConfig:
     cond_dropout: float = field(default=0.1, metadata={
         "help": "Rate at which a sample's caption is replaced by the empty prompt, which trains the unconditional "
                 "prediction that classifier-free guidance needs."})
-    t_sampling: str = field(default="logit_normal", metadata={
-        "help": "How training times t are drawn: 'logit_normal' (sigmoid of N(t_mean, t_std)) or 'uniform'."})
-    # mean > 0 trains more near pure noise, which x0-prediction needs: with SD3's (0, 1) the first sampling steps
-    # (t ≈ 1) produced patch noise that every later step kept
-    t_mean: float = field(default=0.8, metadata={
+    # The base's t distribution (`TimeDistribution`, whose defaults these are), kept as three flat fields because
+    # summary.json records the config flat and the shipped bases are matched on it. The trained generator carries
+    # the distribution, and its LoRAs and Stage II draw t from there: this is the only place to set it.
+    t_sampling: str = field(default=TimeDistribution.mode, metadata={
+        "help": "How training times t are drawn: 'logit_normal' (sigmoid of N(t_mean, t_std)) or 'uniform'. The "
+                "trained generator keeps it, and LoRA training and Stage II on that base draw t the same way."})
+    t_mean: float = field(default=TimeDistribution.mean, metadata={
         "help": "Mean of the normal draw inside logit-normal t sampling; larger trains more near pure noise (t = 1)."})
-    t_std: float = field(default=0.8, metadata={"help": "Std of the normal draw inside logit-normal t sampling."})
+    t_std: float = field(default=TimeDistribution.std, metadata={
+        "help": "Std of the normal draw inside logit-normal t sampling."})
     ema_decay: float = field(default=0.0, metadata={
         "help": "Decay of a constant-rate exponential moving average of the weights, which the saved generator then "
                 "holds; 0: no EMA, the trained weights are saved."})
@@ -84,6 +87,11 @@ class BaseTrainConfig:
     def for_task(self, task: str) -> "BaseTrainConfig":
         """This config with `task_overrides[task]` applied (`lofa.config.for_task`)."""
         return for_task(self, task)
+
+    @property
+    def t_distribution(self) -> TimeDistribution:
+        """The distribution t_sampling / t_mean / t_std describe; the trained generator carries it."""
+        return TimeDistribution(mode=self.t_sampling, mean=self.t_mean, std=self.t_std)
 
 
 def record(cfg: BaseTrainConfig) -> dict:
@@ -122,7 +130,7 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
     uncond, uncond_mask = text.encode([""])
 
     torch.manual_seed(seeds.stream(seed, "base.init"))
-    gen = Generator.build(kind, cfg.model_scale, cfg.model_overrides).to(device).train()
+    gen = Generator.build(kind, cfg.model_scale, cfg.model_overrides, cfg.t_distribution).to(device).train()
     ema = copy.deepcopy(gen).requires_grad_(False) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = lr_scheduler(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, decay="cosine",
@@ -164,8 +172,7 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
         context, mask = text.encode(prompts)
         context, mask = condition_dropout(context, mask, uncond, uncond_mask, cfg.cond_dropout, generator=g)
         with autocast:
-            loss = flow_matching_loss(gen, x0, context, mask, generator=g, t_sampling=cfg.t_sampling,
-                                      t_mean=cfg.t_mean, t_std=cfg.t_std)
+            loss = flow_matching_loss(gen, x0, context, mask, generator=g, times=gen.t_distribution)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         # before the optimizer step, so no weight (and no checkpoint) gets a NaN

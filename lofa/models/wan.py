@@ -23,9 +23,13 @@ from pathlib import Path
 
 import torch
 
+from lofa.diffusion import TimeDistribution
 from lofa.errors import LofaError
 
 WAN_MAX_LENGTH = 512  # Wan2.1's text context: umT5 states of 512 tokens
+# The t distribution LoRAs and Stage II's diffusion term train a Wan2.1 base with: SD3's logit-normal(0, 1). A
+# Wan checkpoint records none, so every Wan generator (`Generator.from_pretrained_wan`) carries this one.
+T_DISTRIBUTION = TimeDistribution(mode="logit_normal", mean=0.0, std=1.0)
 
 # Fields an original WanModel config.json may leave out, at WanModel's own defaults.
 _ORIGINAL_DEFAULTS = {"patch_size": [1, 2, 2], "text_dim": 4096, "freq_dim": 256, "eps": 1e-6, "text_len": 512}
