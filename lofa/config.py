@@ -100,6 +100,9 @@ OVERRIDABLE = {
     "world.identities": ("lofa.worlds.identities", "IdentitiesConfig"),
 }
 TASKS = ("actions", "styles", "identities")  # the keys of a `task_overrides` field
+# Fields LoraTrainConfig and TripletConfig once had that now live in BaseTrainConfig (the base generator's t
+# distribution): an overrides file that still sets them there is told where they went.
+MOVED_TO_BASE = ("t_sampling", "t_mean", "t_std")
 
 
 def load_overrides(source: str | Path | dict | None) -> dict:
@@ -147,6 +150,10 @@ def check_fields(where: str, cls: type, fields: Any, allow_task_overrides: bool 
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls) if allow_task_overrides or f.name != "task_overrides"]
     for field, value in fields.items():
+        if field in MOVED_TO_BASE and field not in valid:
+            # LoRA training and Stage II read the t distribution the base generator was trained with
+            raise LofaError(f"{where}: {field} belongs to the base generator now; set it under BaseTrainConfig "
+                            "(LoRA training and Stage II draw t from the base's distribution)")
         if field not in valid:
             raise LofaError(f"{where}: {cls.__name__} has no field {field!r}; valid fields: "
                             f"{', '.join(valid)}")

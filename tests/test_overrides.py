@@ -28,6 +28,9 @@ from lofa.reproduce import REPO_DIR
     ({"LoraTrainConfig": {"task_overrides": {"identities": {"stpes": 3}}}},
      "LoraTrainConfig.task_overrides.identities: LoraTrainConfig has no field 'stpes'"),
     ([1, 2], "overrides must map config names to {field: value}, not list"),
+    ({"TripletConfig": {"t_mean": 0.0}}, "overrides TripletConfig: t_mean belongs to the base generator now; set it "
+                                         "under BaseTrainConfig"),
+    ({"LoraTrainConfig": {"task_overrides": {"styles": {"t_std": 1.0}}}}, "t_std belongs to the base generator now"),
 ])
 def test_bad_overrides_fail_at_run_construction_in_one_line(tmp_path, overrides, message):
     with pytest.raises(LofaError) as info:
