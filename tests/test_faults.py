@@ -183,10 +183,10 @@ def test_a_nan_in_evaluator_training_names_the_role_and_the_step():
 # --- 2. a diverging LoRA of a batched group is retrained alone; the others are kept -----------------------------------
 def _poison_member(monkeypatch, member: int, alone_too: bool) -> None:
     """The 3rd step's loss of group member `member` becomes NaN (its factors then follow); with `alone_too` also in
-    a group of one (the retrain)."""
-    from lofa.lora import batched
+    a group of one (the retrain). Patched where the step loop (`train_steps`) looks it up."""
+    from lofa.lora import train
 
-    real = batched.lora_losses
+    real = train.lora_losses
     calls = {}
 
     def lora_losses(gen, batches, cfg):
@@ -199,7 +199,7 @@ def _poison_member(monkeypatch, member: int, alone_too: bool) -> None:
             fine = fine * scale  # NaN gradients too, as a real divergence has
         return fine, prior
 
-    monkeypatch.setattr(batched, "lora_losses", lora_losses)
+    monkeypatch.setattr(train, "lora_losses", lora_losses)
 
 
 def test_a_diverging_lora_of_a_group_is_reported_and_retrained_alone_the_others_kept(monkeypatch):
