@@ -73,7 +73,7 @@ def save(ckpt_dir: str | Path, step: int, modules: dict[str, nn.Module], optimiz
     Returns the folder.
     """
     ckpt_dir = Path(ckpt_dir)
-    accelerator = accelerator or OneProcess()
+    accelerator = OneProcess() if accelerator is None else accelerator
     path = ckpt_dir / f"step-{step:07d}"
     save_torch(rng_state(), path / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
@@ -114,7 +114,7 @@ def load(ckpt_dir: str | Path, modules: dict[str, nn.Module], optimizer: torch.o
     found = latest(ckpt_dir)
     if found is None:
         return None
-    accelerator = accelerator or OneProcess()
+    accelerator = OneProcess() if accelerator is None else accelerator
     path = found[1]
     trainer = torch.load(path / "trainer.pt", map_location=accelerator.device, weights_only=False)
     different = [key for key, value in (expect or {}).items() if trainer["extra"].get(key) != value]
