@@ -117,7 +117,9 @@ def load(ckpt_dir: str | Path, modules: dict[str, nn.Module], optimizer: torch.o
     accelerator = OneProcess() if accelerator is None else accelerator
     path = found[1]
     trainer = torch.load(path / "trainer.pt", map_location=accelerator.device, weights_only=False)
-    different = [key for key, value in (expect or {}).items() if trainer["extra"].get(key) != value]
+    # a hypernetwork checkpoint written before trainer.pt held extra state resumes as one without any
+    extra = trainer.get("extra", {})
+    different = [key for key, value in (expect or {}).items() if extra.get(key) != value]
     if different:
         raise LofaError(f"{path} was written with another {' or '.join(different)}; delete {Path(ckpt_dir)} to "
                         "start over")
@@ -130,7 +132,7 @@ def load(ckpt_dir: str | Path, modules: dict[str, nn.Module], optimizer: torch.o
     # a launch with more processes than the one that wrote the checkpoint finds no state for the new ones
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=False))
-    return {"step": trainer["step"], "history": trainer["history"], "extra": trainer["extra"]}
+    return {"step": trainer["step"], "history": trainer["history"], "extra": extra}
 
 
 def discard(ckpt_dir: str | Path) -> None:
