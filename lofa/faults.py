@@ -1,8 +1,9 @@
 """A NaN or inf in a training loop as one line: what went non-finite, at which step, and where to resume from.
 
-Every checkpointing training loop (hypernetwork Stage I / II and Text-to-LoRA through `lofa.hypernet.train.fit`,
-the base generator, the evaluators) calls `check_finite` on its loss and gradient norm before the optimizer step, so
-a non-finite value stops training before it reaches the weights and no checkpoint is written with it. The LoRA
+Every training loop but the LoRA trainers' (hypernetwork Stage I / II and Text-to-LoRA through
+`lofa.hypernet.train.fit`, the base generator, the evaluators and condition encoders through
+`lofa.optimise.one_cycle`) calls `check_finite` on its loss and gradient norm before the optimizer step, so a
+non-finite value stops training before it reaches the weights and no checkpoint is written with it. The LoRA
 trainers, whose checkpoints are finished LoRA files, check each LoRA once it is trained instead
 (`lofa.lora.train.divergence`): the batched one retrains a diverged LoRA alone.
 """

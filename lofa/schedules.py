@@ -1,10 +1,11 @@
-"""The learning-rate schedule of every trainer in the package: linear warm-up, then constant or cosine decay.
+"""The learning-rate schedule of the package's main trainers: linear warm-up, then constant or cosine decay.
 
     lr(step) = base lr · lr_factor(step, ...)      (torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
 
 Base generators (`lofa.models.train_base`), the hypernetwork's stages and Text-to-LoRA (`lofa.hypernet.train`) and
 per-case LoRAs (`lofa.lora.train`) all step it once per optimizer step. diffusers' `get_scheduler` has the same
 warm-up and cosine shapes but no floor (`min_ratio`), which the base generators and the hypernetwork decay to.
+The evaluators and condition encoders train under torch's one-cycle schedule instead (`lofa.optimise`).
 """
 from __future__ import annotations
 

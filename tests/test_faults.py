@@ -134,6 +134,7 @@ def test_a_nan_before_the_first_checkpoint_says_there_is_none(tmp_path):
 def test_a_nan_in_base_generator_training_names_its_checkpoint_and_the_run_resumes_from_it(tmp_path):
     from test_models import FakeWorld, _base_cfg
 
+    from lofa.io import read_json
     from lofa.models.train_base import train_base
 
     class NanWorld(FakeWorld):
@@ -147,11 +148,13 @@ def test_a_nan_in_base_generator_training_names_its_checkpoint_and_the_run_resum
     run = tmp_path / "b"
     with pytest.raises(LofaError) as err:  # 6 steps, a checkpoint at step 3
         train_base(NanWorld(), _base_cfg(), run, progress=False)
+    ckpt = run / "checkpoints" / "step-0000003"
     assert str(err.value) == (f"base generator (actions) loss is nan at step 5; the last good checkpoint is step 3 "
-                              f"at {run / 'checkpoint.pt'}; rerun to resume from it, or lower the learning rate and "
-                              "start over without it")
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 3 and all(torch.isfinite(w).all() for w in state["gen"].values())
+                              f"at {ckpt}; rerun to resume from it, or lower the learning rate and start over "
+                              "without it")
+    assert read_json(run / "checkpoints" / "latest.json")["step"] == 3
+    for name in ("generator", "ema"):
+        assert all(torch.isfinite(w).all() for w in load_file(str(ckpt / f"{name}.safetensors")).values())
     assert not (run / "generator").exists() and not (run / "summary.json").exists()
     resumed = train_base(FakeWorld(), _base_cfg(), run, progress=False)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
@@ -180,10 +183,10 @@ def test_a_nan_in_evaluator_training_names_the_role_and_the_step():
 # --- 2. a diverging LoRA of a batched group is retrained alone; the others are kept -----------------------------------
 def _poison_member(monkeypatch, member: int, alone_too: bool) -> None:
     """The 3rd step's loss of group member `member` becomes NaN (its factors then follow); with `alone_too` also in
-    a group of one (the retrain)."""
-    from lofa.lora import batched
+    a group of one (the retrain). Patched where the step loop (`train_steps`) looks it up."""
+    from lofa.lora import train
 
-    real = batched.lora_losses
+    real = train.lora_losses
     calls = {}
 
     def lora_losses(gen, batches, cfg):
@@ -196,7 +199,7 @@ def _poison_member(monkeypatch, member: int, alone_too: bool) -> None:
             fine = fine * scale  # NaN gradients too, as a real divergence has
         return fine, prior
 
-    monkeypatch.setattr(batched, "lora_losses", lora_losses)
+    monkeypatch.setattr(train, "lora_losses", lora_losses)
 
 
 def test_a_diverging_lora_of_a_group_is_reported_and_retrained_alone_the_others_kept(monkeypatch):

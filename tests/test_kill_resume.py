@@ -60,7 +60,7 @@ def zoo_weights(root: Path) -> dict[str, torch.Tensor]:
 def started_training(root: Path, step: str) -> bool:
     """The step has made progress a rerun can keep: the base's first checkpoint, the zoo's first LoRA file."""
     if step == "base":
-        return (root / "base" / "identities" / "checkpoint.pt").exists()
+        return (root / "base" / "identities" / "checkpoints" / "latest.json").exists()
     return any((root / "zoo" / "identities" / "loras").glob("*.safetensors"))
 
 

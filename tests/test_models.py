@@ -234,9 +234,9 @@ def test_train_base_resumes_to_identical_weights(tmp_path):
 
     with pytest.raises(Interrupted):  # dies at step 4, after the checkpoint at step 3
         train_base(FakeWorld(fail_at_seed=4), _base_cfg(), tmp_path / "b", progress=False)
-    assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "generator").exists()
+    assert (tmp_path / "b" / "checkpoints" / "latest.json").exists() and not (tmp_path / "b" / "generator").exists()
     resumed = train_base(FakeWorld(), _base_cfg(), tmp_path / "b", progress=False)
-    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+    assert not (tmp_path / "b" / "checkpoints").exists()
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     again = train_base(FakeWorld(fail_at_seed=0), _base_cfg(), tmp_path / "a", progress=False)  # complete: loads

@@ -1,36 +1,35 @@
-"""Training both stages: objectives, optimizer, schedule, resumable checkpoints, and the loop.
+"""Training both stages: objectives, optimizer, schedule, and the loop.
 
 The loop runs through `accelerate.Accelerator`, so one script runs on a CPU, one GPU, or several under
 `accelerate launch`. Master weights and AdamW states stay float32; on CUDA the compute runs under bf16 autocast
-(pure-bf16 weights lose every update below half a bf16 ulp: defect 2 of the authors' code). Checkpoints hold the
-model, optimizer, schedule, step, history and every process's RNG, each file written atomically, and a run started
-again with the same arguments continues where the last complete checkpoint left off (defect 6).
+(pure-bf16 weights lose every update below half a bf16 ulp: defect 2 of the authors' code). Checkpoints
+(`lofa.checkpoints`: out_dir/checkpoints/step-XXXXXXX/ with model.safetensors, trainer.pt and every process's
+rng-<process>.pt, then latest.json) hold the model, optimizer, schedule, step, history and every process's RNG, each
+file written atomically, and a run started again with the same arguments continues where the last complete
+checkpoint left off (defect 6).
 
 Batches come from `batch_fn(step, process_index) -> LoraBatch`, a pure function of the step (seed a generator
 with it), so a resumed run sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
-import random
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from lofa.response import response_map
-from lofa import seeds
+from lofa import checkpoints, seeds
 from lofa.config import TAU
 from lofa.errors import LofaError
 from lofa.faults import check_finite
 from lofa.hypernet.losses import DiffusionLossFn, Factors, delta, delta_fidelity, stage1_loss, stage2_loss
 from lofa.hypernet.model import Stage1
 from lofa.hypernet.tokenizer import BaseWeights
-from lofa.io import read_json, save_safetensors, save_torch, write_json
+from lofa.io import write_json
 from lofa.schedules import lr_scheduler
 
 # Where the cosine decay of the hypernetwork's and Text-to-LoRA's learning rate ends, as a fraction of TrainConfig.lr.
@@ -318,77 +317,14 @@ def make_accelerator(cfg: TrainConfig, device: str | None = None):
     return Accelerator(mixed_precision=mp, cpu=cpu)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer, scheduler, history: list[dict],
-                    accelerator, keep: int = 2) -> Path:
-    """Write checkpoints/step-XXXXXXX/ and then point checkpoints/latest.json at it; older ones beyond `keep` go.
-
-    Every file is atomic and latest.json is written last, so an interruption at any point leaves the previous
-    complete checkpoint as the one a restart resumes from.
-    """
-    path = ckpt_dir / f"step-{step:07d}"
-    save_torch(_rng_state(), path / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_safetensors(accelerator.unwrap_model(model).state_dict(), path / "model.safetensors")
-        save_torch({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "history": history}, path / "trainer.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(ckpt_dir / "latest.json", {"step": step, "path": path.name})
-        for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return path
-
-
-def latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
-    """(step, folder) of the complete checkpoint a restart resumes from, or None when there is none."""
-    latest = read_json(ckpt_dir / "latest.json")
-    if latest is None:
-        return None
-    return latest["step"], ckpt_dir / latest["path"]
-
-
-def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, scheduler, accelerator
-                    ) -> tuple[int, list[dict]]:
-    """Restore the checkpoint latest.json points to -> (step, history); (0, []) when there is none."""
-    from safetensors.torch import load_file
-
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is None:
-        return 0, []
-    path = latest[1]
-    accelerator.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors"),
-                                                              device=str(accelerator.device)))
-    trainer = torch.load(path / "trainer.pt", map_location=accelerator.device, weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    rng = path / f"rng-{accelerator.process_index}.pt"
-    if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return trainer["step"], trainer["history"]
-
-
 def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
         batch_fn: Callable[[int, int], LoraBatch], cfg: TrainConfig, out_dir: str | Path, *,
         device: str | None = None, accelerator=None, progress: bool = True,
         monitor: Callable[[nn.Module], dict[str, float]] | None = None) -> list[dict]:
     """Train `model` in place for cfg.steps optimizer steps (resuming from out_dir/checkpoints if present).
+
+    A checkpoint (`lofa.checkpoints`, module name "model") is written every cfg.checkpoint_every steps and after the
+    last one; the newest cfg.keep_checkpoints are kept.
 
     objective(model, batch) -> (loss, metrics), with a `to(device)` method, is e.g. Stage1Objective /
     Stage2Objective (moved to the process's device here); its `name` (e.g. "Stage II") names it in errors. A NaN or
@@ -399,7 +335,7 @@ def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
     adds its metrics to the records of step 1, every monitor_every-th step and the last step.
     """
     out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = out_dir / checkpoints.FOLDER
     acc = accelerator or make_accelerator(cfg, device)
     optimizer = make_optimizer(model, cfg)
     # Stepped by hand once per optimizer step: accelerate's prepared scheduler steps once per process.
@@ -407,10 +343,11 @@ def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
                              min_ratio=MIN_LR_RATIO)
     model, optimizer = acc.prepare(model, optimizer)
     objective.to(acc.device)
-    start, history = load_checkpoint(ckpt_dir, model, optimizer, scheduler, acc)
+    resumed = checkpoints.load(ckpt_dir, {"model": model}, optimizer, scheduler, accelerator=acc)
+    start, history = (0, []) if resumed is None else (resumed["step"], resumed["history"])
     if start >= cfg.steps:
         return history[: cfg.steps]
-    last_good = latest_checkpoint(ckpt_dir)  # (step, folder): where a non-finite error says to resume from
+    last_good = checkpoints.latest(ckpt_dir)  # (step, folder): where a non-finite error says to resume from
     what = getattr(objective, "name", "training")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {out_dir.name}",
                disable=not (progress and acc.is_main_process))
@@ -439,8 +376,8 @@ def fit(model: nn.Module, objective: Stage1Objective | Stage2Objective,
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            path = save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler, history, acc,
-                                   cfg.keep_checkpoints)
+            path = checkpoints.save(ckpt_dir, step + 1, {"model": model}, optimizer, scheduler, history,
+                                    keep=cfg.keep_checkpoints, accelerator=acc)
             last_good = (step + 1, path)
             if acc.is_main_process:
                 write_json(out_dir / "history.json", history)

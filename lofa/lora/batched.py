@@ -18,12 +18,11 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lofa.errors import LofaError
 from lofa.lora.formats import LoraFactor, LoraWeights
 from lofa.lora.train import (DIVERGED_FIX, CaseStream, LoraTrainConfig, _dtype, check_lora, divergence, frozen,
-                             lora_losses, make_optimizer)
+                             train_steps)
 from lofa.models.text import text_encoder
 
 
@@ -180,22 +179,8 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
     factors = {n: (torch.stack([i[n][0] for i in inits]), torch.stack([i[n][1] for i in inits])) for n in targets}
     with frozen(gen), grouped_lora(gen.net, factors, cfg.alpha / cfg.rank) as lora:
         lora.route(torch.arange(len(case_ids)).repeat_interleave(streams[0].samples_per_step))
-        params = lora.parameters()
-        opt, sched = make_optimizer(params, cfg)
-        losses, prior_losses = [], []
-        for _ in tqdm(range(cfg.steps), desc=f"{len(case_ids)} LoRAs", leave=False, disable=not progress):
-            fine, prior = lora_losses(gen, [s.next_batch() for s in streams], cfg)
-            objective = fine.sum() + (cfg.prior_weight * prior.sum() if prior is not None else 0)
-            objective.backward()
-            _clip_per_lora(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(fine.detach())
-            if prior is not None:
-                prior_losses.append(prior.detach())
-        losses = torch.stack(losses).cpu()  # waits for the device, so the wall time below is complete
-        prior_losses = torch.stack(prior_losses).cpu() if prior_losses else None
+        losses, prior_losses = train_steps(gen, streams, lora.parameters(), cfg, _clip_per_lora,
+                                           desc=f"{len(case_ids)} LoRAs", progress=progress)
         wall = (time.perf_counter() - start) / len(case_ids)
         results, diverged = [], []
         for g, s in enumerate(streams):

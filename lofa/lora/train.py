@@ -16,7 +16,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -242,6 +242,37 @@ def make_optimizer(params: list[torch.Tensor], cfg: LoraTrainConfig
     return opt, lr_scheduler(opt, warmup_steps=0, total_steps=cfg.steps, decay=cfg.lr_schedule)
 
 
+def train_steps(gen, streams: Sequence[CaseStream], params: list[torch.Tensor], cfg: LoraTrainConfig,
+                clip: Callable[[list[torch.Tensor], float], Any], *, desc: str, progress: bool = False,
+                after_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """cfg.steps training steps of the G LoRAs of `streams` (the loop of `train_lora`, G = 1, and of
+    `lofa.lora.batched.train_lora_batch`): one forward over their next batches, the backward pass of
+    Σ fine + prior_weight · Σ prior, clip(params, cfg.max_grad_norm), then AdamW and the lr schedule.
+
+    params: the LoRAs' factors, installed in `gen` (peft's adapter of one LoRA, or stacks [G, ...]); clip: how the
+    gradient is clipped (one LoRA's norm, or each stacked LoRA's own); after_step(step): called after each step,
+    1-based (e.g. to copy the factors). Returns per-step losses fine [steps, G] and prior [steps, G] (None without
+    prior preservation), on the CPU.
+    """
+    opt, sched = make_optimizer(params, cfg)
+    losses, prior_losses = [], []
+    for step in tqdm(range(cfg.steps), desc=desc, leave=False, disable=not progress):
+        fine, prior = lora_losses(gen, [s.next_batch() for s in streams], cfg)
+        objective = fine.sum() + (cfg.prior_weight * prior.sum() if prior is not None else 0)
+        objective.backward()
+        clip(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(fine.detach())
+        if prior is not None:
+            prior_losses.append(prior.detach())
+        if after_step is not None:
+            after_step(step + 1)
+    # .cpu() waits for the device, so a wall time taken after this is complete
+    return torch.stack(losses).cpu(), torch.stack(prior_losses).cpu() if prior_losses else None
+
+
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """Freeze every parameter of `module` for the block, then restore each one's requires_grad."""
@@ -308,26 +339,18 @@ def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, de
                         for name, layer in layers.items()}
 
             taken = {0: current()} if 0 in snapshots else {}
-            opt, sched = make_optimizer(params, cfg)
-            losses, prior_losses = [], []
-            for step in tqdm(range(cfg.steps), desc=f"LoRA case {case_id}", leave=False, disable=not progress):
-                fine, prior = lora_losses(gen, [stream.next_batch()], cfg)
-                objective = fine.sum() + (cfg.prior_weight * prior.sum() if prior is not None else 0)
-                objective.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(fine.detach())
-                if prior is not None:
-                    prior_losses.append(prior.detach())
-                if step + 1 in snapshots:
-                    taken[step + 1] = current()
+
+            def snapshot(step: int) -> None:
+                if step in snapshots:
+                    taken[step] = current()
+
+            losses, prior_losses = train_steps(gen, [stream], params, cfg, torch.nn.utils.clip_grad_norm_,
+                                               desc=f"LoRA case {case_id}", progress=progress, after_step=snapshot)
             weights = current()
         finally:
             gen.net.unload_lora()
-    losses = torch.cat(losses).cpu()  # waits for the device, so the wall time below is complete
-    prior_losses = torch.cat(prior_losses).cpu() if prior_losses else None
+    losses = losses[:, 0]
+    prior_losses = None if prior_losses is None else prior_losses[:, 0]
     why = divergence(losses, prior_losses, weights)
     if why is not None:
         raise LofaError(f"the LoRA of case {case_id} diverged: {why}; {DIVERGED_FIX}")

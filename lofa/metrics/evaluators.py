@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 from lofa import seeds
 from lofa.config import as_dict
 from lofa.errors import LofaError
-from lofa.faults import check_finite
 from lofa.io import read_json, save_safetensors, write_json
 from lofa.metrics import scores
 from lofa.metrics.features import (ContrastiveModel, Embedder, MultiHeadClassifier, info_nce, mean_pool,
                                    nt_xent)
+from lofa.optimise import one_cycle
 
 ROLES = {
     "actions": ("referee", "clip"),
@@ -162,33 +162,20 @@ def random_frames(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def fit(module: torch.nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor], steps: int,
         cfg: EvalConfig, seed: int, desc: str) -> list[float]:
-    """AdamW with a one-cycle schedule over `steps`; loss_fn(generator) draws its own ground-truth batch.
+    """AdamW with a one-cycle schedule over `steps`, gradients clipped to norm 1 (`lofa.optimise.one_cycle`);
+    loss_fn(generator) draws its own ground-truth batch.
 
     Returns the loss curve. The generator (seeded by `seed`) fixes batch composition and augmentation, so a
     rerun reproduces the run. A NaN or inf loss stops training with a LofaError naming `desc` and the step
     (a role keeps no checkpoint of its own: `train_evaluators` saves each role once it has finished).
     """
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(steps, 1), pct_start=0.1)
-    module.train()
-    losses = []
-    for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
-        loss = loss_fn(g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        # before the optimizer step, so no weight gets a NaN; a finite loss can still have an inf gradient
-        check_finite(loss.detach(), f"evaluator {desc} loss", step + 1, fix="lower the learning rate (EvalConfig.lr)")
-        check_finite(grad_norm, f"evaluator {desc} gradient norm", step + 1,
-                     fix="lower the learning rate (EvalConfig.lr)")
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-    module.eval()
-    return losses
+
+    def step_loss(step: int) -> torch.Tensor:
+        return loss_fn(g)
+
+    return one_cycle(module, step_loss, steps, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=1.0,
+                     what=f"evaluator {desc}", fix="lower the learning rate (EvalConfig.lr)", desc=desc)
 
 
 def attribute_vocab(world) -> dict[str, list[str]]:

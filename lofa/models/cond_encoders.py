@@ -23,12 +23,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from lofa import seeds
 from lofa.config import preset
 from lofa.errors import LofaError
 from lofa.metrics.features import info_nce
+from lofa.optimise import one_cycle
 
 PairsFn = Callable[[Sequence[int], int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -374,31 +374,30 @@ def train_condition_encoder(encoder: _CondEncoder, pairs_fn: PairsFn, case_ids: 
                             progress: bool = True) -> dict:
     """Contrastive pre-training: each step draws `batch_size` distinct cases and calls pairs_fn(ids, seed).
 
-    Distinct ids per batch keep false negatives out of InfoNCE. Returns {"loss": [...], "retrieval": {...}} with
-    top-1 retrieval accuracy on `eval_ids` (e.g. held-out cases) before and after training.
+    Distinct ids per batch keep false negatives out of InfoNCE. AdamW under a one-cycle schedule, gradients not
+    clipped (`lofa.optimise.one_cycle`); a NaN or inf loss or gradient norm stops training with a LofaError naming
+    the step. Returns {"loss": [...], "retrieval": {...}} with top-1 retrieval accuracy on `eval_ids` (e.g.
+    held-out cases) before and after training.
     """
     case_ids = list(case_ids)
     if len(case_ids) < 2:
         raise LofaError("contrastive training needs at least two cases; pass more case ids")
     batch_size = min(batch_size, len(case_ids))
     encoder.to(device).train()
-    opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     history = {"loss": [], "retrieval": {}}
     check_seed = seeds.stream(seed, "encoder.check")
     if eval_ids is not None:
         history["retrieval"]["before"] = retrieval_accuracy(encoder, pairs_fn, eval_ids, check_seed, device)
     g = torch.Generator().manual_seed(seeds.stream(seed, "encoder.batch"))
-    for step in tqdm(range(steps), desc="condition encoder", disable=not progress):
+
+    def step_loss(step: int) -> torch.Tensor:
         ids = [case_ids[i] for i in torch.randperm(len(case_ids), generator=g)[:batch_size].tolist()]
         a, b = pairs_fn(ids, seeds.stream(seed, "encoder.pairs", step=step))
-        loss = info_nce(encoder.embed(a.to(device)) @ encoder.embed(b.to(device)).T / temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        history["loss"].append(loss.item())
-    encoder.eval()
+        return info_nce(encoder.embed(a.to(device)) @ encoder.embed(b.to(device)).T / temperature)
+
+    history["loss"] = one_cycle(encoder, step_loss, steps, lr=lr, weight_decay=1e-4, clip=None,
+                                what="condition encoder", fix="lower the learning rate (train_condition_encoder's lr)",
+                                desc="condition encoder", progress=progress)
     if eval_ids is not None:
         history["retrieval"]["after"] = retrieval_accuracy(encoder, pairs_fn, eval_ids, check_seed, device)
     return history

@@ -203,7 +203,7 @@ def export(run, task: str, dest: Path, quality: dict, command: str) -> dict:
     summary = read_json(base_dir / "summary.json")
     evaluators = read_json(eval_dir / "evaluators.json")
     with atomic_dir(dest) as tmp:
-        shutil.copytree(base_dir, tmp / "base", ignore=shutil.ignore_patterns("checkpoint.pt", ".*"))
+        shutil.copytree(base_dir, tmp / "base", ignore=shutil.ignore_patterns("checkpoints", ".*"))
         shutil.copytree(eval_dir, tmp / "evaluators", ignore=shutil.ignore_patterns(".*"))
         files = _file_records(tmp)
         manifest = {

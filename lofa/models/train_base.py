@@ -3,7 +3,8 @@
 The base sees every training case, but only under its category-level caption (world.coarse_prompt), so the
 fine-grained cases are not in its prior — as Wan cannot produce a particular kung-fu kick; the LoRAs add them.
 Each step renders fresh appearance seeds on the fly. Every `checkpoint_every` steps the whole training state is
-written atomically, so an interrupted run continues where it stopped and ends bit-identical to an uninterrupted one.
+written atomically (`lofa.checkpoints`), so an interrupted run continues where it stopped and ends bit-identical to
+an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lofa import seeds
+from lofa import checkpoints, seeds
 from lofa.config import as_dict, for_task
 from lofa.diffusion import TimeDistribution, condition_dropout, flow_matching_loss
 from lofa.errors import LofaError
 from lofa.faults import check_finite
-from lofa.io import read_json, save_torch, write_json
+from lofa.io import read_json, write_json
 from lofa.models.generator import Generator
 from lofa.models.text import TextEncoder
 from lofa.schedules import lr_scheduler
@@ -112,7 +113,9 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
 
     out_dir/generator/ — the trained Generator (diffusers folder); out_dir/loss.json — per-step loss and lr;
     out_dir/summary.json — config, wall time, steps/s (written last: its presence means the run is complete);
-    out_dir/checkpoint.pt — resumable training state (removed once complete). A NaN or inf loss or gradient norm
+    out_dir/checkpoints/ — resumable training state (`lofa.checkpoints`: step-XXXXXXX/ with generator.safetensors,
+    ema.safetensors when ema_decay > 0, trainer.pt and rng-0.pt, then latest.json; the newest only, removed once
+    complete). A checkpoint written with another config or seed is refused. A NaN or inf loss or gradient norm
     stops training with a LofaError naming the step and the checkpoint a rerun resumes from, before the optimizer
     step, so the checkpoint never holds non-finite weights.
     """
@@ -138,23 +141,19 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
     log = {"step": [], "loss": [], "lr": []}
     start, wall = 0, 0.0
 
-    ckpt_path = out_dir / "checkpoint.pt"
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state["config"] != as_dict(cfg) or state["seed"] != seed:
-            raise LofaError(f"{ckpt_path} was written with another config or seed; delete it to start over")
-        gen.load_state_dict(state["gen"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        log, start, wall = state["log"], state["step"], state["wall"]
-    last_good = (start, ckpt_path) if start > 0 else None  # where a non-finite error says to resume from
+    ckpt_dir = out_dir / checkpoints.FOLDER
+    modules = {"generator": gen} if ema is None else {"generator": gen, "ema": ema}
+    process = checkpoints.OneProcess(device)
+    run = {"config": as_dict(cfg), "seed": seed}
+    resumed = checkpoints.load(ckpt_dir, modules, opt, sched, accelerator=process, expect=run)
+    if resumed is not None:
+        log, start, wall = resumed["history"], resumed["step"], resumed["extra"]["wall"]
+    last_good = checkpoints.latest(ckpt_dir)  # where a non-finite error says to resume from
 
-    def checkpoint(step: int) -> None:
-        save_torch({"gen": gen.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                    "opt": opt.state_dict(), "sched": sched.state_dict(), "log": log, "step": step,
-                    "wall": wall, "config": as_dict(cfg), "seed": seed}, ckpt_path)
+    def checkpoint(step: int) -> Path:
+        # the newest only: a base's checkpoint is there to resume from, never to go back to
+        return checkpoints.save(ckpt_dir, step, modules, opt, sched, log, extra={**run, "wall": wall}, keep=1,
+                                accelerator=process)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"base {world.task}",
@@ -195,8 +194,7 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
         log["lr"].append(sched.get_last_lr()[0])
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            checkpoint(step + 1)
-            last_good = (step + 1, ckpt_path)
+            last_good = (step + 1, checkpoint(step + 1))
 
     final = (ema if ema is not None else gen).eval()
     final.save(out_dir / "generator")
@@ -206,5 +204,5 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
         "parameters": sum(p.numel() for p in gen.parameters()), "train_cases": len(train_ids),
         "wall_s": wall, "steps_per_s": cfg.steps / wall if wall else None,
         "final_loss": sum(log["loss"][-50:]) / max(1, len(log["loss"][-50:]))})
-    ckpt_path.unlink(missing_ok=True)
+    checkpoints.discard(ckpt_dir)
     return final
