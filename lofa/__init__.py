@@ -30,7 +30,7 @@ _EXPORTS = {
     "LoraFactor": "lofa.lora.formats",
     "response_map": "lofa.analysis",
     "lora_response": "lofa.analysis",
-    "Run": "lofa.pipeline",
+    "Run": "lofa.run",
     "make_world": "lofa.worlds",
     "LofaError": "lofa.errors",
 }

@@ -17,7 +17,7 @@ from lofa.config import SCALES, TAU
 from lofa.errors import LofaError
 
 DEVICES = ["auto", "cpu", "cuda"]
-# The paper's settings and tasks, as lofa.pipeline.SETTINGS / TASKS name them (that module imports torch, too slow
+# The paper's settings and tasks, as lofa.run.SETTINGS / TASKS name them (that module imports torch, too slow
 # for --help; tests/test_cli_help.py checks the two agree). The library validates them with its own message.
 SETTINGS = ["actions-text", "actions-pose", "styles", "identities"]
 TASKS = ["actions", "styles", "identities"]

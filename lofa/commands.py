@@ -47,7 +47,7 @@ def pretrain(args) -> int:
     --part zoo trains the per-case LoRA zoo on the shipped base and adds it to that folder."""
     from lofa.config import resolve_device
     from lofa.models.pretrained import export, export_zoo, folder, quality_numbers
-    from lofa.pipeline import TASKS, Run
+    from lofa.run import TASKS, Run
 
     tasks = TASKS if args.task == "all" else (args.task,)
     for task in tasks:
@@ -120,7 +120,7 @@ def train(args) -> int:
     the upstream artifacts and writes the checkpoints and the predictor folder.
     """
     from lofa.config import resolve_device
-    from lofa.pipeline import Run, launched, parse_setting
+    from lofa.run import Run, launched, parse_setting
 
     parse_setting(args.setting)  # bad input fails before anything is written
     _check_overrides(args.overrides)

@@ -189,7 +189,7 @@ def _checked(x: Tensor, ndim: int, what: str) -> Tensor:
 
 # ---------------------------------------------------------------- the notebooks' figures
 # Each function draws one figure of a pipeline notebook from that notebook's tables or samples and returns the
-# matplotlib Figure (save it with `lofa.plotting.save_figure`).
+# matplotlib Figure (save it with `lofa.outputs.save_figure`).
 
 def sample_panels(panels: Sequence[tuple[str, Tensor, Sequence[str], Sequence[str]]], width: float = 12.0,
                   heights: Sequence[float] | float = 2.6, frames: int = 4, tight: bool = False, pad: float = 0.0):

@@ -304,7 +304,7 @@ def test_run_hypernet_trains_each_ablation_without_lofas_stage1(tmp_path):
     history has Stage II's steps), writes a predictor folder the LoFA class loads, and trains no Stage I on response
     maps (LoFA's stage1 folder is never made); stage 1 of an ablation is refused."""
     from lofa.errors import LofaError
-    from lofa.pipeline import Run
+    from lofa.run import Run
 
     run = Run("smoke", "cpu", 0, tmp_path)
     steps = run.config(Stage2TrainConfig).steps

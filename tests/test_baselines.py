@@ -17,7 +17,7 @@ from lofa.evaluate import GenerateConfig, generate
 from lofa.hypernet.data import ConditionBank
 from lofa.lora.formats import LoraFactor, load_lora, save_lora
 from lofa.lora.zoo import PIPELINE_PREFIX, Zoo
-from lofa.pipeline import Run
+from lofa.run import Run
 from lofa.worlds import Case
 
 

@@ -63,7 +63,7 @@ def test_specific_options_say_what_the_issue_asked():
 
 
 def test_settings_and_tasks_listed_by_the_cli_are_the_pipelines():
-    from lofa.pipeline import SETTINGS as PIPELINE_SETTINGS, TASKS as PIPELINE_TASKS
+    from lofa.run import SETTINGS as PIPELINE_SETTINGS, TASKS as PIPELINE_TASKS
 
     assert SETTINGS == [s[0] for s in PIPELINE_SETTINGS] and TASKS == list(PIPELINE_TASKS)
 

@@ -2,7 +2,7 @@
 in no fixed order, so anything drawn from the global random state would differ from run to run."""
 import torch
 
-from lofa.pipeline import Run
+from lofa.run import Run
 
 
 def test_a_condition_encoder_does_not_depend_on_the_global_random_state(tmp_path):

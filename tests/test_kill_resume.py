@@ -24,7 +24,7 @@ OVERRIDES = {"BaseTrainConfig": {"steps": 60, "checkpoint_every": 10},
 STEP = """
 import signal
 import sys
-from lofa.pipeline import Run
+from lofa.run import Run
 
 signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -9,7 +9,7 @@ import pytest
 from lofa import config
 from lofa.config import OVERRIDABLE, SCALES, load_overrides, validate_overrides
 from lofa.errors import LofaError
-from lofa.pipeline import Run
+from lofa.run import Run
 from lofa.reproduce import REPO_DIR
 
 

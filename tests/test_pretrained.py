@@ -26,7 +26,7 @@ def test_shipped_folder_matches_its_manifest_loads_samples_and_is_what_the_prese
     from lofa.metrics.evaluators import EvalConfig, Evaluators, fingerprint
     from lofa.models.generator import Generator
     from lofa.models.train_base import BaseTrainConfig, record
-    from lofa.pipeline import Run
+    from lofa.run import Run
 
     scale, task = where.parent.name, where.name
     manifest = pretrained.verify(scale, task)
@@ -59,7 +59,7 @@ def test_the_shipped_zoo_is_what_the_preset_trains_on_the_shipped_base_for_every
     from lofa.lora.train import LoraTrainConfig
     from lofa.lora.zoo import INDEX, Zoo, same_zoo, zoo_header
     from lofa.models.generator import Generator
-    from lofa.pipeline import Run
+    from lofa.run import Run
 
     scale, task = where.parent.name, where.name
     if not (where / "zoo").exists():
@@ -92,7 +92,7 @@ def test_the_zoo_header_computed_on_the_shipped_base_is_the_shipped_zoos_own(whe
     from lofa.lora.train import LoraTrainConfig
     from lofa.lora.zoo import _FREE_FIELDS, INDEX, zoo_header
     from lofa.models.generator import Generator
-    from lofa.pipeline import Run
+    from lofa.run import Run
 
     scale, task = where.parent.name, where.name
     if not (where / "zoo").exists():
@@ -125,7 +125,7 @@ def shipped_copy(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["altered", "truncated", "missing", "manifest"])
 def test_a_damaged_shipped_file_is_one_line_naming_it_and_nothing_is_installed(shipped_copy, tmp_path, damage):
-    from lofa.pipeline import Run
+    from lofa.run import Run
 
     weights = shipped_copy / "base" / "generator" / "diffusion_pytorch_model.safetensors"
     if damage == "altered":
@@ -167,7 +167,7 @@ def test_a_run_installs_matching_shipped_models_and_trains_when_the_recipe_diffe
     import lofa.metrics.evaluators as evaluators_module
     import lofa.models.train_base as train_base_module
     from lofa.cli import main
-    from lofa.pipeline import Run
+    from lofa.run import Run
 
     root = tmp_path / "pretrained"
     assert main(["pretrain", "--scale", "smoke", "--task", "styles", "--device", "cpu", "--run-root",
@@ -198,7 +198,7 @@ def test_a_run_installs_a_matching_shipped_zoo_and_trains_when_the_lora_recipe_d
     case, the same factors up to float16) without training a LoRA, and another LoRA recipe trains instead."""
     import lofa.lora.zoo as zoo_module
     from lofa.cli import main
-    from lofa.pipeline import Run
+    from lofa.run import Run
 
     root = tmp_path / "pretrained"
     common = ["--scale", "smoke", "--task", "styles", "--device", "cpu", "--out", str(root / "smoke")]

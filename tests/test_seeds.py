@@ -266,7 +266,7 @@ def counts(scale: str, task: str) -> Counts:
     from lofa.hypernet.train import Stage2TrainConfig, TrainConfig
     from lofa.metrics.evaluators import ROLES, EvalConfig
     from lofa.models.train_base import BaseTrainConfig
-    from lofa.pipeline import ENCODER_STEPS
+    from lofa.run import ENCODER_STEPS
     from lofa.worlds import make_world
 
     world = make_world(task, scale)
@@ -318,7 +318,7 @@ def _lora_seeds(out: Intervals, lora_seed: int, cases, label: str = "", replicat
 
 
 def training_seeds(run: int, c: Counts) -> Intervals:
-    """Every seed a run with run seed `run` trains on, wired as lofa.pipeline.Run wires the streams."""
+    """Every seed a run with run seed `run` trains on, wired as lofa.run.Run wires the streams."""
     out = Intervals()
     for name in ("base.init", "encoder.init", "encoder.batch", "hypernet.init"):
         out.add(name, seeds.stream(run, name))

@@ -70,7 +70,7 @@ def initialisation_comparison(run, task: str, cases: int, per_case: int, fractio
     from lofa.baselines import mean_lora
     from lofa.evaluate import GenerateConfig, compare
     from lofa.hypernet.predictor import predict_cases
-    from lofa.pipeline import SETTINGS, TASKS
+    from lofa.run import SETTINGS, TASKS
 
     world, zoo, gen = run.world(task), run.zoo(task), run.base(task)
     rng = np.random.default_rng([seed, TASKS.index(task), 8])

@@ -66,7 +66,7 @@ def replicate_cosine(gen, world, case_ids: list[int], cfg, seed: int = 0, device
 def cli_bench_replicates(args) -> int:
     """`lofa bench replicates`: args.run_dir, scale, task, cases, device, new_renders, seed."""
     from lofa.lora.train import LoraTrainConfig
-    from lofa.pipeline import Run
+    from lofa.run import Run
 
     if not (Path(args.run_dir) / "base" / args.task / "summary.json").exists():
         raise LofaError(f"no trained {args.task} base in {args.run_dir}; run the pipeline (notebook 02) first")

@@ -134,7 +134,7 @@ def cli_bench_sweep(args) -> int:
     out. One line per finished point; the CSV holds every point's row."""
     from lofa.config import resolve_device
     from lofa.lora.train import LoraTrainConfig
-    from lofa.pipeline import Run
+    from lofa.run import Run
 
     if min(args.steps, default=1) < 1 or args.cases < 1 or args.per_case < 1:
         raise LofaError("--steps, --cases and --per-case must be positive")

@@ -21,8 +21,7 @@ from lofa.config import preset
 from lofa.io import write_json
 from lofa.lora.batched import train_lora_batch
 from lofa.lora.train import LoraTrainConfig, train_lora
-
-KINDS = {"video": "video_dit", "image": "image_unet"}
+from lofa.models.train_base import KIND_BY_MODALITY
 
 
 def _sync(device) -> None:
@@ -45,7 +44,7 @@ def run(task: str = "actions", scale: str = "mini", device: str = "cpu", n_batch
     world = make_world(task, scale)
     torch.manual_seed(seed)
     gen = (Generator.load(base, device) if base else
-           Generator.build(KINDS[world.modality], scale, {"zero_init_output": False}).to(device))
+           Generator.build(KIND_BY_MODALITY[world.modality], scale, {"zero_init_output": False}).to(device))
     cfg = preset(LoraTrainConfig, scale).for_task(task)  # the world's recipe, then this benchmark's steps
     cfg = dataclasses.replace(cfg, steps=steps or cfg.steps)
     n_batched = min(n_batched or cfg.group_size, len(world.cases))

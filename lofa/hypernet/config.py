@@ -60,11 +60,11 @@ class HyperConfig:
 
     PRESETS = {
         # smoke / mini: sized so Stage I + Stage II of all four settings train in < 2 min / ~13 min on 2 shared CPU
-        # cores (pipeline.Run.hypernet); rank, alpha and cond_dim are replaced by the zoo's and the condition's.
+        # cores (lofa.run.Run.hypernet); rank, alpha and cond_dim are replaced by the zoo's and the condition's.
         "smoke": {"d_model": 32, "n_heads": 2, "depth": 2, "patch": 16, "rank": 4, "alpha": 4.0, "cond_dim": 384,
                   "cond_len": 32, "map_rank": 8},
         # mini / full: the per-target head, which fit both held-out and training LoRAs better than the shared head at
-        # mini; the "shared_head" variant of pipeline.Run.hypernet is the paper's head on the same Stage I.
+        # mini; the "shared_head" variant of lofa.run.Run.hypernet is the paper's head on the same Stage I.
         "mini": {"d_model": 64, "n_heads": 4, "depth": 2, "patch": 32, "rank": 4, "alpha": 4.0, "cond_dim": 384,
                  "cond_len": 32, "map_rank": 16, "lora_head": "per_target"},
         "full": {"d_model": 384, "n_heads": 6, "depth": 6, "patch": 32, "rank": 16, "alpha": 16.0, "cond_dim": 384,

@@ -38,7 +38,7 @@ from lofa.hypernet.losses import delta
 from lofa.hypernet.train import LoraBatch
 from lofa.hypernet.tokenizer import BaseWeights, TargetSpec
 
-KINDS = ("text", "pose", "image")
+CONDITION_KINDS = ("text", "pose", "image")
 
 
 @dataclass
@@ -104,8 +104,8 @@ def build_conditions(world, kind: str, case_ids: Sequence[int], split: str = "tr
     condition seeds (disjoint). encoder: a lofa condition encoder (`encode(x) -> tokens, mask`) for pose and
     image; text: a TextEncoder for text.
     """
-    if kind not in KINDS:
-        raise LofaError(f"unknown condition kind {kind!r}; use one of {', '.join(KINDS)}")
+    if kind not in CONDITION_KINDS:
+        raise LofaError(f"unknown condition kind {kind!r}; use one of {', '.join(CONDITION_KINDS)}")
     if split not in ("train", "eval"):
         raise LofaError(f"unknown condition split {split!r}; use 'train' or 'eval'")
     case_ids = list(case_ids)

@@ -4,7 +4,7 @@
     lofa zoo train zoo/ --out my_lofa/ --text-encoder Wan2.1-T2V-1.3B-Diffusers/ --scale paper --device cuda
     lofa predict --checkpoint my_lofa/ --prompt "a person does a cartwheel" --out cartwheel.safetensors
 
-What differs from the pipeline's settings (`lofa.pipeline.Run.hypernet`), and why:
+What differs from the pipeline's settings (`lofa.run.Run.hypernet`), and why:
 - conditions are the zoo's prompts, one view per LoRA, encoded once by the text encoder: MiniLM by default, or a
   local umT5 folder (`lofa.models.wan.UMT5TextEncoder`) as Wan2.1 itself reads prompts. Image and pose zoos are
   refused: their condition encoders are trained on a world's renders, which an imported zoo does not have;
@@ -114,7 +114,7 @@ def train_on_zoo(zoo_dir: str | Path, out: str | Path, *, base: str | Path | Non
     from lofa.hypernet.predictor import CONFIG_FILE
     from lofa.hypernet.recipe import train_stage1, train_stage2
     from lofa.hypernet.train import Stage2TrainConfig, TrainConfig
-    from lofa.pipeline import MONITOR_CASES
+    from lofa.run import MONITOR_CASES
 
     out = Path(out)
     device = resolve_device(device)

@@ -9,7 +9,7 @@ longest target), d = d_model, K condition tokens of width Dc. The heads read the
 blocks run on the packed one [N, T, d], the T real tokens of the m matrices (`TokenLayout`): each matrix's
 self-attention over its own tokens, the cross-attention over all T tokens of one condition, so the condition's
 keys and values are computed once per condition and block and shared by every matrix, never once per matrix
-(defect 4 of the authors' code).
+(the authors' preview code recomputes them for every one of the 240 matrices).
 """
 from __future__ import annotations
 
@@ -158,13 +158,14 @@ def trim_condition(cond: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch
     return (cond, None) if bool(mask.all()) else (cond, mask.to(cond.device))
 
 
-class HyperNet(nn.Module):
+class Backbone(nn.Module):
     """The backbone both stages share: weight tokenizer, condition projection, blocks, final norm.
 
     `prefix` is the condition-independent start (tokens through block 0's self half); `forward` continues from it
     with the condition. Gradient checkpointing wraps each half-block; the function is passed directly (a bound
     method of that block), never through a closure over the loop variable, so the recomputation in backward runs
-    the same block as the forward did (defect 1 of the authors' code).
+    the same block as the forward did (the authors' preview code wraps each block in a lambda over the
+    loop variable, so its recomputation runs the last block and the gradients are wrong).
     """
 
     tokenizer_class = WeightTokenizer
@@ -266,12 +267,12 @@ def _condition_self_half(block: Block, c: torch.Tensor, mask: torch.Tensor | Non
     return c + block.mlp1(block.norm2(c))
 
 
-class PromptNet(HyperNet):
+class PromptNet(Backbone):
     """The backbone of the 'prompt input' ablation (the paper's Table 4): the condition is the input sequence and
     the base weights are not read (`HyperConfig.input_tokens = "condition"`).
 
-    HyperNet's blocks (the same modules and parameters) with the roles swapped: in each block the condition tokens
-    (standardised and projected as in HyperNet) run the self half — self-attention over the condition, MLP — and the
+    Backbone's blocks (the same modules and parameters) with the roles swapped: in each block the condition tokens
+    (standardised and projected as in Backbone) run the self half — self-attention over the condition, MLP — and the
     learned per-target query tokens of `QueryTokenizer`, standing where LoFA's weight tokens stand, run the cross
     half, reading the condition stream of that block. The queries leave in the weight tokens' layout, so
     Stage II's `LoraHead` decodes them unchanged (with a fixed unit for B: `LoraHead.set_units`). `prefix` is the
@@ -288,7 +289,7 @@ class PromptNet(HyperNet):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, cond: torch.Tensor, cond_mask: torch.Tensor | None,
                 features: torch.Tensor | None = None) -> torch.Tensor:
-        """As `HyperNet.forward`: x [T, d] from `prefix` -> features [N, m, S, d], zero at padded positions."""
+        """As `Backbone.forward`: x [T, d] from `prefix` -> features [N, m, S, d], zero at padded positions."""
         N = cond.shape[0]
         c = self.cond_norm(self.cond_proj((cond - self.cond_shift.to(cond.dtype)) / self.cond_scale.to(cond.dtype)))
         x = x.expand(N, *x.shape[-2:])
@@ -307,8 +308,9 @@ class ResponseMapHead(nn.Module):
     logit[o, i] = <U_o, V_i> / sqrt(k) + b[o//p, i//p] + c + β · log(|W[o, i]| / rms(W) + 1e-6)
     U (rows) and V (columns) are rank-k factors decoded from the patch-row and patch-column means of the token
     features, b a per-patch bias from each token, c and β per matrix from the CLS token. Every term is unbounded,
-    so the map can go to "no response" anywhere (the authors' softplus floor kept p ≥ 0.45: defect 3). The last term
-    carries the input weight itself: the target is |ΔW| > τ·|W|, so small |W| entries respond more easily.
+    so the map can go to "no response" anywhere (the authors' softplus floor kept p ≥ 0.45, so their BCE could
+    never say "no response"). The last term carries the input weight itself: the target is |ΔW| > τ·|W|, so small
+    |W| entries respond more easily.
 
     Logits are computed per group of equal-shape targets and never padded to the largest target: with FFN targets
     (512 × 128 beside 128 × 128 attention) a padded map would be 16× larger than the attention maps it holds.
@@ -476,7 +478,7 @@ class Stage1(nn.Module):
             raise LofaError(f"Stage I reads the base weights (input_tokens 'weights', not {cfg.input_tokens!r}): its "
                             "map is |ΔW / W| > τ; the prompt-input ablation is a single Stage II")
         self.cfg, self.spec = cfg, spec
-        self.backbone = HyperNet(cfg, spec)
+        self.backbone = Backbone(cfg, spec)
         self.map_head = ResponseMapHead(cfg)
         # The balanced BCE weighs responding and silent entries alike, so its logit 0 decides as if half of all
         # entries responded; at the paper's τ most of ours do (84-95 % at mini), and logit 0 under-predicts them.
@@ -526,7 +528,7 @@ class Stage2(nn.Module):
     def __init__(self, cfg: HyperConfig, spec: TargetSpec):
         super().__init__()
         self.cfg, self.spec = cfg, spec
-        backbone = PromptNet if cfg.input_tokens == "condition" else HyperNet
+        backbone = PromptNet if cfg.input_tokens == "condition" else Backbone
         self.backbone = backbone(cfg, spec, cfg.feature_cross_after)
         tokenizer = self.backbone.tokenizer
         self.lora_head = LoraHead(cfg, len(spec), tokenizer.grid_rows, tokenizer.grid_cols)

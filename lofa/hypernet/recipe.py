@@ -1,7 +1,7 @@
 """LoFA's two-stage training recipe on a triplet dataset: Stage I on the response maps, then Stage II from it; and
 the three hypernetworks of the paper's ablation (Table 4), each trained with Stage II's loop alone.
 
-One recipe for the pipeline's settings (`lofa.pipeline.Run.hypernet`, data: `lofa.hypernet.data.Triplets`) and for
+One recipe for the pipeline's settings (`lofa.run.Run.hypernet`, data: `lofa.hypernet.data.Triplets`) and for
 a researcher's own zoo (`lofa.hypernet.imported`, data: `ZooTriplets`). `data` is anything with Triplets'
 interface: spec, base, train_ids, conditions(split), map_density(tau), mean_factors(), batch_fn(...),
 monitor_batches(n).
@@ -33,14 +33,14 @@ import torch
 from lofa import seeds
 from lofa.errors import LofaError
 from lofa.hypernet.config import HyperConfig
-from lofa.hypernet.model import HyperNet, JointStages, Stage1, Stage2
+from lofa.hypernet.model import Backbone, JointStages, Stage1, Stage2
 from lofa.hypernet.train import Stage1Objective, Stage2Monitor, Stage2Objective, Stage2TrainConfig, TrainConfig, fit
 
 # The ablations `train_ablation` trains (the paper's Table 4).
 ABLATIONS = ("no_response", "lightweight", "prompt_input")
 
 
-def _set_condition_stats(backbone: HyperNet, data) -> None:
+def _set_condition_stats(backbone: Backbone, data) -> None:
     """The backbone's condition standardisation from the data's training conditions."""
     bank = data.conditions("train")
     train_rows = [bank.row[c] for c in data.train_ids]

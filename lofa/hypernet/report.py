@@ -7,8 +7,8 @@ ablation, seconds per LoRA, LoFA against the reference predictors, and the verdi
     ablation = recon_ablation(run, SETTINGS, data, predicted, plans, per_case, 2, EvalSeeds.of(0))
     verdicts = paired_differences(per_case, "LoFA", ("base",), setting_metrics(SETTINGS), by=("setting",))
 
-(`paired_differences` and `setting_metrics` are `lofa.evaluate`'s.) `run` is a `lofa.pipeline.Run`; `settings` the
-paper's settings as `lofa.pipeline.SETTINGS` lists them, (name, task, condition kind); every table's rows follow
+(`paired_differences` and `setting_metrics` are `lofa.evaluate`'s.) `run` is a `lofa.run.Run`; `settings` the
+paper's settings as `lofa.run.SETTINGS` lists them, (name, task, condition kind); every table's rows follow
 their order. Cases, prompts and noise seeds are shared by every
 method of a task (`lofa.evaluate.compare`), so the per-case differences are paired.
 """
@@ -240,7 +240,7 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
     per_case_lora_train_s (the median recorded training time of the task's training per-case LoRAs).
     """
     from lofa.baselines import NORM_MATCHED, match_norms, module_norms, reference_loras
-    from lofa.pipeline import SETTINGS, TASKS
+    from lofa.run import SETTINGS, TASKS
 
     _, task, _ = next(s for s in SETTINGS if s[0] == setting)
     data, model, rng = run.triplets(setting), run.hypernet(setting), np.random.default_rng([seed, TASKS.index(task)])

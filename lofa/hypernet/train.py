@@ -2,11 +2,11 @@
 
 The loop runs through `accelerate.Accelerator`, so one script runs on a CPU, one GPU, or several under
 `accelerate launch`. Master weights and AdamW states stay float32; on CUDA the compute runs under bf16 autocast
-(pure-bf16 weights lose every update below half a bf16 ulp: defect 2 of the authors' code). Checkpoints
+(pure-bf16 weights, as in the authors' preview code, lose every update below half a bf16 ulp). Checkpoints
 (`lofa.checkpoints`: out_dir/checkpoints/step-XXXXXXX/ with model.safetensors, trainer.pt and every process's
 rng-<process>.pt, then latest.json) hold the model, optimizer, schedule, step, history and every process's RNG, each
 file written atomically, and a run started again with the same arguments continues where the last complete
-checkpoint left off (defect 6).
+checkpoint left off (the authors' preview code crashes on resume).
 
 Batches come from `batch_fn(step, process_index) -> LoraBatch`, a pure function of the step (seed a generator
 with it), so a resumed run sees exactly the batches an uninterrupted one would.

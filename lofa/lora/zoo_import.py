@@ -53,7 +53,8 @@ from lofa.lora.formats import (BaseWeightsFile, LoraFactor, LoraWeights, check_c
                                natural_key, save_lora)
 from lofa.lora.zoo import INDEX, LORA_DIR, lora_filename, weights_fingerprint
 
-CONDITION_KINDS = ("prompt", "image", "pose")
+# The keys of a conditions.jsonl line that give a LoRA its condition (one per line).
+CONDITION_FIELDS = ("prompt", "image", "pose")
 RANK_RULES = ("strict", "pad", "truncate")
 CONDITION_DIR = "conditions"
 TASK = "imported"  # the `task` of an imported zoo's index: it belongs to no lofa world
@@ -117,13 +118,13 @@ def _condition_line(entry, number: int, where: str) -> ConditionLine:
     if Path(file).name != file or not file.endswith(".safetensors"):
         raise LofaError(f"{where}: \"file\" {file!r} is not a .safetensors file name; give the name of a "
                         ".safetensors file directly in the LoRA folder (no folders)")
-    unknown = sorted(k for k in entry if k != "file" and k not in CONDITION_KINDS)
+    unknown = sorted(k for k in entry if k != "file" and k not in CONDITION_FIELDS)
     if unknown:
         raise LofaError(f"{where}: unknown key {unknown[0]!r}; a line holds \"file\" and one of "
-                        f"{', '.join(CONDITION_KINDS)}")
-    kinds = [k for k in CONDITION_KINDS if k in entry]
+                        f"{', '.join(CONDITION_FIELDS)}")
+    kinds = [k for k in CONDITION_FIELDS if k in entry]
     if not kinds:
-        raise LofaError(f"{where}: no condition; add one of {', '.join(CONDITION_KINDS)}")
+        raise LofaError(f"{where}: no condition; add one of {', '.join(CONDITION_FIELDS)}")
     if len(kinds) > 1:
         raise LofaError(f"{where}: mixes condition kinds {' and '.join(kinds)}; give one condition per line")
     kind = kinds[0]

@@ -1,7 +1,7 @@
 import pytest
 
 from lofa.errors import LofaError
-from lofa.pipeline import Run
+from lofa.run import Run
 
 
 def test_build_refuses_unknown_steps_before_running_anything(tmp_path):
@@ -80,7 +80,7 @@ def test_variants_train_stage2_from_the_shared_stage1(tmp_path):
 
 
 def test_zoo_shard_keys_are_parsed_or_refused_in_one_line(tmp_path):
-    from lofa.pipeline import _zoo_shard
+    from lofa.run import _zoo_shard
 
     assert _zoo_shard("styles:1/3") == ("styles", (1, 3))
     for bad in ("styles", "styles:1", "styles:a/2"):
