@@ -242,6 +242,20 @@ def learning_curves(histories: dict, titles: dict[str, str], *, log: bool = True
     return fig
 
 
+def loss_curves(curves: dict, titles: dict[str, str], ylabel: str, panel_width: float = 4.2, height: float = 3.2):
+    """One panel per curve ({key: pandas Series of a per-step loss indexed by step}, titled titles[key]): the raw
+    curve faint, its moving average over 5 % of the steps on top, log scale."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(panel_width * len(curves), height), squeeze=False)
+    for ax, (key, curve) in zip(axes[0], curves.items()):
+        ax.plot(curve.index, curve.values, alpha=0.3, lw=0.8)
+        ax.plot(curve.index, curve.rolling(max(1, len(curve) // 20), min_periods=1).mean(), lw=1.8)
+        ax.set(title=titles[key], xlabel="step", ylabel=ylabel, yscale="log")
+    fig.tight_layout()  # each panel has its own y label: without it they run into the panel on their left
+    return fig
+
+
 def fidelity_curves(curves, reference_fidelity, settings: Sequence[str], references: Sequence[str]):
     """Stage II's ΔW fidelity over its training (notebook 06): per setting (rows), the cosine and the norm ratio
     (columns) of LoFA's LoRAs of the followed held-out (solid) and training (dashed) cases, beside the reference

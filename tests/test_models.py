@@ -342,3 +342,19 @@ def test_gradient_checkpointing_agrees_under_functional_call(kind):
     plain, recomputed = grads(False), grads(True)
     assert plain.abs().max() > 0
     assert torch.allclose(plain, recomputed, rtol=1e-4, atol=1e-7)
+
+
+def test_a_train_base_folder_written_before_t_distribution_takes_the_one_its_summary_records(tmp_path):
+    import json
+
+    from lofa.diffusion import TimeDistribution
+    from lofa.models.generator import CONFIG_FILE
+
+    Generator.build("image_unet", "smoke").save(tmp_path / "base" / "generator")
+    meta_path = tmp_path / "base" / "generator" / CONFIG_FILE
+    meta = json.loads(meta_path.read_text())
+    del meta["t_distribution"]
+    meta_path.write_text(json.dumps(meta))
+    (tmp_path / "base" / "summary.json").write_text(json.dumps(
+        {"config": {"t_sampling": "logit_normal", "t_mean": 0.3, "t_std": 1.1, "steps": 10}}))
+    assert Generator.load(tmp_path / "base" / "generator").t_distribution == TimeDistribution(mean=0.3, std=1.1)

@@ -169,14 +169,21 @@ class Generator(nn.Module):
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "Generator":
         """Inverse of `save`. A plain diffusers Wan transformer folder (no lofa json) is accepted too.
 
-        A lofa_generator.json without "t_distribution" (written before generators carried it) is a one-line
-        LofaError saying what to add: guessing would silently train LoRAs on another t distribution than the base's.
+        A lofa_generator.json without "t_distribution" (written before generators carried it) takes the one its
+        training recorded, when the folder is a `train_base` output's generator/ (the sibling summary.json's
+        config); otherwise it is a one-line LofaError saying what to add: guessing would silently train LoRAs on
+        another t distribution than the base's.
         """
         directory = Path(directory)
         meta_path = directory / CONFIG_FILE
         if not meta_path.exists():
             return cls.from_pretrained_wan(directory).to(device)
         meta = json.loads(meta_path.read_text())
+        summary = directory.parent / "summary.json"
+        if "t_distribution" not in meta and summary.exists():
+            config = json.loads(summary.read_text()).get("config", {})
+            if {"t_sampling", "t_mean", "t_std"} <= set(config):
+                meta["t_distribution"] = TimeDistribution.from_record(config).to_json()
         if "t_distribution" not in meta:
             raise LofaError(f"{meta_path} has no \"t_distribution\" (the t distribution the generator was trained "
                             f"with); add \"t_distribution\": {{\"mode\": ..., \"mean\": ..., \"std\": ...}} with the "

@@ -206,3 +206,26 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
         "final_loss": sum(log["loss"][-50:]) / max(1, len(log["loss"][-50:]))})
     checkpoints.discard(ckpt_dir)
     return final
+
+
+def training_summary(runs: dict[str, tuple[str | Path, Generator]]):
+    """Notebook 02's record of the base generators' training, read from each training folder's loss.json and
+    summary.json. runs: {task: (training folder, its Generator)}. Returns (table, curves): table one row per task —
+    task, generator, parameters (M), steps, final loss (last 10 %) (the mean over the last tenth of the steps), wall
+    time (min); curves {task: pandas Series of the per-step flow-matching loss, indexed by step}."""
+    import pandas as pd
+
+    rows, curves = [], {}
+    for task, (folder, gen) in runs.items():
+        log = read_json(Path(folder) / "loss.json")
+        summary = read_json(Path(folder) / "summary.json")
+        if log is None or summary is None:
+            raise LofaError(f"{folder} holds no finished base training (loss.json, summary.json); train it with "
+                            "`lofa pretrain` or Run.base")
+        curve = pd.Series(log["loss"], index=log["step"])
+        curves[task] = curve
+        last_tenth = curve.iloc[-max(1, len(curve) // 10):]
+        rows.append({"task": task, "generator": gen.kind,
+                     "parameters (M)": sum(p.numel() for p in gen.parameters()) / 1e6, "steps": len(curve),
+                     "final loss (last 10 %)": float(last_tenth.mean()), "wall time (min)": summary["wall_s"] / 60})
+    return pd.DataFrame(rows), curves
