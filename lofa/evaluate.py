@@ -95,15 +95,27 @@ class ScoringConfig:
     initialisation_tasks_on_cpu: tuple[str, ...] | None = field(default=None, metadata={
         "help": "The tasks notebook 08 fine-tunes when the run computes on a CPU (None: every task); on a GPU it "
                 "runs every task."})
+    ablation_settings_on_cpu: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "The settings whose Table 4 ablations notebook 07 trains and scores when the run computes on a CPU "
+                "(None: every setting; empty: none); on a GPU it runs every setting. Each ablation is one more "
+                "Stage II training per setting."})
+
+    def ablation_settings(self, settings: Sequence[str], on_cpu: bool) -> list[str]:
+        """The settings (of `settings`, in their order) whose ablations notebook 07 scores on this device."""
+        if not on_cpu or self.ablation_settings_on_cpu is None:
+            return list(settings)
+        return [s for s in settings if s in self.ablation_settings_on_cpu]
 
     PRESETS: ClassVar[dict[str, dict]] = {
+        # one video and one image setting's ablations: the notebook's path is tested, in seconds
         "smoke": {"competence_samples": 16, "zoo_cases": 12, "zoo_per_case": 2, "stage2_per_case": 2,
                   "reference_cases": 3, "reference_per_case": 1, "initialisation_cases": 2,
-                  "initialisation_per_case": 1},
-        # 2 CPU cores: fewer cases, two paired samples each; notebook 08 fine-tunes the identities task only
+                  "initialisation_per_case": 1, "ablation_settings_on_cpu": ("actions-text", "identities")},
+        # 2 CPU cores: fewer cases, two paired samples each; notebook 08 fine-tunes the identities task only, and
+        # the ablations (three more Stage II trainings per setting) wait for a GPU
         "mini": {"zoo_cases": 48, "zoo_per_case": 2, "stage2_cases": 16, "stage2_per_case": 2, "reference_cases": 12,
                  "reference_per_case": 2, "initialisation_cases": 8, "initialisation_per_case": 2,
-                 "initialisation_tasks_on_cpu": ("identities",)},
+                 "initialisation_tasks_on_cpu": ("identities",), "ablation_settings_on_cpu": ()},
     }
 
 

@@ -203,6 +203,22 @@ def _preference(table, name: str) -> list[dict]:
     return rows or _missing(name)
 
 
+def _ablations(table, name: str) -> list[dict]:
+    rows = []
+    for r in table.itertuples():
+        if r.metric not in _paper_metric(r.setting):
+            continue
+        rows.append({"setting": f"{r.setting} · {r.baseline} · {r.metric}", "ours": f"LoFA − {r.baseline} "
+                     f"{_interval(r.difference, r.ci_low, r.ci_high)} ({r.cases} cases, {r.verdict})",
+                     "verdict": HOLDS if r.verdict == "better" else FAILS, "evidence": name})
+    if not rows:
+        # notebook 07 writes the table empty where the run scores no ablation (a CPU run at a scale that leaves
+        # them to a GPU: ScoringConfig.ablation_settings_on_cpu)
+        return [{"setting": "all", "ours": "this run scores no ablation (ScoringConfig.ablation_settings_on_cpu)",
+                 "verdict": UNTESTABLE, "evidence": name}]
+    return rows
+
+
 LOFA = "LoFA"
 MATCHED = "LoFA, norm-matched"
 
@@ -232,9 +248,9 @@ CLAIMS = (
           "holds when the paired interval of LoFA − Text-to-LoRA lies above 0",
           "07_reference_verdicts.csv", _verdict_rows(LOFA, "Text-to-LoRA", "heldout", _paper_metric, at_least=False)),
     Claim("ablations", "paper", "Each ablation (single stage, lightweight, prompt input) is worse than LoFA "
-          "(Table 4).", "FVD 665.4 / 655.1 / 653.7 vs 589.8", "—",
-          None, _untestable("the Table 4 variants are built (Run.hypernet variants no_response, lightweight, "
-                      "prompt_input), not yet scored")),
+          "(Table 4).", "FVD 665.4 / 655.1 / 653.7 vs 589.8",
+          "holds when the paired interval of LoFA − the ablation lies above 0 (on the paper's metric and exact-case "
+          "recognition, held-out cases)", "07_ablation_verdicts.csv", _ablations),
     Claim("zoo-size", "paper", "LoFA keeps improving with more training LoRAs while Text-to-LoRA and the single stage "
           "plateau (Fig. 8).", "Fig. 8", "—", None, _untestable("no zoo-size sweep is run yet")),
     Claim("seconds-vs-hours", "paper", "LoFA adapts in seconds where a per-case LoRA takes hours.", "3.7 s vs 1 h "
@@ -274,10 +290,11 @@ CLAIMS = (
 
 @dataclass(frozen=True)
 class PaperTable:
-    """One of the paper's Tables 1–3 as a run fills it from notebook 07's tables (held-out cases). key: "Table 1";
+    """One of the paper's Tables 1–4 as a run fills it from notebook 07's tables (held-out cases). key: "Table 1";
     title: its subject; settings: the run's settings in its rows; metrics: our paper-style metric for each of its
     columns, in its order, then the ground-truth recognition only a known world gives; not_scored: its columns with
-    no counterpart here; timed: it has a Time column (adaptation seconds per case, from 07_methods.csv)."""
+    no counterpart here; timed: it has a Time column (adaptation seconds per case, from 07_methods.csv);
+    ablations: its rows are LoFA and its ablations (07_ablations.csv) instead of the methods of 07_references.csv."""
 
     key: str
     title: str
@@ -285,6 +302,7 @@ class PaperTable:
     metrics: tuple[str, ...]
     not_scored: tuple[str, ...]
     timed: bool = False
+    ablations: bool = False
 
 
 PAPER_TABLES = (
@@ -293,6 +311,8 @@ PAPER_TABLES = (
     PaperTable("Table 2", "stylization", ("styles",), ("csd", "clip_t", "acc", "attr_acc"), ("Motion Smoothness",)),
     PaperTable("Table 3", "identity images", ("identities",), ("face_sim", "dino", "clip_i", "acc", "attr_acc"),
                ("Face Div",), timed=True),
+    PaperTable("Table 4", "ablations", ("actions-text", "actions-pose", "styles", "identities"),
+               ("dynamic", "csd", "face_sim", "acc", "attr_acc"), ("FVD",), ablations=True),
 )
 # Column names of the paper's tables: ours are stand-ins scored by the world's evaluators ("-style").
 METRIC_LABELS = {"clip_t": "CLIP-T-style", "dynamic": "DD-style", "csd": "CSD-style", "face_sim": "Face Sim-style",
@@ -300,18 +320,23 @@ METRIC_LABELS = {"clip_t": "CLIP-T-style", "dynamic": "DD-style", "csd": "CSD-st
                  "adapt_s": "Time (s)"}
 
 
-def paper_tables(references, methods=None, split: str = "heldout", tables: tuple[PaperTable, ...] = PAPER_TABLES):
-    """The data of the paper's Tables 1–3 from notebook 07's `07_references.csv` (and `07_methods.csv` for the
-    Time column): one row per (table, setting, method, metric) with table, setting, method, metric, mean, ci_low,
-    ci_high, cases, in the method order of 07. Time: LoFA's and Text-to-LoRA's prediction, the per-case LoRA's
-    recorded training time (where the zoo was trained); no interval."""
+def paper_tables(references, methods=None, ablations=None, split: str = "heldout",
+                 tables: tuple[PaperTable, ...] = PAPER_TABLES):
+    """The data of the paper's Tables 1–4 from notebook 07's `07_references.csv` (`07_methods.csv` for the Time
+    column, `07_ablations.csv` for Table 4; a table whose source is None or empty has no rows): one row per (table,
+    setting, method, metric) with table, setting, method, metric, mean, ci_low, ci_high, cases, in the method order
+    of 07. Time: LoFA's and Text-to-LoRA's prediction, the per-case LoRA's recorded training time (where the zoo was
+    trained); no interval."""
     import pandas as pd
 
     rows = []
     for paper_table in tables:
+        source = ablations if paper_table.ablations else references
+        if source is None or source.empty:
+            continue
         for setting in paper_table.settings:
-            block = references[(references.setting == setting) & (references.split == split)
-                               & references.metric.isin(paper_table.metrics)]
+            block = source[(source.setting == setting) & (source.split == split)
+                           & source.metric.isin(paper_table.metrics)]
             for r in block.itertuples():
                 rows.append({"table": paper_table.key, "setting": setting, "method": r.method, "metric": r.metric,
                              "mean": r.mean, "ci_low": r.ci_low, "ci_high": r.ci_high, "cases": r.cases})
@@ -398,7 +423,7 @@ def provenance(figures: Path) -> str:
 
 
 def report_markdown(table, scale: str, provenance: str = "", tables=None) -> str:
-    """REPORT.md's text: a count of verdicts, one section per claim with its rows, then the paper's Tables 1–3 as
+    """REPORT.md's text: a count of verdicts, one section per claim with its rows, then the paper's Tables 1–4 as
     this run fills them (`paper_tables`' data, when given)."""
     counts = verdict_counts(table)
     lines = [f"# LoFA's claims against this package's `{scale}` run", ""]

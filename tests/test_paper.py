@@ -129,4 +129,24 @@ def test_paper_tables_take_each_tables_settings_metrics_and_the_time_column():
     assert "### Table 1 · human action video" in text and "### Table 2" not in text
     assert "| identities | LoFA | 0.5 [0.4, 0.6] | 0.5 [0.4, 0.6] | 0.02 |" in text  # columns the run scored
     assert "| identities | per-case LoRA | 0.5 [0.4, 0.6] | 0.5 [0.4, 0.6] | 60 |" in text
-    assert text.count("### ") == len(CLAIMS) + 2 and len(PAPER_TABLES) == 3
+    assert text.count("### ") == len(CLAIMS) + 2 and len(PAPER_TABLES) == 4
+    ablations = references.assign(method=references.method.map({"LoFA": "LoFA", "per-case LoRA": "w/o response"}))
+    with_table4 = paper_tables(references, methods, ablations)
+    table4 = with_table4[with_table4.table == "Table 4"]
+    assert set(table4.method) == {"LoFA", "w/o response"} and set(table4.metric) == {"acc", "csd", "face_sim"}
+    assert paper_tables(references, methods, ablations.iloc[:0]).equals(data)  # an empty ablation table: no Table 4
+
+
+def test_ablations_hold_only_when_lofa_is_better_and_an_empty_table_is_untestable(tmp_path):
+    rows = [{"setting": "styles", "metric": metric, "baseline": baseline, "difference": d, "ci_low": d - 0.05,
+             "ci_high": d + 0.05, "cases": 12, "verdict": verdict, "method": "LoFA"}
+            for baseline, metric, d, verdict in (("w/o response", "csd", 0.2, "better"),
+                                                 ("lightweight", "csd", 0.0, "no significant difference"),
+                                                 ("prompt input", "acc", -0.2, "worse"),
+                                                 ("prompt input", "dino", 0.3, "better"))]  # dino: no claim's metric
+    pd.DataFrame(rows).to_csv(tmp_path / "07_ablation_verdicts.csv", index=False)
+    assert _verdicts(assess_claims(tmp_path), "ablations") == {"styles · w/o response · csd": HOLDS,
+                                                                "styles · lightweight · csd": FAILS,
+                                                                "styles · prompt input · acc": FAILS}
+    pd.DataFrame(columns=list(rows[0])).to_csv(tmp_path / "07_ablation_verdicts.csv", index=False)
+    assert _verdicts(assess_claims(tmp_path), "ablations") == {"all": UNTESTABLE}

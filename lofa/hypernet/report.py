@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from lofa.evaluate import (LOWER_IS_BETTER, METRICS, EvalSeeds, GenerateConfig, case_means, compare, paired_difference,
-                           prediction_cost, summarize)
+                           paired_differences, prediction_cost, setting_metrics, summarize)
 from lofa.hypernet.data import delta_l1_per_case
 from lofa.hypernet.predictor import predict_cases
 
@@ -227,6 +227,22 @@ STAGE2_CURVES = {"loss": "total loss", "recon": "reconstruction of ΔW / rms(W)"
                  "diffusion": "flow-matching loss, predicted LoRA"}
 
 
+def _task_of(setting: str) -> str:
+    from lofa.run import SETTINGS
+
+    return next(task for name, task, _ in SETTINGS if name == setting)
+
+
+def comparison_cases(data, task: str, cases_per_split: int, seed: int) -> list[int]:
+    """Notebook 07's cases of one setting: up to `cases_per_split` held-out cases, then as many training cases,
+    each drawn without replacement with [seed, the task's index] and sorted."""
+    from lofa.run import TASKS
+
+    rng = np.random.default_rng([seed, TASKS.index(task)])
+    return [int(c) for ids in (data.heldout_ids, data.train_ids)
+            for c in sorted(rng.choice(ids, min(cases_per_split, len(ids)), replace=False))]
+
+
 def reference_comparison(run, setting: str, cases_per_split: int, per_case: int, seeds: EvalSeeds, *, seed: int = 0,
                          text=None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     """Notebook 07's comparison of one setting: the base, the per-case LoRA, LoFA, Text-to-LoRA and every reference
@@ -240,12 +256,10 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
     per_case_lora_train_s (the median recorded training time of the task's training per-case LoRAs).
     """
     from lofa.baselines import NORM_MATCHED, match_norms, module_norms, reference_loras
-    from lofa.run import SETTINGS, TASKS
 
-    _, task, _ = next(s for s in SETTINGS if s[0] == setting)
-    data, model, rng = run.triplets(setting), run.hypernet(setting), np.random.default_rng([seed, TASKS.index(task)])
-    cases = [int(c) for ids in (data.heldout_ids, data.train_ids)
-             for c in sorted(rng.choice(ids, min(cases_per_split, len(ids)), replace=False))]
+    task = _task_of(setting)
+    data, model = run.triplets(setting), run.hypernet(setting)
+    cases = comparison_cases(data, task, cases_per_split, seed)
     references, source = reference_loras(data, cases)
     t2l = run.text_to_lora(setting)
     methods = {"base": None, "per-case LoRA": {c: data.zoo.load(c)[0] for c in cases},
@@ -271,3 +285,44 @@ def reference_verdict_lines(verdicts: pd.DataFrame, metric: str = "acc") -> list
         lines.append(f"{setting:>13} {split:>8}: {method} vs " + ", ".join(
             f"{r.reference} {r.verdict} ({r.difference:+.2f})" for r in block.itertuples()))
     return lines
+
+
+# Table 4's variants (`lofa.hypernet.recipe.ABLATIONS`, `Run.hypernet(setting, variant=...)`) by the paper's names.
+ABLATION_NAMES = {"no_response": "w/o response", "lightweight": "lightweight", "prompt_input": "prompt input"}
+
+
+def ablation_comparison(run, setting: str, cases: int, per_case: int, seeds: EvalSeeds, *, seed: int = 0,
+                        text=None) -> pd.DataFrame:
+    """Notebook 07's Table 4 for one setting: LoFA and its three ablations (`ABLATION_NAMES`, each trained on the
+    same zoo by `Run.hypernet(setting, variant=...)`) on the held-out cases of `reference_comparison` (up to `cases`),
+    scored by `evaluate.compare` with the same prompts and noise. Returns the `compare` table with a setting column."""
+    task = _task_of(setting)
+    data = run.triplets(setting)
+    heldout = comparison_cases(data, task, cases, seed)[:min(cases, len(data.heldout_ids))]
+    conditions = data.conditions("eval")
+    methods = {"LoFA": predict_cases(run.hypernet(setting), conditions, heldout)}
+    for variant, name in ABLATION_NAMES.items():
+        methods[name] = predict_cases(run.hypernet(setting, variant=variant), conditions, heldout)
+    table = compare(run.base(task), run.world(task), run.evaluators(task), methods, heldout, per_case=per_case,
+                    seeds=seeds, cfg=run.config(GenerateConfig), text=text)
+    return table.assign(setting=setting)
+
+
+def ablation_study(run, settings: Sequence[tuple[str, str, str]], cases: int, per_case: int, seeds: EvalSeeds, *,
+                   seed: int = 0, text=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Notebook 07's Table 4: `ablation_comparison` for each of `settings` ((name, task, kind), as SETTINGS lists
+    them) -> (quality, verdicts): quality the `summarize` table (setting, split, method, metric, mean, ci_low,
+    ci_high, cases) of LoFA and each ablation; verdicts `paired_differences` of LoFA minus each ablation per setting
+    and metric (its "baseline" column names the ablation). Both empty, with their columns, when `settings` is."""
+    tables = [ablation_comparison(run, name, cases, per_case, seeds, seed=seed, text=text) for name, *_ in settings]
+    if not tables:
+        return (pd.DataFrame(columns=["setting", "split", "method", "metric", "mean", "ci_low", "ci_high", "cases"]),
+                pd.DataFrame(columns=["setting", "metric", "baseline", "difference", "ci_low", "ci_high", "cases",
+                                      "verdict", "method"]))
+    per_case_means = case_means(pd.concat(tables, ignore_index=True).drop(columns="sample"), by=("setting", "method"))
+    metrics = [m for m in dict.fromkeys([m for _, task, _ in settings for m in METRICS[task]] + ["denoise"])
+               if m in per_case_means]
+    quality = summarize(per_case_means, metrics, by=("setting", "split", "method"), seed=seed)
+    verdicts = paired_differences(per_case_means, "LoFA", list(ABLATION_NAMES.values()), setting_metrics(settings),
+                                  by=("setting",), seed=seed)
+    return quality, verdicts
