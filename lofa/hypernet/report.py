@@ -287,6 +287,20 @@ def reference_verdict_lines(verdicts: pd.DataFrame, metric: str = "acc") -> list
     return lines
 
 
+def reference_study(run, settings: Sequence[tuple[str, str, str]], cases_per_split: int, per_case: int,
+                    seeds: EvalSeeds, *, seed: int = 0, text=None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """`reference_comparison` for each of `settings` ((name, task, kind), as SETTINGS lists them), concatenated ->
+    (scores, sources, costs): the per-sample `compare` tables, the references' choices per case, and one row per
+    hypernetwork and setting of parameters and prediction time (07_methods.csv)."""
+    scores, sources, costs = [], [], []
+    for name, *_ in settings:
+        table, source, cost = reference_comparison(run, name, cases_per_split, per_case, seeds, seed=seed, text=text)
+        scores.append(table)
+        sources.append(source)
+        costs += cost
+    return pd.concat(scores, ignore_index=True), pd.concat(sources, ignore_index=True), pd.DataFrame(costs)
+
+
 # Table 4's variants (`lofa.hypernet.recipe.ABLATIONS`, `Run.hypernet(setting, variant=...)`) by the paper's names.
 ABLATION_NAMES = {"no_response": "w/o response", "lightweight": "lightweight", "prompt_input": "prompt input"}
 
