@@ -57,6 +57,18 @@ def results_summary(figures: Path) -> list[str]:
             parts = [f"{r.reference} {r.difference:+.2f} ({_short(r.verdict)})" for r in block.itertuples()]
             lines.append(f"{method} exact-case acc, {setting} {split} (07_reference_verdicts.csv): "
                          + "; ".join(parts))
+    prefs = table("07_referee_preference.csv")
+    if prefs is not None:
+        block = prefs[(prefs.method == "LoFA") & (prefs.split == "heldout") & (prefs.metric == "acc")]
+        parts = [f"{r.setting} {r.share:.0%} [{r.ci_low:.0%}, {r.ci_high:.0%}]" for r in block.itertuples()]
+        lines.append("referees prefer LoFA to the per-case LoRA, held-out exact case, paired samples "
+                     "(07_referee_preference.csv): " + "; ".join(parts))
+    ablations = table("07_ablation_verdicts.csv")
+    if ablations is not None and len(ablations):
+        for setting, block in ablations[ablations.metric == "acc"].groupby("setting", sort=False):
+            parts = [f"{r.baseline} {r.difference:+.2f} ({_short(r.verdict)})" for r in block.itertuples()]
+            lines.append(f"LoFA − each Table 4 ablation, exact-case acc, {setting} (07_ablation_verdicts.csv): "
+                         + "; ".join(parts))
     reached = table("08_steps_to_reach.csv")
     if reached is not None:
         for task, block in reached.groupby("task", sort=False):

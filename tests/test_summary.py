@@ -26,7 +26,17 @@ def test_the_summary_reads_each_table_and_leaves_out_what_the_run_did_not_make(t
     pd.DataFrame([{"task": "identities", "start": "LoFA (identities)", "steps_to_reach": 25.0, "recipe_steps": 200},
                   {"task": "identities", "start": "recipe start", "steps_to_reach": float("nan"), "recipe_steps": 200}]
                  ).to_csv(tmp_path / "08_steps_to_reach.csv", index=False)
+    pd.DataFrame([{"setting": "styles", "split": split, "metric": metric, "method": method,
+                   "against": "per-case LoRA", "share": 0.25, "ci_low": 0.1, "ci_high": 0.4, "cases": 6, "pairs": 12}
+                  for split in ("heldout", "train") for metric in ("acc", "csd")
+                  for method in ("LoFA", "LoFA, norm-matched")]).to_csv(tmp_path / "07_referee_preference.csv",
+                                                                       index=False)
+    pd.DataFrame(columns=["setting", "metric", "baseline", "difference", "ci_low", "ci_high", "cases", "verdict",
+                          "method"]).to_csv(tmp_path / "07_ablation_verdicts.csv", index=False)  # none at this scale
     lines = results_summary(tmp_path)
+    assert lines[3] == ("referees prefer LoFA to the per-case LoRA, held-out exact case, paired samples "
+                        "(07_referee_preference.csv): styles 25% [10%, 40%]")
+    del lines[3]
     assert lines[1] == ("ΔW cosine to the zoo LoRA after Stage II step 50, styles (06_stage2_fidelity_curves.csv, "
                         "06_reference_fidelity.csv): heldout LoFA 0.30 (mean 0.10, ridge 0.20); train LoFA 0.60 "
                         "(mean 0.15, ridge 0.50)")
@@ -37,3 +47,15 @@ def test_the_summary_reads_each_table_and_leaves_out_what_the_run_did_not_make(t
     assert lines[2] == ("LoFA exact-case acc, styles heldout (07_reference_verdicts.csv): mean LoRA +0.25 (better); "
                         "per-case LoRA -0.10 (n.s.)")  # only the exact-case metric
     assert len(lines) == 4
+
+
+def test_summary_names_each_ablations_difference_from_lofa_where_the_run_scored_them(tmp_path):
+    pd.DataFrame([{"setting": "identities", "metric": metric, "baseline": baseline, "difference": d, "ci_low": d - 0.1,
+                   "ci_high": d + 0.1, "cases": 6, "verdict": verdict, "method": "LoFA"}
+                  for metric in ("acc", "face_sim")
+                  for baseline, d, verdict in (("w/o response", 0.2, "better"),
+                                               ("prompt input", 0.0, "no significant difference"))]
+                 ).to_csv(tmp_path / "07_ablation_verdicts.csv", index=False)
+    assert results_summary(tmp_path) == [
+        "LoFA − each Table 4 ablation, exact-case acc, identities (07_ablation_verdicts.csv): w/o response +0.20 "
+        "(better); prompt input +0.00 (n.s.)"]
