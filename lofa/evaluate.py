@@ -100,11 +100,12 @@ class ScoringConfig:
                 "(None: every setting; empty: none); on a GPU it runs every setting. Each ablation is one more "
                 "Stage II training per setting."})
 
-    def ablation_settings(self, settings: Sequence[str], on_cpu: bool) -> list[str]:
-        """The settings (of `settings`, in their order) whose ablations notebook 07 scores on this device."""
-        if not on_cpu or self.ablation_settings_on_cpu is None:
-            return list(settings)
-        return [s for s in settings if s in self.ablation_settings_on_cpu]
+    def on_device(self, names: Sequence[str], only_on_cpu: Sequence[str] | None, on_cpu: bool) -> list[str]:
+        """The tasks or settings of `names` (in their order) a notebook runs on this device: all of them on a GPU
+        or where `only_on_cpu` (one of the *_on_cpu fields) is None, else those it lists."""
+        if not on_cpu or only_on_cpu is None:
+            return list(names)
+        return [name for name in names if name in only_on_cpu]
 
     PRESETS: ClassVar[dict[str, dict]] = {
         # one video and one image setting's ablations: the notebook's path is tested, in seconds

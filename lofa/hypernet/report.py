@@ -227,12 +227,6 @@ STAGE2_CURVES = {"loss": "total loss", "recon": "reconstruction of ΔW / rms(W)"
                  "diffusion": "flow-matching loss, predicted LoRA"}
 
 
-def _task_of(setting: str) -> str:
-    from lofa.run import SETTINGS
-
-    return next(task for name, task, _ in SETTINGS if name == setting)
-
-
 def comparison_cases(data, task: str, cases_per_split: int, seed: int) -> list[int]:
     """Notebook 07's cases of one setting: up to `cases_per_split` held-out cases, then as many training cases,
     each drawn without replacement with [seed, the task's index] and sorted."""
@@ -257,7 +251,9 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
     """
     from lofa.baselines import NORM_MATCHED, match_norms, module_norms, reference_loras
 
-    task = _task_of(setting)
+    from lofa.run import parse_setting
+
+    _, task, _ = parse_setting(setting)
     data, model = run.triplets(setting), run.hypernet(setting)
     cases = comparison_cases(data, task, cases_per_split, seed)
     references, source = reference_loras(data, cases)
@@ -310,7 +306,9 @@ def ablation_comparison(run, setting: str, cases: int, per_case: int, seeds: Eva
     """Notebook 07's Table 4 for one setting: LoFA and its three ablations (`ABLATION_NAMES`, each trained on the
     same zoo by `Run.hypernet(setting, variant=...)`) on the held-out cases of `reference_comparison` (up to `cases`),
     scored by `evaluate.compare` with the same prompts and noise. Returns the `compare` table with a setting column."""
-    task = _task_of(setting)
+    from lofa.run import parse_setting
+
+    _, task, _ = parse_setting(setting)
     data = run.triplets(setting)
     heldout = comparison_cases(data, task, cases, seed)[:min(cases, len(data.heldout_ids))]
     conditions = data.conditions("eval")
