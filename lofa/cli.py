@@ -296,6 +296,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the second replicate also draws new renders of its case (what a condition can predict)")
     rp.add_argument("--seed", type=int, default=0, help="seed of the run and of both replicates' training")
     rp.set_defaults(func=_Command("lofa.bench.lora_replicates:cli_bench_replicates"))
+    zs = bsub.add_parser("zoo-size", help="quality against the number of training LoRAs (the paper's Fig. 8)",
+                         description="One zoo of a task, then LoFA, Text-to-LoRA and the single-stage ablation "
+                         "trained on shares of its training LoRAs and scored beside the per-case LoRA and the "
+                         "reference predictors on the same held-out cases (notebook 07's protocol). Resumes: each "
+                         "size's run folder caches its trainings.")
+    zs.add_argument("--scale", default="mini", choices=SCALES, help="scale preset of every config")
+    zs.add_argument("--task", default="identities", choices=TASKS, help="the task swept")
+    zs.add_argument("--n-cases", type=int, default=None, metavar="N",
+                    help="cases of the identities world instead of the scale's (the mini world draws up to 800)")
+    zs.add_argument("--fractions", nargs="+", type=float, default=[0.125, 0.25, 0.5, 1.0], metavar="F",
+                    help="shares of the training LoRAs, each in (0, 1]")
+    zs.add_argument("--cases", type=int, default=32, metavar="N",
+                    help="held-out cases scored at every size, and as many training cases of each size's zoo")
+    zs.add_argument("--per-case", type=int, default=4, metavar="N", help="samples per case and method")
+    zs.add_argument("--device", default="auto", choices=DEVICES, help="where to train and score (auto: the GPU "
+                    "when torch sees one)")
+    zs.add_argument("--seed", type=int, default=0, help="seed of the world, the zoo, every training and the scoring")
+    zs.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="sizes trained side by side, one process each")
+    zs.add_argument("--overrides", default=None, metavar="YAML",
+                    help="recipe overrides of every size's run (a YAML file: top-level keys are config class names)")
+    zs.add_argument("--run-root", default="runs/zoo-size", metavar="DIR",
+                    help="DIR/all holds the whole zoo, DIR/train-N each size's run")
+    zs.add_argument("--out", required=True, metavar="FILE.csv",
+                    help="the quality table; FILE_verdicts.csv beside it gets LoFA's paired differences (required)")
+    zs.set_defaults(func=_Command("lofa.bench.zoo_size:cli_bench_zoo_size"))
     return p
 
 

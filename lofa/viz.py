@@ -347,6 +347,40 @@ def initialisation_curves(quality, metric: str = "acc", ylabel: str = "exact cas
     return grid.figure
 
 
+def zoo_size_curves(quality, methods: Sequence[str], metric: str = "acc", ylabel: str = "exact case recognised"):
+    """The paper's Fig. 8 (`lofa bench zoo-size`): `metric` against the number of training LoRAs, one line per method
+    with its 95 % interval as a band, held-out and training cases in two panels, ground truth dashed.
+    quality: `lofa.evaluate.summarize` by (train LoRAs, setting, split, method)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    rows = quality[quality.metric == metric]
+    splits = [s for s in ("heldout", "train") if s in set(rows.split)]
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 3.6), sharey=True, squeeze=False)
+    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    for ax, split in zip(axes[0], splits):
+        block = rows[rows.split == split]
+        for method in methods:
+            line = block[block.method == method].sort_values("train LoRAs")
+            if line.empty:
+                continue
+            ax.plot(line["train LoRAs"], line["mean"], marker="o", color=palette[method], label=method)
+            ax.fill_between(line["train LoRAs"], line["ci_low"], line["ci_high"], color=palette[method], alpha=0.15)
+        truth = block[block.method == "ground truth"]["mean"]
+        if not truth.empty:
+            ax.axhline(truth.mean(), color="0.55", ls="--", lw=1, label="ground truth")
+        ax.set_xscale("log", base=2)
+        sizes = sorted(block["train LoRAs"].unique())
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("training LoRAs")
+        ax.set_title(f"{split} cases")
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
 def lora_train_time(times, summary, title: str):
     """Notebook 03's training-time figure: seconds per LoRA per task and split (box and dots; times: the zoos'
     frames with task and split columns) beside each zoo's total minutes (summary: `lofa.lora.quality.summarize_zoos`),

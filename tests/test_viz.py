@@ -166,3 +166,21 @@ def test_notebook_figures_draw_from_their_tables():
     fig4 = tau_sweep_lines(sweep, ["a"], 0.02, (0.5, 0.8))
     for f in (fig, fig2, fig3, fig4):
         plt.close(f)
+
+
+def test_zoo_size_curves_draw_one_line_and_band_per_method_and_split():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from lofa.viz import zoo_size_curves
+
+    quality = pd.DataFrame([{"train LoRAs": n, "setting": "s", "split": split, "method": m, "metric": "acc",
+                             "mean": 0.1, "ci_low": 0.0, "ci_high": 0.2}
+                            for n in (40, 80, 160) for split in ("heldout", "train")
+                            for m in ("ground truth", "LoFA", "mean LoRA")])
+    fig = zoo_size_curves(quality, ["LoFA", "mean LoRA", "not scored"])
+    assert [ax.get_title() for ax in fig.axes] == ["heldout cases", "train cases"]
+    for ax in fig.axes:
+        assert len(ax.lines) == 3 and len(ax.collections) == 2  # two methods and the truth; one band each
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["40", "80", "160"]
+    plt.close(fig)
