@@ -173,6 +173,24 @@ def test_resume_refuses_another_recipe_or_base(tmp_path):
                   progress=False)
 
 
+def test_an_enlarged_world_keeps_its_first_cases_loras_and_gives_them_its_splits(tmp_path):
+    zoo_dir = tmp_path / "zoo"
+    _build(zoo_dir, n_cases=3)
+    first = _check_consistent(zoo_dir, 3)
+    assert first[2]["split"] == "heldout"
+    _build(zoo_dir, n_cases=5)  # the same first three cases; case 2 is a training case of the larger world
+    entries = _check_consistent(zoo_dir, 5)
+    assert all(entries[c]["run_id"] == first[c]["run_id"] for c in range(3))  # kept, not retrained
+    assert [entries[c]["split"] for c in range(5)] == ["train"] * 4 + ["heldout"]
+    assert Zoo(zoo_dir).case_ids("heldout") == [4]
+    changed = StubWorld(5)
+    changed.cases[1].name = "someone else"
+    with pytest.raises(LofaError, match=r"case_00001.safetensors is the LoRA of case 'case-1', but case 1 of this "
+                                        r"identities world is 'someone else'"):
+        build_zoo(changed, tiny_generator(), tiny_config(steps=2, group_size=4), zoo_dir, text=StubText(),
+                  progress=False)
+
+
 def test_kill_during_collection_then_rerun_completes(tmp_path):
     """SIGKILL a real collection process after its first LoRAs are written; a rerun finishes only the rest."""
     zoo_dir = tmp_path / "zoo"

@@ -140,9 +140,13 @@ def _check_same_zoo(found: dict, expected: dict, where: Path) -> None:
                         f"another zoo folder or delete this one")
 
 
-def _reconcile(zoo_dir: Path, header: dict, clean: bool = True) -> dict[int, dict]:
+def _reconcile(zoo_dir: Path, header: dict, world, clean: bool = True) -> dict[int, dict]:
     """Index entries {case_id: entry} rebuilt from the valid LoRA files; damaged files and (clean=True) temp
-    leftovers go. A shard passes clean=False: a temp file may be another shard's write in progress."""
+    leftovers go. A shard passes clean=False: a temp file may be another shard's write in progress.
+
+    A LoRA belongs to its case, not to a world: a file whose case name is `world`'s case of that id is kept (a
+    world enlarged with more cases keeps its first ones, so their LoRAs need no retraining), and its entry takes
+    the split from `world` (the held-out draw of a larger world differs). A file of another case is refused."""
     lora_dir = zoo_dir / LORA_DIR
     lora_dir.mkdir(parents=True, exist_ok=True)
     for leftover in [*zoo_dir.glob(".*.tmp"), *lora_dir.glob(".*.tmp")] if clean else []:
@@ -162,7 +166,12 @@ def _reconcile(zoo_dir: Path, header: dict, clean: bool = True) -> dict[int, dic
                             f"move it out of {lora_dir}")
         # a field the file's metadata lacks predates the field: `_recipe` gives it its default
         _check_same_zoo({**meta, "config": {k: meta[k] for k in header["config"] if k in meta}}, header, path)
-        entries[meta["case_id"]] = {**meta, "file": f"{LORA_DIR}/{path.name}"}
+        case_id = meta["case_id"]
+        if case_id >= len(world.cases) or meta.get("case_name") != world.cases[case_id].name:
+            this = world.cases[case_id].name if case_id < len(world.cases) else "no case"
+            raise LofaError(f"{path} is the LoRA of case {meta.get('case_name')!r}, but case {case_id} of this "
+                            f"{world.task} world is {this!r} (the world changed); move {zoo_dir} away or rebuild it")
+        entries[case_id] = {**meta, "split": world.cases[case_id].split, "file": f"{LORA_DIR}/{path.name}"}
     return entries
 
 
@@ -196,7 +205,7 @@ def build_zoo(world, gen, cfg: LoraTrainConfig, zoo_dir: str | os.PathLike, devi
     header = zoo_header(world, gen, cfg, seed)
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise LofaError(f"shard {shard!r}: give (i, n) with 0 <= i < n")
-    entries = _reconcile(zoo_dir, header, clean=shard is None)
+    entries = _reconcile(zoo_dir, header, world, clean=shard is None)
     chunk = cfg.group_size if batched else 1
     todo = [c for c in case_ids if c not in entries]
     if shard is None:
