@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -95,15 +96,38 @@ class Run:
             for step, key in tqdm(jobs, desc="build"):
                 _BUILD_STEPS[step](self, key)
             return
-        args = (self.scale, str(self.device), self.seed, str(self.dir), self.overrides, self.pretrained)
         with process_pool(workers) as pool:  # spawn workers that end themselves if this process dies
-            futures = {pool.submit(_build_job, args, step, key): (step, key) for step, key in jobs}
+            futures = {pool.submit(_build_job, self.args(), step, key): (step, key) for step, key in jobs}
             bar = tqdm(total=len(jobs), desc=f"build ({workers} worker processes)")
             for future in as_completed(futures):
                 future.result()  # re-raises a worker's error here
                 bar.update()
                 bar.set_postfix_str("/".join(futures[future]))
             bar.close()
+
+    def map(self, fn, keys: Sequence[str], *args, workers: int | None = None, **kwargs) -> list:
+        """[fn(run, key, *args, **kwargs) for key in keys], in that order: on the CPU in worker processes (default
+        one per core), each with one intra-op thread and its own Run of this run's folder, so that a notebook's
+        per-setting scoring uses both cores of a 2-core machine; on a GPU, or with one worker, here in turn.
+
+        fn: a module-level function (spawn workers import it) that only reads artifacts that exist (build them
+        first); its arguments and result must pickle. Each worker computes exactly what this process would: the
+        scoring seeds are explicit and a single-threaded op gives the same bits in any process. A worker whose
+        parent dies exits within a second (`lofa.workers`)."""
+        from lofa.workers import process_pool
+
+        if workers is None:
+            workers = (os.cpu_count() or 1) if self.device.type == "cpu" else 1
+        workers = min(workers, len(keys))
+        if workers <= 1:
+            return [fn(self, key, *args, **kwargs) for key in keys]
+        with process_pool(workers) as pool:
+            futures = [pool.submit(_map_job, self.args(), fn, key, args, kwargs) for key in keys]
+            return [future.result() for future in futures]  # re-raises a worker's error here
+
+    def args(self) -> tuple:
+        """What a worker process needs to open this run: (scale, device, seed, run_dir, overrides, pretrained)."""
+        return self.scale, str(self.device), self.seed, str(self.dir), self.overrides, self.pretrained
 
     # ------------------------------------------------------------------ steps
     @functools.cache
@@ -385,6 +409,12 @@ def _build_job(args: tuple, step: str, key: str) -> None:
     torch.set_num_threads(1)
     scale, device, seed, run_dir, overrides, pretrained = args
     _BUILD_STEPS[step](Run(scale, device, seed, run_dir, overrides, pretrained), key)
+
+
+def _map_job(args: tuple, fn, key: str, fn_args: tuple, fn_kwargs: dict):
+    """One `Run.map` call in a worker process (module level, so that spawn can import it)."""
+    torch.set_num_threads(1)
+    return fn(Run(*args), key, *fn_args, **fn_kwargs)
 
 
 # Hypernetwork variants run.hypernet trains, each Stage II from the one Stage I of its setting -> Stage2TrainConfig

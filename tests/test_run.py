@@ -129,3 +129,21 @@ def test_text_to_lora_baseline_trains_with_stage2s_loop_once_and_its_cost_is_mea
         prediction_cost(again, data.conditions("eval"), [])
     with pytest.raises(LofaError, match="unknown setting"):
         run.text_to_lora("faces")
+
+
+def _world_summary(run, task, scale_by):
+    """A Run.map job: this run's world of `task`, summarised (module level: spawn workers import it)."""
+    if task == "fails":
+        raise LofaError("a job's error")
+    world = run.world(task)
+    return task, len(world.cases) * scale_by, str(run.dir)
+
+
+def test_map_runs_jobs_in_workers_in_key_order_and_gives_what_this_process_would(tmp_path):
+    run = Run("smoke", "cpu", 0, tmp_path)
+    tasks = ["identities", "styles", "actions"]
+    here = run.map(_world_summary, tasks, 2, workers=1)
+    assert [t for t, *_ in here] == tasks and all(d == str(tmp_path) for *_, d in here)
+    assert run.map(_world_summary, tasks, 2, workers=2) == here
+    with pytest.raises(LofaError, match="a job's error"):
+        run.map(_world_summary, ["styles", "fails"], 1, workers=2)

@@ -85,8 +85,12 @@ def initialisation_comparison(run, task: str, cases: int, per_case: int, fractio
     recipe = run.config(LoraTrainConfig)
     full_steps = recipe.for_task(task).steps
     steps = sorted({round(f * full_steps) for f in fractions})
-    methods = finetune_from(gen, world, cases, starts, recipe, steps, seed=seeds.sample, text=text,
-                            device=str(run.device))
+    # the cases fine-tuned side by side on a CPU (`Run.map`), two cases to a job: each case's LoRAs depend only on it
+    chunks = [tuple(cases[i:i + 2]) for i in range(0, len(cases), 2)]
+    methods: dict[str, dict[int, LoraWeights]] = {}
+    for part in run.map(_finetune_chunk, chunks, task, starts, recipe, steps, seeds.sample, text=text):
+        for name, loras in part.items():
+            methods.setdefault(name, {}).update(loras)
     methods["per-case LoRA"] = {c: zoo.load(c)[0] for c in cases}
     table = compare(gen, world, run.evaluators(task), methods, cases, per_case=per_case, seeds=seeds,
                     cfg=run.config(GenerateConfig), text=text)
@@ -94,6 +98,14 @@ def initialisation_comparison(run, task: str, cases: int, per_case: int, fractio
     table["start"] = [start_of.get(m, (m, np.nan))[0] for m in table.method]
     table["steps"] = [start_of.get(m, (m, full_steps))[1] for m in table.method]
     return table.assign(task=task, recipe_steps=full_steps)
+
+
+def _finetune_chunk(run, cases: tuple[int, ...], task: str, starts: dict, recipe: LoraTrainConfig,
+                    steps: Sequence[int], seed: int, *, text=None) -> dict[str, dict[int, LoraWeights]]:
+    """`finetune_from` for some of the cases (a `Run.map` job), on the run's base and world of `task`."""
+    chunk_starts = {name: None if loras is None else {c: loras[c] for c in cases} for name, loras in starts.items()}
+    return finetune_from(run.base(task), run.world(task), list(cases), chunk_starts, recipe, steps, seed=seed,
+                         text=text, device=str(run.device), progress=False)
 
 
 def steps_to_reach(quality, metric: str = "acc"):

@@ -107,10 +107,6 @@ def size_comparison(run, setting: str, cases_per_split: int, per_case: int, seed
     return table.assign(setting=setting)
 
 
-def _run_args(run) -> tuple:
-    return run.scale, str(run.device), run.seed, str(run.dir), run.overrides, run.pretrained
-
-
 def _train_size(args: tuple, jobs: list[tuple[str, str]]) -> None:
     """In a worker process: one size's trainings, in order (the single stage after LoFA's Stage I exists)."""
     import torch
@@ -144,7 +140,7 @@ def zoo_size_study(full, task: str, sizes: list[int], root: Path, cases_per_spli
         from lofa.workers import process_pool
 
         with process_pool(min(workers, len(runs))) as pool:  # one size a worker; each ends itself if this one dies
-            for future in [pool.submit(_train_size, _run_args(run), jobs) for run in runs.values()]:
+            for future in [pool.submit(_train_size, run.args(), jobs) for run in runs.values()]:
                 future.result()
     frames = []
     for n, run in runs.items():
@@ -180,6 +176,7 @@ def cli_bench_zoo_size(args) -> int:
         overrides[f"world.{args.task}"] = {**(overrides.get(f"world.{args.task}") or {}), "n_cases": args.n_cases}
     root = Path(args.run_root)
     full = Run(args.scale, args.device, args.seed, root / "all", overrides=overrides)
+    full.one_thread_on_cpu()  # tiny models: as in the notebooks, one intra-op thread (workers set their own)
     sizes = zoo_sizes(len(full.world(args.task).ids("train")), args.fractions)
     print(f"zoo-size sweep ({args.task}, {args.scale}): training LoRAs {sizes}, "
           f"{len(full.world(args.task).ids('heldout'))} held-out cases", flush=True)

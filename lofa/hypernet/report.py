@@ -4,7 +4,7 @@ ablation, seconds per LoRA, LoFA against the reference predictors, and the verdi
 
     scores, samples, plans = heldout_comparison(run, SETTINGS, predicted, 2, EvalSeeds.of(0))   # 2 samples a case
     per_case, quality = heldout_quality(scores, SETTINGS, speed, 2)                            # 06_heldout_quality
-    ablation = recon_ablation(run, SETTINGS, data, predicted, plans, per_case, 2, EvalSeeds.of(0))
+    ablation = recon_ablation(run, SETTINGS, predicted, plans, per_case, 2, EvalSeeds.of(0))
     verdicts = paired_differences(per_case, "LoFA", ("base",), setting_metrics(SETTINGS), by=("setting",))
 
 (`paired_differences` and `setting_metrics` are `lofa.evaluate`'s.) `run` is a `lofa.run.Run`; `settings` the
@@ -84,25 +84,38 @@ def heldout_comparison(run, settings: Sequence[tuple[str, str, str]], predicted:
     task's shared methods and its own LoFA) and the `compare` columns; samples {(task, method): samples
     [N, *world.shape]} with LoFA as "LoFA (<setting>)"; plans {task: (held-out case ids, case id of each sample)}.
     """
+    tasks = list(dict.fromkeys(task for _, task, _ in settings))
+    by_task = {task: [s for s, t, _ in settings if t == task] for task in tasks}
     frames, samples, plans = [], {}, {}
-    for task in dict.fromkeys(task for _, task, _ in settings):
-        zoo, task_settings = run.zoo(task), [s for s, t, _ in settings if t == task]
-        heldout = zoo.case_ids("heldout")
-        if max_cases is not None and len(heldout) > max_cases:
-            heldout = sorted(np.random.default_rng(seed).choice(heldout, max_cases, replace=False).tolist())
-        methods = {"base": None, "per-case LoRA": {c: zoo.load(c)[0] for c in heldout}}
-        methods.update({f"LoFA ({s})": {c: predicted[(s, c)] for c in heldout} for s in task_settings})
-        table, x = compare(run.base(task), run.world(task), run.evaluators(task), methods, heldout,
-                           per_case=per_case, seeds=seeds, cfg=run.config(GenerateConfig), text=text,
-                           return_samples=True)
-        plans[task] = (heldout, table[table.method == "ground truth"].case_id.tolist())
-        samples.update({(task, method): s for method, s in x.items()})
-        for method, frame in table.groupby("method", sort=False):  # method-major, as the tables were first made
-            for setting in task_settings:
-                if method.startswith("LoFA") and method != f"LoFA ({setting})":
-                    continue
-                frames.append(frame.assign(setting=setting, method=method.split(" (")[0]))
+    for task, (frame, task_samples, plan) in zip(tasks, run.map(_task_heldout_comparison, tasks, by_task, predicted,
+                                                                per_case, seeds, max_cases, seed=seed, text=text)):
+        frames.append(frame)
+        samples.update(task_samples)
+        plans[task] = plan
     return pd.concat(frames, ignore_index=True), samples, plans
+
+
+def _task_heldout_comparison(run, task: str, by_task: Mapping, predicted: Mapping, per_case: int, seeds: EvalSeeds,
+                             max_cases: int | None, *, seed: int = 0, text=None) -> tuple[pd.DataFrame, dict, tuple]:
+    """`heldout_comparison` of one task (a `Run.map` job; by_task: {task: its settings}) -> (scores, samples,
+    plan) of that task."""
+    task_settings = by_task[task]
+    zoo = run.zoo(task)
+    heldout = zoo.case_ids("heldout")
+    if max_cases is not None and len(heldout) > max_cases:
+        heldout = sorted(np.random.default_rng(seed).choice(heldout, max_cases, replace=False).tolist())
+    methods = {"base": None, "per-case LoRA": {c: zoo.load(c)[0] for c in heldout}}
+    methods.update({f"LoFA ({s})": {c: predicted[(s, c)] for c in heldout} for s in task_settings})
+    table, x = compare(run.base(task), run.world(task), run.evaluators(task), methods, heldout,
+                       per_case=per_case, seeds=seeds, cfg=run.config(GenerateConfig), text=text, return_samples=True)
+    frames = []
+    for method, frame in table.groupby("method", sort=False):  # method-major, as the tables were first made
+        for setting in task_settings:
+            if method.startswith("LoFA") and method != f"LoFA ({setting})":
+                continue
+            frames.append(frame.assign(setting=setting, method=method.split(" (")[0]))
+    plan = (heldout, table[table.method == "ground truth"].case_id.tolist())
+    return pd.concat(frames, ignore_index=True), {(task, method): s for method, s in x.items()}, plan
 
 
 def heldout_quality(scores: pd.DataFrame, settings: Sequence[tuple[str, str, str]], speed: pd.DataFrame,
@@ -124,28 +137,24 @@ def heldout_quality(scores: pd.DataFrame, settings: Sequence[tuple[str, str, str
     return per_case, quality
 
 
-def recon_ablation(run, settings: Sequence[tuple[str, str, str]], data: Mapping, predicted: Mapping, plans: Mapping,
+def recon_ablation(run, settings: Sequence[tuple[str, str, str]], predicted: Mapping, plans: Mapping,
                    per_case: pd.DataFrame, samples_per_case: int, seeds: EvalSeeds, *, chunk: int = 8, seed: int = 0,
                    text=None) -> pd.DataFrame:
     """LoFA (squared error on ΔW) against the `recon_l1` Stage II variant (L1 on ΔW, trained here when missing, the
     settings side by side), both predicting the held-out cases of `heldout_comparison` (plans) and sampled on its
-    prompts and noise; per_case: `heldout_quality`'s.
+    prompts and noise, the settings scored side by side on a CPU (`Run.map`); per_case: `heldout_quality`'s.
 
     Returns one row per (setting, metric) of dW_L1 (L1 of the predicted ΔW against the zoo's, / rms(W)), the task's
     metrics and denoise: setting, metric, squared_error and l1 (means over cases), squared_minus_l1, ci_low,
     ci_high, cases, verdict (for the squared error; lower is better for dW_L1 and denoise).
     """
     run.build([("stage2", f"{setting}/recon_l1") for setting, _, _ in settings])
+    names = [setting for setting, _, _ in settings]
+    lofa = {s: {c: predicted[(s, c)] for c in plans[task][0]} for s, task, _ in settings}
     rows, recon_rows = [], []
-    for setting, task, _ in settings:
-        d, (heldout, _) = data[setting], plans[task]
-        l1_lora = predict_cases(run.hypernet(setting, 2, "recon_l1"), d.conditions("eval"), heldout, chunk)
-        for method, lora in (("LoFA", {c: predicted[(setting, c)] for c in heldout}), (L1_VARIANT, l1_lora)):
-            recon_rows += [{"setting": setting, "method": method, "case_id": c, "dW_L1": v}
-                           for c, v in zip(heldout, delta_l1_per_case(d, heldout, [lora[c] for c in heldout]))]
-        table = compare(run.base(task), run.world(task), run.evaluators(task), {L1_VARIANT: l1_lora}, heldout,
-                        per_case=samples_per_case, seeds=seeds, cfg=run.config(GenerateConfig), text=text)
-        rows.append(table[table.method == L1_VARIANT].drop(columns="sample").assign(setting=setting))
+    for table, recon in run.map(_recon_l1_scores, names, plans, lofa, samples_per_case, seeds, chunk=chunk, text=text):
+        rows.append(table)
+        recon_rows += recon
     cases = pd.concat([per_case[per_case.method == "LoFA"],
                        case_means(pd.concat(rows, ignore_index=True), by=("setting", "method"))], ignore_index=True)
     cases = cases.merge(pd.DataFrame(recon_rows), on=["setting", "method", "case_id"], how="left")
@@ -287,10 +296,11 @@ def reference_study(run, settings: Sequence[tuple[str, str, str]], cases_per_spl
                     seeds: EvalSeeds, *, seed: int = 0, text=None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """`reference_comparison` for each of `settings` ((name, task, kind), as SETTINGS lists them), concatenated ->
     (scores, sources, costs): the per-sample `compare` tables, the references' choices per case, and one row per
-    hypernetwork and setting of parameters and prediction time (07_methods.csv)."""
+    hypernetwork and setting of parameters and prediction time (07_methods.csv). The settings are scored side by
+    side on a CPU (`Run.map`)."""
     scores, sources, costs = [], [], []
-    for name, *_ in settings:
-        table, source, cost = reference_comparison(run, name, cases_per_split, per_case, seeds, seed=seed, text=text)
+    for table, source, cost in run.map(reference_comparison, [name for name, *_ in settings], cases_per_split,
+                                       per_case, seeds, seed=seed, text=text):
         scores.append(table)
         sources.append(source)
         costs += cost
@@ -299,6 +309,24 @@ def reference_study(run, settings: Sequence[tuple[str, str, str]], cases_per_spl
 
 # Table 4's variants (`lofa.hypernet.recipe.ABLATIONS`, `Run.hypernet(setting, variant=...)`) by the paper's names.
 ABLATION_NAMES = {"no_response": "w/o response", "lightweight": "lightweight", "prompt_input": "prompt input"}
+
+
+def _recon_l1_scores(run, setting: str, plans: Mapping, lofa: Mapping, samples_per_case: int, seeds: EvalSeeds, *,
+                     chunk: int = 8, text=None) -> tuple[pd.DataFrame, list[dict]]:
+    """`recon_ablation`'s work on one setting (a `Run.map` job; lofa: {setting: {case_id: LoFA's LoRA}}): the
+    recon_l1 variant's predictions scored by `compare` on the plan's held-out cases, and the ΔW L1 of both."""
+    from lofa.run import parse_setting
+
+    _, task, _ = parse_setting(setting)
+    d, (heldout, _) = run.triplets(setting), plans[task]
+    l1_lora = predict_cases(run.hypernet(setting, 2, "recon_l1"), d.conditions("eval"), heldout, chunk)
+    recon = []
+    for method, lora in (("LoFA", lofa[setting]), (L1_VARIANT, l1_lora)):
+        recon += [{"setting": setting, "method": method, "case_id": c, "dW_L1": v}
+                  for c, v in zip(heldout, delta_l1_per_case(d, heldout, [lora[c] for c in heldout]))]
+    table = compare(run.base(task), run.world(task), run.evaluators(task), {L1_VARIANT: l1_lora}, heldout,
+                    per_case=samples_per_case, seeds=seeds, cfg=run.config(GenerateConfig), text=text)
+    return table[table.method == L1_VARIANT].drop(columns="sample").assign(setting=setting), recon
 
 
 def ablation_comparison(run, setting: str, cases: int, per_case: int, seeds: EvalSeeds, *, seed: int = 0,
@@ -325,8 +353,9 @@ def ablation_study(run, settings: Sequence[tuple[str, str, str]], cases: int, pe
     """Notebook 07's Table 4: `ablation_comparison` for each of `settings` ((name, task, kind), as SETTINGS lists
     them) -> (quality, verdicts): quality the `summarize` table (setting, split, method, metric, mean, ci_low,
     ci_high, cases) of LoFA and each ablation; verdicts `paired_differences` of LoFA minus each ablation per setting
-    and metric (its "baseline" column names the ablation). Both empty, with their columns, when `settings` is."""
-    tables = [ablation_comparison(run, name, cases, per_case, seeds, seed=seed, text=text) for name, *_ in settings]
+    and metric (its "baseline" column names the ablation). Both empty, with their columns, when `settings` is. The
+    settings are scored side by side on a CPU (`Run.map`)."""
+    tables = run.map(ablation_comparison, [name for name, *_ in settings], cases, per_case, seeds, seed=seed, text=text)
     if not tables:
         return (pd.DataFrame(columns=["setting", "split", "method", "metric", "mean", "ci_low", "ci_high", "cases"]),
                 pd.DataFrame(columns=["setting", "metric", "baseline", "difference", "ci_low", "ci_high", "cases",
