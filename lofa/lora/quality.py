@@ -68,24 +68,32 @@ def quality_scores(run, zoos: Mapping, max_cases: int, per_case: int, shown: int
     second set of ground-truth renders; examples {task: (case names, {method: samples [k, *world.shape]})} of the
     first sample of the first `shown` held-out cases.
     """
+    frames, frechet, examples = [], [], {}
+    by_task = quality_cases(run, zoos, max_cases)
+    for task, (frame, task_frechet, example) in zip(by_task, run.map(_task_quality, list(by_task), by_task, per_case,
+                                                                     shown)):
+        frames.append(frame)
+        frechet += task_frechet
+        examples[task] = example
+    return pd.concat(frames, ignore_index=True), frechet, examples
+
+
+def _task_quality(run, task: str, by_task: Mapping, per_case: int, shown: int) -> tuple[pd.DataFrame, list[dict], tuple]:
+    """`quality_scores` of one task (a `Run.map` job; by_task: {task: its quality cases})."""
     sample, ground_truth, reference, denoise = quality_seeds(run.seed)
     seeds = EvalSeeds(sample=sample, reference=reference, ground_truth=ground_truth, denoise=denoise)
-    frames, frechet, examples = [], [], {}
-    for task, cases in quality_cases(run, zoos, max_cases).items():
-        world, ev = run.world(task), run.evaluators(task)
-        loras = {c: zoos[task].load(c, run.device)[0] for c in cases}
-        table, samples = compare(run.base(task), world, ev, {"base": None, "LoRA": loras}, cases, per_case=per_case,
-                                 seeds=seeds, split="train", cfg=run.config(GenerateConfig), return_samples=True)
-        frames.append(table.drop(columns="sample").assign(task=task))
-        ids = table[table.method == "ground truth"].case_id.tolist()
-        real = world.render(ids, seed=ground_truth + 1)
-        for method in METHODS:
-            frechet.append({"task": task, "method": method, "split": "all",
-                            "metric": "fvd" if world.modality == "video" else "fid",
-                            "mean": ev.frechet(samples[method], real), "cases": len(cases)})
-        first = [ids.index(c) for c in world.ids("heldout") if c in cases][:shown]  # first sample of each
-        examples[task] = ([world.cases[ids[i]].name for i in first], {m: samples[m][first] for m in METHODS})
-    return pd.concat(frames, ignore_index=True), frechet, examples
+    cases = by_task[task]
+    world, ev, zoo = run.world(task), run.evaluators(task), run.zoo(task, progress=False)
+    loras = {c: zoo.load(c, run.device)[0] for c in cases}
+    table, samples = compare(run.base(task), world, ev, {"base": None, "LoRA": loras}, cases, per_case=per_case,
+                             seeds=seeds, split="train", cfg=run.config(GenerateConfig), return_samples=True)
+    ids = table[table.method == "ground truth"].case_id.tolist()
+    real = world.render(ids, seed=ground_truth + 1)
+    frechet = [{"task": task, "method": method, "split": "all", "metric": "fvd" if world.modality == "video" else "fid",
+                "mean": ev.frechet(samples[method], real), "cases": len(cases)} for method in METHODS]
+    first = [ids.index(c) for c in world.ids("heldout") if c in cases][:shown]  # first sample of each
+    example = ([world.cases[ids[i]].name for i in first], {m: samples[m][first] for m in METHODS})
+    return table.drop(columns="sample").assign(task=task), frechet, example
 
 
 def quality_table(per_case: pd.DataFrame, frechet: list[dict], seed: int = 0) -> pd.DataFrame:
