@@ -93,6 +93,7 @@ OVERRIDABLE = {
     "TrainConfig": ("lofa.hypernet.train", "TrainConfig"),
     "Stage2TrainConfig": ("lofa.hypernet.train", "Stage2TrainConfig"),
     "TextToLoraConfig": ("lofa.baselines.text_to_lora", "TextToLoraConfig"),
+    "HyperDreamBoothConfig": ("lofa.baselines.hyper_dreambooth", "HyperDreamBoothConfig"),
     "GenerateConfig": ("lofa.evaluate", "GenerateConfig"),
     "ScoringConfig": ("lofa.evaluate", "ScoringConfig"),
     "world.actions": ("lofa.worlds.actions", "ActionsConfig"),

@@ -455,6 +455,8 @@ def paired_differences(per_case, method: str, baselines: Sequence[str], metrics:
                 continue
             block = wide.loc[key if len(key) > 1 else key[0], metric]
             for baseline in baselines:
+                if baseline not in block.columns or block[baseline].isna().all():
+                    continue  # a method this group was not scored with (e.g. one the paper runs on one task only)
                 d = paired_difference(block[method], block[baseline], lower_is_better=metric in LOWER_IS_BETTER,
                                       seed=seed)
                 rows.append({**dict(zip(by, key)), "metric": metric, baseline_column: baseline, **d, "method": method})

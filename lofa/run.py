@@ -337,6 +337,26 @@ class Run:
                                       device=str(self.device), seed=seed, progress=progress)
         return model
 
+    def hyper_dreambooth(self, setting: str, progress: bool = True):
+        """The HyperDreamBooth-style baseline's hypernetwork of a setting (`lofa.baselines.hyper_dreambooth`):
+        Text-to-LoRA's network at `HyperDreamBoothConfig.rank` (start B = 0), trained like `text_to_lora` on the
+        same zoo, batches and loop; saved in runs/<scale>/baselines/<setting>/hyper-dreambooth/."""
+        from lofa.baselines.hyper_dreambooth import HyperDreamBoothConfig
+        from lofa.baselines.text_to_lora import CONFIG_FILE, TextToLora, TextToLoraConfig, train_text_to_lora
+        from lofa.hypernet.train import Stage2TrainConfig
+
+        parse_setting(setting)
+        out = self.path("baselines", setting, "hyper-dreambooth")
+        if (out / CONFIG_FILE).exists():
+            return TextToLora.from_pretrained(out, device=self.device)
+        cfg = dataclasses.replace(self.config(TextToLoraConfig), rank=self.config(HyperDreamBoothConfig).rank,
+                                  start="zero")
+        train = self.config(Stage2TrainConfig)
+        seed = seeds.stream(self.seed + train.seed, "hypernet.stage2")
+        model, _ = train_text_to_lora(self.triplets(setting), cfg, train, out, device=str(self.device), seed=seed,
+                                      progress=progress)
+        return model
+
     def hypernet_history(self, setting: str, stage: int, variant: str = "lofa"):
         """Training history of one stage (pandas DataFrame, one row per step: loss, lr, grad_norm and the
         objective's metrics), as `hypernet` wrote it."""
@@ -395,13 +415,17 @@ def _build_stage2(run: Run, key: str) -> None:
     run.hypernet(setting, 2, variant or "lofa", progress=False)
 
 
+def _build_hyper_dreambooth(run: Run, key: str) -> None:
+    run.hyper_dreambooth(key, progress=False)
+
+
 def _build_text_to_lora(run: Run, key: str) -> None:
     run.text_to_lora(key, progress=False)
 
 
 _BUILD_STEPS = {"base": _build_base, "evaluators": _build_evaluators, "condition_encoder": _build_condition_encoder,
                 "zoo": _build_zoo, "zoo_shard": _build_zoo_shard, "stage1": _build_stage1, "stage2": _build_stage2,
-                "text_to_lora": _build_text_to_lora}
+                "text_to_lora": _build_text_to_lora, "hyper_dreambooth": _build_hyper_dreambooth}
 
 
 def _build_job(args: tuple, step: str, key: str) -> None:

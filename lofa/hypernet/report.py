@@ -257,8 +257,12 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
     choice per case (`reference_loras`' second value) with a setting column; costs one dict per hypernetwork
     (LoFA, Text-to-LoRA): setting, method, `evaluate.prediction_cost` on the first 8 held-out cases and
     per_case_lora_train_s (the median recorded training time of the task's training per-case LoRAs).
+
+    On the settings the paper runs it on (`hyper_dreambooth.PAPER_SETTINGS`), the HyperDreamBooth-style baseline
+    too: its compressed prediction and the prediction after the rank-relaxed fine-tune, whose cost row counts the
+    fine-tune's median seconds per case into predict_ms.
     """
-    from lofa.baselines import NORM_MATCHED, match_norms, module_norms, reference_loras
+    from lofa.baselines import NORM_MATCHED, hyper_dreambooth, match_norms, module_norms, reference_loras
 
     from lofa.run import parse_setting
 
@@ -276,6 +280,13 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
     train_s = float(np.median([run.zoo(task)[c]["wall_time_s"] for c in data.train_ids]))
     costs = [{"setting": setting, "method": name, **prediction_cost(m, data.conditions("eval"), data.heldout_ids[:8]),
               "per_case_lora_train_s": train_s} for name, m in (("LoFA", model), ("Text-to-LoRA", t2l))]
+    if setting in hyper_dreambooth.PAPER_SETTINGS:
+        loras, cost = hyper_dreambooth.hyper_dreambooth_loras(run, setting, cases, seeds.sample)
+        methods.update(loras)
+        finetune_s = cost.pop("finetune_s")
+        costs += [{"setting": setting, "method": hyper_dreambooth.METHOD, **cost, "per_case_lora_train_s": train_s},
+                  {"setting": setting, "method": hyper_dreambooth.FINETUNED,
+                   **{**cost, "predict_ms": cost["predict_ms"] + 1e3 * finetune_s}, "per_case_lora_train_s": train_s}]
     table = compare(run.base(task), run.world(task), run.evaluators(task), methods, cases, per_case=per_case,
                     seeds=seeds, cfg=run.config(GenerateConfig), text=text)
     return table.assign(setting=setting), source.assign(setting=setting), costs
