@@ -15,6 +15,7 @@ CONFIG_CLASSES = [
     ("lofa.worlds.actions", "ActionsConfig"),
     ("lofa.worlds.identities", "IdentitiesConfig"),
     ("lofa.baselines.text_to_lora", "TextToLoraConfig"),
+    ("lofa.baselines.hyper_dreambooth", "HyperDreamBoothConfig"),
     ("lofa.models.image_unet", "ImageUNetConfig"),
     ("lofa.models.train_base", "BaseTrainConfig"),
     ("lofa.models.video_dit", "VideoDiTConfig"),
