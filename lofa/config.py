@@ -94,6 +94,7 @@ OVERRIDABLE = {
     "Stage2TrainConfig": ("lofa.hypernet.train", "Stage2TrainConfig"),
     "TextToLoraConfig": ("lofa.baselines.text_to_lora", "TextToLoraConfig"),
     "HyperDreamBoothConfig": ("lofa.baselines.hyper_dreambooth", "HyperDreamBoothConfig"),
+    "DiffLoraConfig": ("lofa.baselines.diff_lora", "DiffLoraConfig"),
     "GenerateConfig": ("lofa.evaluate", "GenerateConfig"),
     "ScoringConfig": ("lofa.evaluate", "ScoringConfig"),
     "world.actions": ("lofa.worlds.actions", "ActionsConfig"),

@@ -357,6 +357,22 @@ class Run:
                                       progress=progress)
         return model
 
+    def diff_lora(self, setting: str, progress: bool = True):
+        """The DiffLoRA-style baseline of a setting (`lofa.baselines.diff_lora`): the LoRA autoencoder and the
+        latent diffusion model, fitted on the same zoo and training cases as LoFA; saved in
+        runs/<scale>/baselines/<setting>/diff-lora/ (a complete folder is only loaded)."""
+        from lofa.baselines.diff_lora import CONFIG_FILE, DiffLora, DiffLoraConfig, train_diff_lora
+
+        parse_setting(setting)
+        out = self.path("baselines", setting, "diff-lora")
+        if (out / CONFIG_FILE).exists():
+            return DiffLora.from_pretrained(out, device=self.device)
+        model, _ = train_diff_lora(self.triplets(setting), self.config(DiffLoraConfig),
+                                   seed=seeds.stream(seeds.stream(self.seed, "hypernet"), "diff_lora.train"),
+                                   device=str(self.device), progress=progress)
+        model.save_pretrained(out)
+        return model
+
     def hypernet_history(self, setting: str, stage: int, variant: str = "lofa"):
         """Training history of one stage (pandas DataFrame, one row per step: loss, lr, grad_norm and the
         objective's metrics), as `hypernet` wrote it."""
@@ -419,13 +435,18 @@ def _build_hyper_dreambooth(run: Run, key: str) -> None:
     run.hyper_dreambooth(key, progress=False)
 
 
+def _build_diff_lora(run: Run, key: str) -> None:
+    run.diff_lora(key, progress=False)
+
+
 def _build_text_to_lora(run: Run, key: str) -> None:
     run.text_to_lora(key, progress=False)
 
 
 _BUILD_STEPS = {"base": _build_base, "evaluators": _build_evaluators, "condition_encoder": _build_condition_encoder,
                 "zoo": _build_zoo, "zoo_shard": _build_zoo_shard, "stage1": _build_stage1, "stage2": _build_stage2,
-                "text_to_lora": _build_text_to_lora, "hyper_dreambooth": _build_hyper_dreambooth}
+                "text_to_lora": _build_text_to_lora, "hyper_dreambooth": _build_hyper_dreambooth,
+                "diff_lora": _build_diff_lora}
 
 
 def _build_job(args: tuple, step: str, key: str) -> None:

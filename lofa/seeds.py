@@ -155,6 +155,8 @@ PURPOSES: dict[str, Purpose] = _registry(
             parent="hypernet", entropy=("seed", "step", 1), bits=63),
     Purpose("text_to_lora.init", "train", "parameter init of the Text-to-LoRA baseline (train_text_to_lora)",
             parent="hypernet.stage2"),
+    Purpose("diff_lora.train", "train", "case, condition view, t and noise picks of the DiffLoRA-style baseline's "
+            "diffusion steps (Run.diff_lora)", parent="hypernet", entropy=("seed", 4_409), bits=63),
     Purpose("hypernet.targets", "train", "target matrices of step `step` (lofa.hypernet.train.sample_targets)",
             scale=1_000_003, arg="step", limit=1_000_003),
     # ---------------------------------------------------------------- evaluation

@@ -16,6 +16,7 @@ CONFIG_CLASSES = [
     ("lofa.worlds.identities", "IdentitiesConfig"),
     ("lofa.baselines.text_to_lora", "TextToLoraConfig"),
     ("lofa.baselines.hyper_dreambooth", "HyperDreamBoothConfig"),
+    ("lofa.baselines.diff_lora", "DiffLoraConfig"),
     ("lofa.models.image_unet", "ImageUNetConfig"),
     ("lofa.models.train_base", "BaseTrainConfig"),
     ("lofa.models.video_dit", "VideoDiTConfig"),

@@ -72,6 +72,8 @@ def old_formula(name: str, seed: int, case: int, step: int, index: int) -> int:
         return _old_hash63(seed, case)
     if name == "hypernet.noise":
         return _old_hash63(seed, step, 1)
+    if name == "diff_lora.train":
+        return _old_hash63(seed, 4_409)                   # born a purpose (the DiffLoRA-style baseline)
     if name == "competence":
         return 500_000 + seed + index                     # competence_seed, then seed + i
     quality = ("quality.sample", "quality.ground_truth", "quality.reference", "quality.denoise")

@@ -258,11 +258,11 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
     (LoFA, Text-to-LoRA): setting, method, `evaluate.prediction_cost` on the first 8 held-out cases and
     per_case_lora_train_s (the median recorded training time of the task's training per-case LoRAs).
 
-    On the settings the paper runs it on (`hyper_dreambooth.PAPER_SETTINGS`), the HyperDreamBooth-style baseline
-    too: its compressed prediction and the prediction after the rank-relaxed fine-tune, whose cost row counts the
-    fine-tune's median seconds per case into predict_ms.
+    On the settings the paper runs them on (`PAPER_SETTINGS` of `diff_lora` and `hyper_dreambooth`: identities),
+    the DiffLoRA-style baseline and the HyperDreamBooth-style one too: its compressed prediction and the prediction
+    after the rank-relaxed fine-tune, whose cost row counts the fine-tune's median seconds per case into predict_ms.
     """
-    from lofa.baselines import NORM_MATCHED, hyper_dreambooth, match_norms, module_norms, reference_loras
+    from lofa.baselines import NORM_MATCHED, diff_lora, hyper_dreambooth, match_norms, module_norms, reference_loras
 
     from lofa.run import parse_setting
 
@@ -280,6 +280,12 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
     train_s = float(np.median([run.zoo(task)[c]["wall_time_s"] for c in data.train_ids]))
     costs = [{"setting": setting, "method": name, **prediction_cost(m, data.conditions("eval"), data.heldout_ids[:8]),
               "per_case_lora_train_s": train_s} for name, m in (("LoFA", model), ("Text-to-LoRA", t2l))]
+    if setting in diff_lora.PAPER_SETTINGS:
+        model_dl = run.diff_lora(setting)
+        methods[diff_lora.METHOD] = predict_cases(model_dl, data.conditions("eval"), cases)
+        costs.append({"setting": setting, "method": diff_lora.METHOD,
+                      **prediction_cost(model_dl, data.conditions("eval"), data.heldout_ids[:8]),
+                      "per_case_lora_train_s": train_s})
     if setting in hyper_dreambooth.PAPER_SETTINGS:
         loras, cost = hyper_dreambooth.hyper_dreambooth_loras(run, setting, cases, seeds.sample)
         methods.update(loras)
