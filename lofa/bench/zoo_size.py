@@ -6,7 +6,8 @@ links the big zoo's LoRA files, its base, evaluators and condition encoder inste
 every size reads the same LoRAs and is scored by the same referees. At each size LoFA, Text-to-LoRA and the
 single-stage ablation ("w/o response") are trained on that zoo with the scale's recipes, and notebook 07's protocol
 scores them beside the per-case LoRA and the reference predictors (mean, nearest, ridge LoRA) on the same held-out
-cases, prompts and noise at every size, and on as many training cases of that size's zoo.
+cases, prompts and noise at every size, and on as many training cases of that size's zoo; each method's ΔW is also
+compared with the case's per-case LoRA (dW_cosine, dW_magnitude: cosine and norm ratio, as Stage II's curves).
 
 --n-cases enlarges the scale's world for the sweep (`world.<task>: {n_cases: N}`, identities only: the other
 worlds are products of their component lists): the mini identities world holds 160 identities (128 for training),
@@ -35,6 +36,8 @@ from lofa.errors import LofaError
 # numbers mean.
 SINGLE_STAGE = "w/o response"
 METHODS = ("base", "per-case LoRA", "LoFA", "Text-to-LoRA", SINGLE_STAGE, "mean LoRA", "nearest LoRA", "ridge LoRA")
+# Beside the scores of the samples: each method's ΔW against the case's per-case LoRA (cosine, norm ratio).
+DELTA_METRICS = ("dW_cosine", "dW_magnitude")
 
 
 def zoo_sizes(n_train: int, fractions) -> list[int]:
@@ -88,6 +91,7 @@ def size_comparison(run, setting: str, cases_per_split: int, per_case: int, seed
     with a setting column."""
     from lofa.baselines import reference_loras
     from lofa.evaluate import GenerateConfig, compare
+    from lofa.hypernet.data import delta_fidelity_per_case
     from lofa.hypernet.predictor import predict_cases
     from lofa.hypernet.report import comparison_cases
     from lofa.run import parse_setting
@@ -104,6 +108,14 @@ def size_comparison(run, setting: str, cases_per_split: int, per_case: int, seed
                **{name: references[name] for name in METHODS if name in references}}
     table = compare(run.base(task), run.world(task), run.evaluators(task), methods, cases, per_case=per_case,
                     seeds=seeds, cfg=run.config(GenerateConfig))
+    fidelity = []  # how close each method's ΔW is to the case's own per-case LoRA (Stage II's learning-curve measure)
+    for name, loras in methods.items():
+        if loras is None or name == "per-case LoRA":
+            continue
+        cosine, magnitude = delta_fidelity_per_case(data, cases, [loras[c] for c in cases])
+        fidelity += [{"method": name, "case_id": c, "dW_cosine": float(cos), "dW_magnitude": float(mag)}
+                     for c, cos, mag in zip(cases, cosine, magnitude)]
+    table = table.merge(pd.DataFrame(fidelity), on=["method", "case_id"], how="left")
     return table.assign(setting=setting)
 
 
@@ -150,7 +162,7 @@ def zoo_size_study(full, task: str, sizes: list[int], root: Path, cases_per_spli
     scores = pd.concat(frames, ignore_index=True)
     by = ("train LoRAs", "setting", "method")
     per_case_table = case_means(scores.drop(columns="sample"), by=by)
-    metrics = [m for m in setting_metrics(settings)[(settings[0][0],)] if m in per_case_table]
+    metrics = [m for m in [*setting_metrics(settings)[(settings[0][0],)], *DELTA_METRICS] if m in per_case_table]
     quality = summarize(per_case_table, metrics, by=("train LoRAs", "setting", "split", "method"), seed=seed)
     verdicts = pd.concat([
         paired_differences(block, "LoFA", [m for m in METHODS if m != "LoFA"],
