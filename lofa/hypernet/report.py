@@ -253,14 +253,13 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
     LoRAs (`baselines.magnitude`, names `NORM_MATCHED`), on up to `cases_per_split` held-out and as many training
     cases (drawn with [seed, the task's index]), scored by `evaluate.compare` on the same prompts and noise.
 
-    Returns (table, sources, costs): table the `compare` table with a setting column; sources the references'
-    choice per case (`reference_loras`' second value) with a setting column; costs one dict per hypernetwork
-    (LoFA, Text-to-LoRA): setting, method, `evaluate.prediction_cost` on the first 8 held-out cases and
-    per_case_lora_train_s (the median recorded training time of the task's training per-case LoRAs).
+    Returns (table, sources, finetune_s): table the `compare` table with a setting column; sources the references'
+    choice per case (`reference_loras`' second value) with a setting column; finetune_s the HyperDreamBooth-style
+    fine-tune's median seconds per case (None where it does not run). `method_costs` times the methods.
 
     On the settings the paper runs them on (`PAPER_SETTINGS` of `diff_lora` and `hyper_dreambooth`: identities),
     the DiffLoRA-style baseline and the HyperDreamBooth-style one too: its compressed prediction and the prediction
-    after the rank-relaxed fine-tune, whose cost row counts the fine-tune's median seconds per case into predict_ms.
+    after the rank-relaxed fine-tune.
     """
     from lofa.baselines import NORM_MATCHED, diff_lora, hyper_dreambooth, match_norms, module_norms, reference_loras
 
@@ -277,25 +276,41 @@ def reference_comparison(run, setting: str, cases_per_split: int, per_case: int,
     norms = module_norms(data.zoo.load(c)[0] for c in data.train_ids)
     for raw, matched in NORM_MATCHED.items():
         methods[matched] = {c: match_norms(lora, norms) for c, lora in methods[raw].items()}
-    train_s = float(np.median([run.zoo(task)[c]["wall_time_s"] for c in data.train_ids]))
-    costs = [{"setting": setting, "method": name, **prediction_cost(m, data.conditions("eval"), data.heldout_ids[:8]),
-              "per_case_lora_train_s": train_s} for name, m in (("LoFA", model), ("Text-to-LoRA", t2l))]
+    finetune_s = None
     if setting in diff_lora.PAPER_SETTINGS:
-        model_dl = run.diff_lora(setting)
-        methods[diff_lora.METHOD] = predict_cases(model_dl, data.conditions("eval"), cases)
-        costs.append({"setting": setting, "method": diff_lora.METHOD,
-                      **prediction_cost(model_dl, data.conditions("eval"), data.heldout_ids[:8]),
-                      "per_case_lora_train_s": train_s})
+        methods[diff_lora.METHOD] = predict_cases(run.diff_lora(setting), data.conditions("eval"), cases)
     if setting in hyper_dreambooth.PAPER_SETTINGS:
-        loras, cost = hyper_dreambooth.hyper_dreambooth_loras(run, setting, cases, seeds.sample)
+        loras, finetune_s = hyper_dreambooth.hyper_dreambooth_loras(run, setting, cases, seeds.sample)
         methods.update(loras)
-        finetune_s = cost.pop("finetune_s")
-        costs += [{"setting": setting, "method": hyper_dreambooth.METHOD, **cost, "per_case_lora_train_s": train_s},
-                  {"setting": setting, "method": hyper_dreambooth.FINETUNED,
-                   **{**cost, "predict_ms": cost["predict_ms"] + 1e3 * finetune_s}, "per_case_lora_train_s": train_s}]
     table = compare(run.base(task), run.world(task), run.evaluators(task), methods, cases, per_case=per_case,
                     seeds=seeds, cfg=run.config(GenerateConfig), text=text)
-    return table.assign(setting=setting), source.assign(setting=setting), costs
+    return table.assign(setting=setting), source.assign(setting=setting), finetune_s
+
+
+def method_costs(run, setting: str, finetune_s: float | None = None) -> list[dict]:
+    """One row per condition-to-LoRA method of a setting (LoFA, Text-to-LoRA and, on their settings, the
+    DiffLoRA-style and HyperDreamBooth-style baselines): setting, method, `evaluate.prediction_cost` on the first 8
+    held-out cases and per_case_lora_train_s (the median recorded training time of the task's training per-case
+    LoRAs); the HyperDreamBooth-style fine-tune's row adds `finetune_s` (seconds per case) to its predict_ms. Timed in
+    the calling process: a timing taken beside other work (`Run.map`'s sibling workers) would measure that work."""
+    from lofa.baselines import diff_lora, hyper_dreambooth
+    from lofa.run import parse_setting
+
+    _, task, _ = parse_setting(setting)
+    data = run.triplets(setting)
+    bank, timed = data.conditions("eval"), data.heldout_ids[:8]
+    train_s = float(np.median([run.zoo(task)[c]["wall_time_s"] for c in data.train_ids]))
+    models = [("LoFA", run.hypernet(setting)), ("Text-to-LoRA", run.text_to_lora(setting))]
+    if setting in diff_lora.PAPER_SETTINGS:
+        models.append((diff_lora.METHOD, run.diff_lora(setting)))
+    if setting in hyper_dreambooth.PAPER_SETTINGS:
+        models.append((hyper_dreambooth.METHOD, run.hyper_dreambooth(setting)))
+    costs = [{"setting": setting, "method": name, **prediction_cost(m, bank, timed), "per_case_lora_train_s": train_s}
+             for name, m in models]
+    if setting in hyper_dreambooth.PAPER_SETTINGS and finetune_s is not None:
+        row = next(c for c in costs if c["method"] == hyper_dreambooth.METHOD)
+        costs.append({**row, "method": hyper_dreambooth.FINETUNED, "predict_ms": row["predict_ms"] + 1e3 * finetune_s})
+    return costs
 
 
 def reference_verdict_lines(verdicts: pd.DataFrame, metric: str = "acc") -> list[str]:
@@ -315,12 +330,13 @@ def reference_study(run, settings: Sequence[tuple[str, str, str]], cases_per_spl
     (scores, sources, costs): the per-sample `compare` tables, the references' choices per case, and one row per
     hypernetwork and setting of parameters and prediction time (07_methods.csv). The settings are scored side by
     side on a CPU (`Run.map`)."""
+    names = [name for name, *_ in settings]
     scores, sources, costs = [], [], []
-    for table, source, cost in run.map(reference_comparison, [name for name, *_ in settings], cases_per_split,
-                                       per_case, seeds, seed=seed, text=text):
+    for name, (table, source, finetune_s) in zip(names, run.map(reference_comparison, names, cases_per_split,
+                                                                per_case, seeds, seed=seed, text=text)):
         scores.append(table)
         sources.append(source)
-        costs += cost
+        costs += method_costs(run, name, finetune_s)  # here, once the workers are done
     return pd.concat(scores, ignore_index=True), pd.concat(sources, ignore_index=True), pd.DataFrame(costs)
 
 
