@@ -324,35 +324,33 @@ class Run:
         schedule and reconstruction term of `Stage2TrainConfig` (its diffusion term and start are LoFA's and unused;
         the network's own start is `TextToLoraConfig.start`). Saved in runs/<scale>/baselines/<setting>/text-to-lora/
         (checkpoints resume; a complete folder is only loaded)."""
-        from lofa.baselines.text_to_lora import CONFIG_FILE, TextToLora, TextToLoraConfig, train_text_to_lora
-        from lofa.hypernet.train import Stage2TrainConfig
+        from lofa.baselines.text_to_lora import TextToLoraConfig
 
-        parse_setting(setting)
-        out = self.path("baselines", setting, "text-to-lora")
-        if (out / CONFIG_FILE).exists():
-            return TextToLora.from_pretrained(out, device=self.device)
-        train = self.config(Stage2TrainConfig)
-        seed = seeds.stream(self.seed + train.seed, "hypernet.stage2")  # Stage II's batches: LoFA's, one by one
-        model, _ = train_text_to_lora(self.triplets(setting), self.config(TextToLoraConfig), train, out,
-                                      device=str(self.device), seed=seed, progress=progress)
-        return model
+        return self._condition_mlp(setting, "text-to-lora", self.config(TextToLoraConfig), progress)
 
     def hyper_dreambooth(self, setting: str, progress: bool = True):
         """The HyperDreamBooth-style baseline's hypernetwork of a setting (`lofa.baselines.hyper_dreambooth`):
         Text-to-LoRA's network at `HyperDreamBoothConfig.rank` (start B = 0), trained like `text_to_lora` on the
         same zoo, batches and loop; saved in runs/<scale>/baselines/<setting>/hyper-dreambooth/."""
         from lofa.baselines.hyper_dreambooth import HyperDreamBoothConfig
-        from lofa.baselines.text_to_lora import CONFIG_FILE, TextToLora, TextToLoraConfig, train_text_to_lora
+        from lofa.baselines.text_to_lora import TextToLoraConfig
+
+        cfg = dataclasses.replace(self.config(TextToLoraConfig), rank=self.config(HyperDreamBoothConfig).rank,
+                                  start="zero")
+        return self._condition_mlp(setting, "hyper-dreambooth", cfg, progress)
+
+    def _condition_mlp(self, setting: str, folder: str, cfg, progress: bool):
+        """Text-to-LoRA's network with `cfg` (a TextToLoraConfig) for a setting, in baselines/<setting>/<folder>/:
+        loaded when complete, else trained with Stage II's loop and batches (checkpoints resume)."""
+        from lofa.baselines.text_to_lora import CONFIG_FILE, TextToLora, train_text_to_lora
         from lofa.hypernet.train import Stage2TrainConfig
 
         parse_setting(setting)
-        out = self.path("baselines", setting, "hyper-dreambooth")
+        out = self.path("baselines", setting, folder)
         if (out / CONFIG_FILE).exists():
             return TextToLora.from_pretrained(out, device=self.device)
-        cfg = dataclasses.replace(self.config(TextToLoraConfig), rank=self.config(HyperDreamBoothConfig).rank,
-                                  start="zero")
         train = self.config(Stage2TrainConfig)
-        seed = seeds.stream(self.seed + train.seed, "hypernet.stage2")
+        seed = seeds.stream(self.seed + train.seed, "hypernet.stage2")  # Stage II's batches: LoFA's, one by one
         model, _ = train_text_to_lora(self.triplets(setting), cfg, train, out, device=str(self.device), seed=seed,
                                       progress=progress)
         return model

