@@ -68,3 +68,13 @@ def test_too_wide_a_latent_or_condition_is_a_one_line_error(world_data, trained)
         train_diff_lora(data, preset(DiffLoraConfig, "smoke", {"latent_dim": len(data.train_ids)}), progress=False)
     with pytest.raises(LofaError, match="wide"):
         trained[0].predict(torch.zeros(3, data.cond_dim + 1))
+
+
+def test_training_is_reproducible_whatever_the_global_rng_holds(world_data):  # noqa: F811
+    _, data = world_data
+    cfg = preset(DiffLoraConfig, "smoke", {"steps": 5})
+    torch.manual_seed(1)
+    a, _ = train_diff_lora(data, cfg, seed=3, progress=False)
+    torch.manual_seed(2)
+    b, _ = train_diff_lora(data, cfg, seed=3, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

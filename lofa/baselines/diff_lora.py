@@ -188,7 +188,9 @@ def train_diff_lora(data, cfg: DiffLoraConfig, seed: int = 0, device: str = "cpu
                         f"it to at most {len(ids) - 1}")
     x = lora_vectors(data, ids).double()
     targets = [(name, *data.spec.targets[t].shape) for t, name in enumerate(data.spec.names)]
-    model = DiffLora(cfg, targets, data.rank, data.alpha_value, data.cond_dim, x.shape[1])
+    with torch.random.fork_rng(devices=[]):  # the MLP's initial weights from `seed`, whatever the global RNG holds
+        torch.manual_seed(seed)
+        model = DiffLora(cfg, targets, data.rank, data.alpha_value, data.cond_dim, x.shape[1])
     mean = x.mean(0)
     unit, at = torch.empty_like(mean), 0
     for _, out_f, in_f in targets:  # one unit per target: its RMS deviation from the mean over the training zoo
