@@ -322,6 +322,33 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--out", required=True, metavar="FILE.csv",
                     help="the quality table; FILE_verdicts.csv beside it gets LoFA's paired differences (required)")
     zs.set_defaults(func=_Command("lofa.bench.zoo_size:cli_bench_zoo_size"))
+    tb = bsub.add_parser("tau", help="Stage I's τ: the paper's 2 %% against a τ per task at the paper's sparsity",
+                         description="LoFA trained twice on one zoo, Stage I on the response maps at the paper's τ "
+                         "= 2 % and at each task's sparsity τ (a given share of the training LoRAs' entries below "
+                         "it), then Stage I against the mean training map, the paper's map fidelity, and LoRA "
+                         "quality beside the per-case LoRA and the reference predictors (notebook 07's protocol). "
+                         "Resumes: the runs' folders cache every training.")
+    tb.add_argument("--scale", default="mini", choices=SCALES, help="scale preset of every config")
+    tb.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS,
+                    help="paper settings studied")
+    tb.add_argument("--below", type=float, default=0.65, metavar="SHARE",
+                    help="share of the training LoRAs' entries below each task's sparsity τ (the paper: 0.50-0.80)")
+    tb.add_argument("--cases", type=int, default=24, metavar="N",
+                    help="held-out cases scored per setting, and as many training cases")
+    tb.add_argument("--per-case", type=int, default=2, metavar="N", help="samples per case and method")
+    tb.add_argument("--device", default="auto", choices=DEVICES, help="where to train and score (auto: the GPU "
+                    "when torch sees one)")
+    tb.add_argument("--seed", type=int, default=0, help="seed of the zoo, every training and the scoring")
+    tb.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="runs trained side by side and settings scored side by side, one process each")
+    tb.add_argument("--overrides", default=None, metavar="YAML",
+                    help="recipe overrides of both runs (a YAML file: top-level keys are config class names; not "
+                    "HyperConfig.tau)")
+    tb.add_argument("--run-root", default="runs/tau", metavar="DIR",
+                    help="DIR/tau-paper holds the zoo and LoFA at τ = 2 %%, DIR/tau-TASK LoFA at each sparsity τ")
+    tb.add_argument("--out", required=True, metavar="FILE.csv",
+                    help="the quality table; FILE_verdicts.csv and FILE_maps.csv beside it (required)")
+    tb.set_defaults(func=_Command("lofa.bench.tau:cli_bench_tau"))
     return p
 
 

@@ -30,7 +30,7 @@ def options(parser):
 def test_every_option_has_help_with_its_default_and_choices():
     parsers = dict(subparsers(build_parser()))
     assert {("lofa", c) for c in ("reproduce", "pretrain", "response-map", "train", "predict")} <= set(parsers)
-    benches = ("latency", "train", "activate", "throughput", "sweep", "replicates")
+    benches = ("latency", "train", "activate", "throughput", "sweep", "replicates", "zoo-size", "tau")
     assert {("lofa", "bench", b) for b in benches} <= set(parsers)
     for path, parser in parsers.items():
         text = " ".join(parser.format_help().split())

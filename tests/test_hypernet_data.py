@@ -314,3 +314,41 @@ def test_a_stage2_started_at_the_mean_factors_predicts_the_mean_lora(setup):
     for t, name in enumerate(data.spec.names):
         A, B, _ = lora[name]
         torch.testing.assert_close(B[0] @ A[0], data.mean_factors()[t][1] @ data.mean_factors()[t][0])
+
+
+def test_sparsity_tau_leaves_the_asked_share_of_entries_below_it(setup):
+    from lofa.analysis import relative_change
+    from lofa.errors import LofaError
+
+    world, gen, zoo, data = setup
+    changes = torch.cat([relative_change(zoo.load(c)[0][name].delta_w, data.base[t]).flatten()
+                         for c in data.train_ids for t, name in enumerate(data.spec.names)])
+    for below in (0.3, 0.65, 0.9):
+        tau = data.sparsity_tau(below)
+        assert 1 - data.map_density(tau) == pytest.approx(below, abs=0.005)
+        exact = float(torch.quantile(changes[torch.randperm(len(changes))[:1_000_000]], below))
+        assert tau == pytest.approx(exact, rel=0.02)  # the histogram's bins are 0.5 % wide
+    assert data.sparsity_tau(0.3) < data.sparsity_tau(0.9)
+    for bad in (0, 1, 1.5):
+        with pytest.raises(LofaError, match=r"in \(0, 1\)"):
+            data.sparsity_tau(bad)
+
+
+def test_stage1_is_scored_against_the_maps_at_its_own_tau(setup):
+    from dataclasses import replace
+
+    from lofa.hypernet.data import lora_maps
+    from lofa.hypernet.fidelity import stage1_heldout_maps
+
+    world, gen, zoo, data = setup
+    cfg = HyperConfig(d_model=32, n_heads=2, depth=1, patch=16, rank=RANK, alpha=float(RANK), cond_dim=data.cond_dim,
+                      map_rank=4)
+    torch.manual_seed(0)
+    densities = {}
+    for tau in (0.02, data.sparsity_tau(0.8)):
+        per_case, _ = stage1_heldout_maps({"s": Stage1(replace(cfg, tau=tau), data.spec).eval()}, {"s": data})
+        truth, _ = lora_maps(data.base, data.batch(data.heldout_ids).loras, tau)
+        densities[tau] = per_case[per_case.predictor == "Stage I"].density.mean()
+        assert densities[tau] == pytest.approx(float(truth.float().mean()), abs=1e-6)
+    low, high = sorted(densities)
+    assert densities[low] > densities[high] + 0.3  # a sparser τ: far fewer responding entries in the truth

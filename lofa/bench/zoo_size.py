@@ -23,21 +23,18 @@ figure: exact-case recognition against training LoRAs). Resumes: every size's ru
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from lofa.bench.linked import DELTA_METRICS, REFERENCES, build_side_by_side, linked_run, method_comparison
 from lofa.errors import LofaError
 
 # The methods scored at every size: the three the paper's Fig. 8 draws, and the references that say what their
 # numbers mean.
 SINGLE_STAGE = "w/o response"
 METHODS = ("base", "per-case LoRA", "LoFA", "Text-to-LoRA", SINGLE_STAGE, "mean LoRA", "nearest LoRA", "ridge LoRA")
-# Beside the scores of the samples: each method's ΔW against the case's per-case LoRA (cosine, norm ratio).
-DELTA_METRICS = ("dW_cosine", "dW_magnitude")
 
 
 def zoo_sizes(n_train: int, fractions) -> list[int]:
@@ -48,85 +45,20 @@ def zoo_sizes(n_train: int, fractions) -> list[int]:
     return sorted({max(1, round(f * n_train)) for f in fractions})
 
 
-def _link_tree(source: Path, target: Path) -> None:
-    """Hard-link copy of a finished artifact folder (a copy where links are refused), unless target exists."""
-    if target.exists():
-        return
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    def link(src, dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, tmp, copy_function=link)
-    tmp.rename(target)
-
-
 def size_run(full, task: str, n_train: int, root: Path):
     """The Run of one zoo size: `full`'s scale, device, seed and overrides, a zoo capped at every held-out case plus
     n_train training cases, and `full`'s base, evaluators, condition encoder and LoRA files linked in."""
-    from lofa.lora.zoo import LORA_DIR, lora_filename, select_cases
-    from lofa.run import Run
-
-    world = full.world(task)
-    max_cases = len(world.ids("heldout")) + n_train
-    overrides = {**full.overrides, "ZooConfig": {**(full.overrides.get("ZooConfig") or {}), "max_cases": max_cases}}
-    run = Run(full.scale, full.device, full.seed, root / f"train-{n_train}", overrides=overrides)
-    for part in ("base", "evaluators", "encoders"):
-        _link_tree(full.path(part, task), run.path(part, task))
-    lora_dir = run.path("zoo", task, LORA_DIR)
-    lora_dir.mkdir(parents=True, exist_ok=True)
-    for case in select_cases(world, max_cases, full.seed):
-        target = lora_dir / lora_filename(case)
-        if not target.exists():
-            os.link(full.path("zoo", task, LORA_DIR, lora_filename(case)), target)
-    return run
+    max_cases = len(full.world(task).ids("heldout")) + n_train
+    return linked_run(full, task, root / f"train-{n_train}", max_cases=max_cases)
 
 
 def size_comparison(run, setting: str, cases_per_split: int, per_case: int, seeds, *, seed: int = 0) -> pd.DataFrame:
     """Notebook 07's comparison of `METHODS` for one setting of one size's run -> the per-sample `compare` table
-    with a setting column."""
-    from lofa.baselines import reference_loras
-    from lofa.evaluate import GenerateConfig, compare
-    from lofa.hypernet.data import delta_fidelity_per_case
-    from lofa.hypernet.predictor import predict_cases
-    from lofa.hypernet.report import comparison_cases
-    from lofa.run import parse_setting
-
-    _, task, _ = parse_setting(setting)
-    data = run.triplets(setting)
-    cases = comparison_cases(data, task, cases_per_split, seed)
-    references, _ = reference_loras(data, cases)
-    bank = data.conditions("eval")
-    methods = {"base": None, "per-case LoRA": {c: data.zoo.load(c)[0] for c in cases},
-               "LoFA": predict_cases(run.hypernet(setting), bank, cases),
-               "Text-to-LoRA": predict_cases(run.text_to_lora(setting), bank, cases),
-               SINGLE_STAGE: predict_cases(run.hypernet(setting, variant="no_response"), bank, cases),
-               **{name: references[name] for name in METHODS if name in references}}
-    table = compare(run.base(task), run.world(task), run.evaluators(task), methods, cases, per_case=per_case,
-                    seeds=seeds, cfg=run.config(GenerateConfig))
-    fidelity = []  # how close each method's ΔW is to the case's own per-case LoRA (Stage II's learning-curve measure)
-    for name, loras in methods.items():
-        if loras is None or name == "per-case LoRA":
-            continue
-        cosine, magnitude = delta_fidelity_per_case(data, cases, [loras[c] for c in cases])
-        fidelity += [{"method": name, "case_id": c, "dW_cosine": float(cos), "dW_magnitude": float(mag)}
-                     for c, cos, mag in zip(cases, cosine, magnitude)]
-    table = table.merge(pd.DataFrame(fidelity), on=["method", "case_id"], how="left")
-    return table.assign(setting=setting)
-
-
-def _train_size(args: tuple, jobs: list[tuple[str, str]]) -> None:
-    """In a worker process: one size's trainings, in order (the single stage after LoFA's Stage I exists)."""
-    import torch
-
-    from lofa.run import Run
-
-    torch.set_num_threads(1)  # side-by-side processes: each one's intra-op threads would only contend
-    Run(*args).build(jobs, workers=1)
+    with a setting column and the methods' ΔW fidelity (`linked.method_comparison`)."""
+    learned = {"LoFA": run.hypernet(setting), "Text-to-LoRA": run.text_to_lora(setting),
+               SINGLE_STAGE: run.hypernet(setting, variant="no_response")}
+    return method_comparison(run, setting, learned, cases_per_split, per_case, seeds, seed=seed,
+                             references=[m for m in METHODS if m in REFERENCES])
 
 
 def zoo_size_study(full, task: str, sizes: list[int], root: Path, cases_per_split: int, per_case: int, *,
@@ -145,15 +77,7 @@ def zoo_size_study(full, task: str, sizes: list[int], root: Path, cases_per_spli
     runs = {n: size_run(full, task, n, root) for n in sizes}
     jobs = [(step, key) for name, *_ in settings
             for step, key in (("stage2", f"{name}/lofa"), ("text_to_lora", name), ("stage2", f"{name}/no_response"))]
-    if workers <= 1:
-        for run in runs.values():
-            run.build(jobs, workers=1)
-    else:
-        from lofa.workers import process_pool
-
-        with process_pool(min(workers, len(runs))) as pool:  # one size a worker; each ends itself if this one dies
-            for future in [pool.submit(_train_size, run.args(), jobs) for run in runs.values()]:
-                future.result()
+    build_side_by_side([(run, jobs) for run in runs.values()], workers)
     frames = []
     for n, run in runs.items():
         for name, *_ in settings:

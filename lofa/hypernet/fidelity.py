@@ -1,8 +1,9 @@
 """How close the hypernetwork's predictions are to the zoo's LoRAs of held-out cases, before any sampling.
 
-Response maps (notebooks 05 and 06): per held-out case, the true map R = [|ΔW| > τ·|W|] of its zoo LoRA against
-Stage I's map from the case's reserved condition, and against the map implied by the LoRA Stage II predicts. ΔW
-(notebook 06): the cosine and norm ratio of a predicted or reference LoRA's ΔW against the zoo's.
+Response maps (notebooks 05 and 06): per held-out case, the true map R = [|ΔW| > τ·|W|] of its zoo LoRA (τ: the one
+Stage I was trained with, `HyperConfig.tau`) against Stage I's map from the case's reserved condition, and against
+the map implied by the LoRA Stage II predicts. ΔW (notebook 06): the cosine and norm ratio of a predicted or
+reference LoRA's ΔW against the zoo's.
 
     per_case, examples = stage1_heldout_maps(stage1, data)               # 05: Stage I and the mean-map baseline
     table = map_metric_summary(per_case, seed=0)                          # 05_stage1_metrics.csv
@@ -43,10 +44,11 @@ def stage1_heldout_maps(stage1: Mapping, data: Mapping, chunk: int = 8) -> tuple
     """
     rows, examples = [], {}
     for setting, d in data.items():
-        baseline = mean_train_map(d) > 0.5
+        tau = stage1[setting].cfg.tau  # the maps Stage I was trained on are the truth it is scored against
+        baseline = mean_train_map(d, tau) > 0.5
         for i in range(0, len(d.heldout_ids), chunk):
             ids = d.heldout_ids[i:i + chunk]
-            true, valid = lora_maps(d.base, d.batch(ids).loras)
+            true, valid = lora_maps(d.base, d.batch(ids).loras, tau)
             pred = stage1_maps(stage1[setting], d, ids, split="eval")
             raw = stage1_maps(stage1[setting], d, ids, split="eval", calibrated=False)
             for j, case in enumerate(ids):
@@ -114,13 +116,14 @@ def stage2_map_fidelity(lofa: Mapping, data: Mapping, chunk: int = 8) -> tuple[d
     predicted, rows = {}, []
     for setting, d in data.items():
         model = lofa[setting]
+        tau = model.stage1.cfg.tau
         loras = predict_cases(model, d.conditions("eval"), d.heldout_ids, chunk)
         predicted.update({(setting, c): lora for c, lora in loras.items()})
         for i in range(0, len(d.heldout_ids), chunk):
             ids = d.heldout_ids[i:i + chunk]
-            true, valid = lora_maps(d.base, d.batch(ids).loras)
+            true, valid = lora_maps(d.base, d.batch(ids).loras, tau)
             first = stage1_maps(model.stage1, d, ids, split="eval")
-            implied, _ = lora_maps(d.base, stack_loras([loras[c] for c in ids]))
+            implied, _ = lora_maps(d.base, stack_loras([loras[c] for c in ids]), tau)
             for j, case in enumerate(ids):
                 stage1_vs_truth = map_metrics(first[j], true[j], valid[j])
                 stage2_vs_truth = map_metrics(implied[j], true[j], valid[j])

@@ -1,10 +1,13 @@
+"""The studies of `lofa bench` (zoo-size, tau): their variant runs share one upstream's files; bad input is one line."""
 import os
 
 import pytest
 
+from lofa.bench.tau import variant_run
 from lofa.bench.zoo_size import size_run, zoo_sizes
 from lofa.cli import main
 from lofa.errors import LofaError
+from lofa.hypernet.config import HyperConfig
 from lofa.lora.zoo import LORA_DIR, ZooConfig, lora_filename, select_cases
 from lofa.run import Run
 
@@ -17,9 +20,9 @@ def test_sizes_are_distinct_ascending_shares_of_the_training_cases():
             zoo_sizes(640, [bad])
 
 
-def _fake_full_run(root):
+def _fake_full_run(root, overrides=None):
     """A smoke Run whose identities base, evaluators, encoder and one LoRA file per case exist as stand-in files."""
-    full = Run("smoke", "cpu", 0, root / "all")
+    full = Run("smoke", "cpu", 0, root / "all", overrides=overrides)
     world = full.world("identities")
     for part in ("base", "evaluators", "encoders"):
         full.path(part, "identities").mkdir(parents=True)
@@ -56,4 +59,28 @@ def test_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys):
                      *bad, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("lofa bench zoo-size: error:") and err.count("\n") == 1
+        assert not out.exists()
+
+
+def test_a_tau_variant_links_the_whole_zoo_and_changes_only_stage1s_tau(tmp_path):
+    full, world = _fake_full_run(tmp_path, {"TrainConfig": {"steps": 7}, "HyperConfig": {"depth": 1}})
+    run = variant_run(full, "identities", 0.05, tmp_path)
+    assert run.dir == tmp_path / "tau-identities"
+    assert run.config(HyperConfig).tau == 0.05 and full.config(HyperConfig).tau == 0.02
+    assert run.overrides["TrainConfig"] == {"steps": 7} and run.config(HyperConfig).depth == 1  # upstream's kept
+    linked = sorted(p.name for p in run.path("zoo", "identities", LORA_DIR).iterdir())
+    assert linked == sorted(lora_filename(c.id) for c in world.cases)  # every case: no cap
+    assert all(os.path.samefile(run.path("zoo", "identities", LORA_DIR, n), full.path("zoo", "identities", LORA_DIR, n))
+               for n in linked)
+
+
+def test_tau_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys):
+    out = tmp_path / "tau.csv"
+    overrides = tmp_path / "o.yaml"
+    overrides.write_text("HyperConfig: {tau: 0.1}\n")
+    for bad in (["--below", "1.5"], ["--below", "0"], ["--overrides", str(overrides)]):
+        assert main(["bench", "tau", "--scale", "smoke", "--device", "cpu", "--run-root", str(tmp_path / "r"),
+                     *bad, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lofa bench tau: error:") and err.count("\n") == 1
         assert not out.exists()
