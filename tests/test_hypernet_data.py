@@ -8,7 +8,7 @@ import torch
 
 from lofa.errors import LofaError
 from lofa.hypernet import HyperConfig, Stage1, Stage2
-from lofa.hypernet.data import DiffusionLoss, TripletConfig, Triplets, build_conditions
+from lofa.hypernet.data import DiffusionLoss, TripletConfig, Triplets, build_conditions, view_seed
 from lofa.hypernet.train import Stage2Objective, TrainConfig
 from lofa.io import write_json
 from lofa.lora.formats import LoraFactor, save_lora
@@ -148,6 +148,17 @@ def test_pose_and_image_conditions_come_from_the_encoder():
     assert not torch.equal(image.tokens[:, 0], image.tokens[:, 1])  # a reference image per seed
     held = build_conditions(styles, "image", [0, 3], "eval", views=3, encoder=image_enc)
     assert not any(torch.equal(held.tokens[:, 0], image.tokens[:, v]) for v in range(3))  # disjoint seeds
+    # what a figure shows as the condition of a view is what that view encodes
+    with torch.no_grad():
+        shown, _ = image_enc.encode(styles.condition([0, 3], seed=view_seed(0, "eval", 2)))
+    torch.testing.assert_close(held.tokens[:, 2], shown)
+
+
+def test_condition_inputs_are_what_the_predictions_read(setup):
+    world, _, _, data = setup
+    case = data.heldout_ids[0]
+    assert data.condition_inputs([case]) == [world.prompt(case, 0, "eval")]  # view 0 of the reserved phrasings
+    assert data.condition_inputs([case], "train", view=1) == [world.prompt(case, 1, "train")]
 
 
 def test_diffusion_loss_reaches_the_predicted_factors_not_the_base(setup):

@@ -95,6 +95,12 @@ class ConditionBank:
         return self.tokens[rows, v], self.mask[rows, v]
 
 
+def view_seed(seed: int, split: str, view: int) -> int:
+    """The seed of `world.condition` behind view `view` of a pose or image condition bank of `split` ("train" and
+    "eval" draw from disjoint streams)."""
+    return seed_streams.stream(seed, "hypernet.eval_view" if split == "eval" else "hypernet.view", index=view)
+
+
 @torch.no_grad()
 def build_conditions(world, kind: str, case_ids: Sequence[int], split: str = "train", *, views: int = 8,
                      encoder=None, text=None, seed: int = 0, chunk: int = 256) -> ConditionBank:
@@ -120,8 +126,7 @@ def build_conditions(world, kind: str, case_ids: Sequence[int], split: str = "tr
     if encoder is None:
         raise LofaError(f"{kind} conditions need a condition encoder (encoder=...)")
     device = next(encoder.parameters()).device
-    purpose = "hypernet.eval_view" if split == "eval" else "hypernet.view"  # disjoint streams
-    seeds = [seed_streams.stream(seed, purpose, index=v) for v in range(views)]
+    seeds = [view_seed(seed, split, v) for v in range(views)]
     probe = [world.condition(case_ids[:1], seed=s) for s in seeds[:2]]
     if len(probe) == 2 and torch.equal(*probe):
         seeds = seeds[:1]  # the condition does not depend on the seed: one view says it all
@@ -193,6 +198,13 @@ class Triplets:
                 self.world, self.kind, self.train_ids + self.heldout_ids, split, views=self.cfg.views,
                 encoder=self.encoder, text=self.text, seed=self.seed, chunk=self.cfg.encode_chunk)
         return self._banks[split]
+
+    def condition_inputs(self, case_ids: Sequence[int], split: str = "eval", view: int = 0) -> list[str] | Tensor:
+        """What view `view` of the `split` bank encodes for each case, as a figure shows it beside the LoRA
+        predicted from it: the prompts (text), or `world.condition` (pose [N, 3, T, H, W], image [N, 3, H, W])."""
+        if self.kind == "text":
+            return [self.world.prompt(c, view % self.world.n_prompts(split), split) for c in case_ids]
+        return self.world.condition(list(case_ids), seed=view_seed(self.seed, split, view))
 
     @property
     def cond_dim(self) -> int:
