@@ -24,7 +24,8 @@ def _check_overrides(path: str | None) -> None:
 
 def reproduce(args) -> int:
     """`lofa reproduce`: the pipeline notebooks at a scale, then the per-notebook status and the results summary."""
-    from lofa.reproduce import REPO_DIR, publish, run
+    from lofa.publish import publish
+    from lofa.reproduce import REPO_DIR, run
     from lofa.summary import results_summary
 
     results = run(scale=args.scale, only=args.only, device=args.device, force=args.force, seed=args.seed,

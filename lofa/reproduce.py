@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -300,17 +299,3 @@ def _record_manifest(run_dir: Path, spec: NotebookSpec, params: dict, seconds: f
         if o.startswith("figures/"):
             manifest[o[len("figures/"):]] = {**common, "sha256": files[o]["sha256"] if o in files else None}
     write_json(path, manifest)
-
-
-def publish(scale: str, run_root: str | Path = "runs", dest: str | Path | None = None) -> Path:
-    """Copy `runs/<scale>/figures/` (figures, tables, manifest) to `figures/<scale>/` for committing."""
-    src = (Path(run_root) if Path(run_root).is_absolute() else REPO_DIR / run_root) / scale / "figures"
-    if not (src / "manifest.json").exists():
-        raise LofaError(f"nothing to publish: {src} has no manifest; run `lofa reproduce --scale {scale}` first")
-    dest = Path(dest) if dest else REPO_DIR / "figures" / scale
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
