@@ -433,9 +433,27 @@ def provenance(figures: Path) -> str:
             f"device {', '.join(devices)}{span}.")
 
 
-def report_markdown(table, scale: str, provenance: str = "", tables=None) -> str:
+# The paper's figures a run draws: (figure, what it shows, file in the run's figures folder). Fig. 8 (quality
+# against the number of training LoRAs) comes from `lofa bench zoo-size`, not from the pipeline.
+PAPER_FIGURES = (
+    ("Fig. 1", "the three tasks: condition, LoFA's sample, adaptation time", "07_fig1_overview.png"),
+    ("Fig. 2", "response maps of LoRAs by depth and module type", "04_fig2_response_maps.png"),
+    ("Fig. 4", "text-conditioned action video, held-out cases", "07_fig4_actions_text.png"),
+    ("Fig. 5", "pose-conditioned action video, held-out cases", "07_fig5_actions_pose.png"),
+    ("Fig. 6", "text-to-video stylization, held-out cases", "07_fig6_styles.png"),
+    ("Fig. 7", "identity-personalized images, held-out cases", "07_fig7_identities.png"),
+)
+
+
+def paper_figures(fig_dir: Path) -> list[tuple[str, str, str]]:
+    """The entries of `PAPER_FIGURES` whose file the run's figures folder holds."""
+    return [entry for entry in PAPER_FIGURES if (Path(fig_dir) / entry[2]).is_file()]
+
+
+def report_markdown(table, scale: str, provenance: str = "", tables=None, figures=()) -> str:
     """REPORT.md's text: a count of verdicts, one section per claim with its rows, then the paper's Tables 1–4 as
-    this run fills them (`paper_tables`' data, when given)."""
+    this run fills them (`paper_tables`' data, when given), then the paper's figures the run drew (`paper_figures`,
+    shown from files beside REPORT.md)."""
     counts = verdict_counts(table)
     lines = [f"# LoFA's claims against this package's `{scale}` run", ""]
     if provenance:
@@ -457,10 +475,14 @@ def report_markdown(table, scale: str, provenance: str = "", tables=None) -> str
                   "paper-style metrics in the paper's column order, then the ground-truth referee's exact case and "
                   "share of components right. Time: seconds per case to adapt (`07_methods.csv`).", "",
                   *paper_tables_markdown(tables)]
+    if figures:
+        lines += ["## The paper's figures", ""]
+        for figure, shows, name in figures:
+            lines += [f"### {figure}: {shows}", "", f"![{figure}: {shows}]({name})", ""]
     return "\n".join(lines)
 
 
-def write_report(table, path: Path, scale: str, provenance: str = "", tables=None) -> Path:
+def write_report(table, path: Path, scale: str, provenance: str = "", tables=None, figures=()) -> Path:
     """Write `report_markdown` to `path` atomically; returns the path."""
-    write_text(Path(path), report_markdown(table, scale, provenance, tables) + "\n")
+    write_text(Path(path), report_markdown(table, scale, provenance, tables, figures) + "\n")
     return Path(path)

@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lofa.paper import (CLAIMS, FAILS, HOLDS, MISSING, PAPER_TABLES, UNDECIDED, UNTESTABLE, assess_claims,
-                        paper_tables, provenance, report_markdown, verdict_counts, write_report)
+from lofa.paper import (CLAIMS, FAILS, HOLDS, MISSING, PAPER_FIGURES, PAPER_TABLES, UNDECIDED, UNTESTABLE,
+                        assess_claims, paper_figures, paper_tables, provenance, report_markdown, verdict_counts,
+                        write_report)
 
 
 def _verdicts(table, key):
@@ -96,6 +97,20 @@ def test_report_has_one_section_per_claim_and_names_the_runs_provenance(tmp_path
     assert text.count("### ") == len(CLAIMS) and line in text
     path = write_report(table, tmp_path / "REPORT.md", "mini", line)
     assert path.read_text() == text + "\n"
+    assert "## The paper's figures" not in text
+
+
+def test_report_shows_the_paper_figures_the_run_drew(tmp_path):
+    from lofa.figures import FIGURES, figure_name
+
+    # the figure files notebook 07 writes are the ones the report looks for
+    assert {f"{figure_name(s)}.png" for s in FIGURES} <= {name for *_, name in PAPER_FIGURES}
+    (tmp_path / "07_fig7_identities.png").write_bytes(b"png")
+    (tmp_path / "04_fig2_response_maps.png").write_bytes(b"png")
+    figures = paper_figures(tmp_path)
+    assert [f for f, *_ in figures] == ["Fig. 2", "Fig. 7"]
+    text = report_markdown(assess_claims(tmp_path), "mini", figures=figures)
+    assert "## The paper's figures" in text and "](07_fig7_identities.png)" in text and "fig4" not in text
 
 
 def test_preference_holds_unless_its_interval_lies_below_half_on_the_paper_metric(tmp_path):
