@@ -30,6 +30,7 @@ import pandas as pd
 
 from lofa.bench.linked import DELTA_METRICS, REFERENCES, build_side_by_side, linked_run, method_comparison
 from lofa.errors import LofaError
+from lofa.io import atomic_path
 
 # The methods scored at every size: the three the paper's Fig. 8 draws, and the references that say what their
 # numbers mean.
@@ -81,7 +82,15 @@ def zoo_size_study(full, task: str, sizes: list[int], root: Path, cases_per_spli
     frames = []
     for n, run in runs.items():
         for name, *_ in settings:
-            table = size_comparison(run, name, cases_per_split, per_case, EvalSeeds.of(seed), seed=seed)
+            # each size's scores are kept in its run folder: an interrupted sweep resumes at the next size
+            scored = run.path("figures", f"zoo_size_scores_{name}.csv")
+            if scored.exists():
+                table = pd.read_csv(scored)
+            else:
+                table = size_comparison(run, name, cases_per_split, per_case, EvalSeeds.of(seed), seed=seed)
+                scored.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(scored) as tmp:
+                    table.to_csv(tmp, index=False)
             frames.append(table.assign(**{"train LoRAs": n}))
     scores = pd.concat(frames, ignore_index=True)
     by = ("train LoRAs", "setting", "method")
