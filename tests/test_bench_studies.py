@@ -84,3 +84,22 @@ def test_tau_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("lofa bench tau: error:") and err.count("\n") == 1
         assert not out.exists()
+
+
+def test_tau_summaries_label_each_setting_with_its_own_tau():
+    import pandas as pd
+
+    from lofa.bench.tau import PAPER_TAU, SPARSE_TAU, per_model_summary
+
+    rows = pd.DataFrame([{"hypernet": h, "setting": s, "tau": tau, "case_id": c, "cosine": 0.5 + 0.1 * c}
+                         for s, sparse in (("actions-text", 0.59), ("styles", 0.23))
+                         for h, tau in ((PAPER_TAU, 0.02), (SPARSE_TAU, sparse)) for c in range(3)])
+
+    def mean_cosine(block, scale=1.0):
+        return pd.DataFrame([{"setting": block.setting.iloc[0], "cosine": scale * block.cosine.mean()}])
+
+    table = per_model_summary(rows, mean_cosine, scale=2.0)
+    assert table[["setting", "hypernet", "tau"]].values.tolist() == [
+        ["actions-text", PAPER_TAU, 0.02], ["actions-text", SPARSE_TAU, 0.59],
+        ["styles", PAPER_TAU, 0.02], ["styles", SPARSE_TAU, 0.23]]
+    assert table.cosine.tolist() == pytest.approx([1.2] * 4)

@@ -19,7 +19,7 @@ change |ΔW| / |W|, `Triplets.sparsity_tau`; `below` 0.65 is the middle of the p
 
 Writes --out (quality: per setting, split, method and metric the mean and 95 % interval over cases),
 <out>_verdicts.csv (paired differences), <out>_maps.csv (Stage I and map fidelity per setting and τ) and Markdown
-twins of each. Resumes: the runs' folders cache every training.
+twins of each. Resumes: the runs' folders cache every training and each setting's scores.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import pandas as pd
 from lofa.bench.linked import DELTA_METRICS, REFERENCES, build_side_by_side, linked_run, method_comparison
 from lofa.config import TAU
 from lofa.errors import LofaError
+from lofa.io import atomic_path
 
 PAPER_TAU = "LoFA, τ = 2 %"       # the upstream run's LoFA (Stage I's maps at the paper's τ)
 SPARSE_TAU = "LoFA, sparsity τ"   # LoFA whose Stage I learnt the maps at the task's sparsity τ
@@ -51,6 +52,10 @@ def _score_setting(upstream, setting: str, variant_args: dict, cases_per_split: 
 
     _, task, _ = parse_setting(setting)
     variant = Run(*variant_args[task])
+    # each setting's results are kept in its variant run's folder: an interrupted study resumes at the next setting
+    kept = [variant.path("figures", f"tau_{part}_{setting}.csv") for part in ("scores", "stage1", "fidelity")]
+    if all(path.exists() for path in kept):
+        return tuple(pd.read_csv(path) for path in kept)
     models = {PAPER_TAU: upstream.hypernet(setting), SPARSE_TAU: variant.hypernet(setting)}
     data = variant.triplets(setting)
     maps, fidelity = [], []
@@ -61,7 +66,19 @@ def _score_setting(upstream, setting: str, variant_args: dict, cases_per_split: 
         fidelity.append(rows.assign(tau=model.stage1.cfg.tau, hypernet=name))
     table = method_comparison(variant, setting, models, cases_per_split, per_case, EvalSeeds.of(seed), seed=seed,
                               references=REFERENCES)
-    return table, pd.concat(maps, ignore_index=True), pd.concat(fidelity, ignore_index=True)
+    results = (table, pd.concat(maps, ignore_index=True), pd.concat(fidelity, ignore_index=True))
+    kept[0].parent.mkdir(parents=True, exist_ok=True)
+    for path, frame in zip(kept, results):
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
+    return results
+
+
+def per_model_summary(rows: pd.DataFrame, summary, **kwargs) -> pd.DataFrame:
+    """`summary(block, **kwargs)` of each (hypernet, setting) block of per-case rows (columns hypernet, setting,
+    tau, ...), each result labelled with its hypernet and the τ its Stage I was trained with."""
+    return pd.concat([summary(block, **kwargs).assign(hypernet=name, tau=block.tau.iloc[0])
+                      for (name, _), block in rows.groupby(["hypernet", "setting"], sort=False)], ignore_index=True)
 
 
 def tau_study(upstream, settings, below: float, root: Path, cases_per_split: int, per_case: int, *, seed: int = 0,
@@ -99,13 +116,10 @@ def tau_study(upstream, settings, below: float, root: Path, cases_per_split: int
     verdicts = paired_differences(per_case_table, SPARSE_TAU, [m for m in METHODS if m != SPARSE_TAU],
                                   {key: [*ms, *DELTA_METRICS] for key, ms in metric_sets.items()},
                                   by=("setting", "split"), baseline_column="reference", seed=seed)
-    stage1 = pd.concat([r[1] for r in results], ignore_index=True)
-    stage1_table = pd.concat([map_metric_summary(block, seed=seed).assign(hypernet=name, tau=block.tau.iloc[0])
-                              for name, block in stage1.groupby("hypernet", sort=False)], ignore_index=True)
-    fidelity = pd.concat([r[2] for r in results], ignore_index=True)
-    fidelity_table = pd.concat([map_fidelity_summary(block, PAPER_FIDELITY, seed=seed).assign(hypernet=name,
-                                                                                             tau=block.tau.iloc[0])
-                                for name, block in fidelity.groupby("hypernet", sort=False)], ignore_index=True)
+    stage1_table = per_model_summary(pd.concat([r[1] for r in results], ignore_index=True), map_metric_summary,
+                                     seed=seed)
+    fidelity_table = per_model_summary(pd.concat([r[2] for r in results], ignore_index=True), map_fidelity_summary,
+                                       paper=PAPER_FIDELITY, seed=seed)
     maps = pd.concat([stage1_table.rename(columns={"predictor": "comparison"}), fidelity_table], ignore_index=True)
     return quality, verdicts, maps, taus
 
