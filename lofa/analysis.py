@@ -551,7 +551,8 @@ def similarity_tables(at_tau: pd.DataFrame, cases: pd.DataFrame, bases: Mapping,
     """(c) Are maps more alike within a group than across (`permutation_test`)? Within each task, full maps
     (`pairwise_similarity` IoU and cosine, each module by `samples_per_module` sampled entries) grouped by case
     family, with the IoU of independent maps at the same active fractions (`chance_iou`) for scale; across tasks,
-    the Pearson correlation of the LoRAs' depth x type profiles (`depth_type_profile`), grouped by task.
+    the Pearson correlation of the LoRAs' depth x type profiles (`depth_type_profile`), grouped by task (with two
+    tasks or more).
 
     Returns (similarity, matrices): similarity one row per comparison and metric (comparison, task, metric, the
     `permutation_test` fields, chance_iou); matrices {task or "across tasks (profiles)": (similarity [n, n] sorted
@@ -575,6 +576,8 @@ def similarity_tables(at_tau: pd.DataFrame, cases: pd.DataFrame, bases: Mapping,
             rows.append({"comparison": "full maps within task, by family", "task": task, "metric": metric,
                          **permutation_test(sim[metric], labels, n_perm, seed),
                          "chance_iou": chance[off_diagonal].mean() if metric == "iou" else np.nan})
+    if len(tasks) < 2:  # a run of one task has no across-task comparison
+        return pd.DataFrame(rows), matrices
     n_bins = min(3, *(int(at_tau[at_tau.task == t].depth.nunique()) for t in tasks))
     profiles = pd.concat({t: depth_type_profile(at_tau[at_tau.task == t], n_bins) for t in tasks},
                          names=["task", "lora"])

@@ -81,9 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(r, "where the notebooks compute (auto: the GPU when torch sees one)",
                      "results go to RUN_ROOT/<scale>/")
     r.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks (name or number, e.g. 03)")
+    r.add_argument("--tasks", default="all", metavar="TASKS",
+                   help=f"all, or a comma-separated list of {', '.join(TASKS)}: the tasks (and their settings) the "
+                   "notebooks run, in RUN_ROOT/<scale>-<task>[+<task>]/ when not all; a `full` run takes one task "
+                   "per GPU lease")
     r.add_argument("--force", action="store_true", help="rerun notebooks even when their cache is valid")
     r.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the console")
-    r.add_argument("--publish", action="store_true", help="copy the figures and manifest to figures/<scale>/")
+    r.add_argument("--publish", action="store_true", help="copy the figures, manifest and executed notebooks to figures/<scale>/ "
+                   "(figures/<scale>/<task>[+<task>]/ for some tasks)")
     r.set_defaults(func=_Command("lofa.commands:reproduce"))
 
     pt = sub.add_parser("pretrain", help="train the base generator and evaluators of a task and write the shipped "

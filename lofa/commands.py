@@ -25,12 +25,12 @@ def _check_overrides(path: str | None) -> None:
 def reproduce(args) -> int:
     """`lofa reproduce`: the pipeline notebooks at a scale, then the per-notebook status and the results summary."""
     from lofa.publish import publish
-    from lofa.reproduce import REPO_DIR, run
+    from lofa.reproduce import run, run_folder
     from lofa.summary import results_summary
 
     results = run(scale=args.scale, only=args.only, device=args.device, force=args.force, seed=args.seed,
-                  run_root=args.run_root, log_output=args.log_output)
-    run_dir = (Path(args.run_root) if Path(args.run_root).is_absolute() else REPO_DIR / args.run_root) / args.scale
+                  run_root=args.run_root, log_output=args.log_output, tasks=args.tasks)
+    run_dir = run_folder(args.run_root, args.scale, args.tasks)
     for r in results:
         print(f"  {r.name:<28} {r.status:<7} {r.seconds:8.1f} s" + (f"  ({r.reason})" if r.reason else ""))
     for line in results_summary(run_dir / "figures"):
@@ -38,7 +38,7 @@ def reproduce(args) -> int:
     print(f"results: {run_dir}  (figures and tables in {run_dir / 'figures'}, manifest "
           f"{run_dir / 'figures' / 'manifest.json'}, executed notebooks in {run_dir / 'notebooks'})")
     if args.publish:
-        print(f"published to {publish(args.scale, args.run_root)}")
+        print(f"published to {publish(args.scale, args.run_root, tasks=args.tasks)}")
     return 0
 
 

@@ -12,7 +12,7 @@ import importlib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 from lofa.errors import LofaError
 
@@ -102,6 +102,12 @@ OVERRIDABLE = {
     "world.identities": ("lofa.worlds.identities", "IdentitiesConfig"),
 }
 TASKS = ("actions", "styles", "identities")  # the keys of a `task_overrides` field
+
+
+def for_tasks(name: str, tasks: Sequence[str]) -> bool:
+    """Whether the file `name` is one a run of `tasks` makes: a name holding a task's name ("01_styles_gallery.png",
+    "07_fig4_actions_text.png") is that task's; any other is every run's."""
+    return not any(task in Path(name).name and task not in tasks for task in TASKS)
 # Fields LoraTrainConfig and TripletConfig once had that now live in BaseTrainConfig (the base generator's t
 # distribution): an overrides file that still sets them there is told where they went.
 MOVED_TO_BASE = ("t_sampling", "t_mean", "t_std")

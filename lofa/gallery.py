@@ -153,36 +153,56 @@ def identities_gallery(world, seed: int, contexts: Sequence[str] = ("", "", "", 
 def conditions_figure(worlds: dict, seed: int, n: int = 3):
     """What LoFA reads besides text, beside renders of the same cases (n training cases a task): the actions pose
     sequence beside two renders, a style reference of other content beside the style's renders (middle frame), a
-    reference face beside varied renders."""
+    reference face beside varied renders. `worlds` {task: World} may hold any of the three tasks: with all three,
+    actions spans the top row and styles and identities share the second; otherwise one row a task."""
     import matplotlib.pyplot as plt
 
-    actions, styles, identities = worlds["actions"], worlds["styles"], worlds["identities"]
-    fig = plt.figure(figsize=(3 * actions.cfg.frames * TILE + 3, 2.5 * n * TILE + 2.2), layout="constrained")
-    grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.5])
+    frames = worlds["actions"].cfg.frames if "actions" in worlds else 4
+    heights = {"actions": 1.0, "styles": 1.5, "identities": 1.5}
+    fig = plt.figure(figsize=(3 * frames * TILE + 3, 2.5 * n * TILE + 2.2), layout="constrained")
+    if len(worlds) == 3:
+        grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.5])
+        axes = {"actions": grid[0, :], "styles": grid[1, 0], "identities": grid[1, 1]}
+    else:
+        grid = fig.add_gridspec(len(worlds), 1, height_ratios=[heights[t] for t in worlds])
+        axes = {task: grid[i, 0] for i, task in enumerate(worlds)}
+    for task, world in worlds.items():
+        _CONDITION_PANELS[task](world, seed, n, fig.add_subplot(axes[task]))
+    return fig
 
+
+def _pose_panel(actions, seed: int, n: int, ax) -> None:
+    """conditions_figure's actions panel: the pose sequence of n training cases beside two renders."""
     ids = pick_cases(actions, "train", n, seed)
     pose = actions.condition(ids, seed)
     x = torch.stack([pose, actions.render(ids, seed), actions.render(ids, seed + 1)], 1).flatten(0, 1)
-    video_grid(x, ncols=3, row_labels=[actions.cases[i].name for i in ids], ax=fig.add_subplot(grid[0, :]),
+    video_grid(x, ncols=3, row_labels=[actions.cases[i].name for i in ids], ax=ax,
                col_labels=["pose condition (skeleton sequence)", f"render, seed {seed}", f"render, seed {seed + 1}"],
                title="actions: pose sequence → action")
 
+
+def _style_panel(styles, seed: int, n: int, ax) -> None:
+    """conditions_figure's styles panel: the reference image of n training styles beside renders of other
+    content (middle frame)."""
     ids = pick_cases(styles, "train", n, seed)
     contents = style_contents(styles)
     mid = styles.cfg.frames // 2
     renders = [styles.render(ids, seed + j, content=[c] * n)[:, :, mid] for j, c in enumerate(contents)]
     x = torch.stack([styles.condition(ids, seed)] + renders, 1).flatten(0, 1)
-    image_grid(x, ncols=len(contents) + 1, row_labels=[styles.cases[i].name for i in ids],
-               ax=fig.add_subplot(grid[1, 0]),
+    image_grid(x, ncols=len(contents) + 1, row_labels=[styles.cases[i].name for i in ids], ax=ax,
                col_labels=["reference\n(condition)"] + [c.replace("-", "\n") for c in contents],
                title="styles: reference image → style (renders: middle frame)")
 
+
+def _face_panel(identities, seed: int, n: int, ax) -> None:
+    """conditions_figure's identities panel: the reference face of n training identities beside varied renders."""
     ids = pick_cases(identities, "train", n, seed)
     varied = ["", "", "hat", "sunglasses"]
     renders = [identities.render(ids, seed + j, context=[c] * n) for j, c in enumerate(varied)]
     x = torch.stack([identities.condition(ids, seed)] + renders, 1).flatten(0, 1)
-    image_grid(x, ncols=len(varied) + 1, row_labels=[identities.cases[i].name for i in ids],
-               ax=fig.add_subplot(grid[1, 1]),
+    image_grid(x, ncols=len(varied) + 1, row_labels=[identities.cases[i].name for i in ids], ax=ax,
                col_labels=["reference\n(condition)"] + [f"+ {c}" if c else "varied render" for c in varied],
                title="identities: reference face → identity")
-    return fig
+
+
+_CONDITION_PANELS = {"actions": _pose_panel, "styles": _style_panel, "identities": _face_panel}

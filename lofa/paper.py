@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -448,6 +448,19 @@ PAPER_FIGURES = (
 def paper_figures(fig_dir: Path) -> list[tuple[str, str, str]]:
     """The entries of `PAPER_FIGURES` whose file the run's figures folder holds."""
     return [entry for entry in PAPER_FIGURES if (Path(fig_dir) / entry[2]).is_file()]
+
+
+def expected_figures(tasks: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The entries of `PAPER_FIGURES` a run of `tasks` draws (`lofa.config.for_tasks`)."""
+    from lofa.config import for_tasks
+
+    return [entry for entry in PAPER_FIGURES if for_tasks(entry[2], tasks)]
+
+
+def expected_tables(settings: Sequence[str], ablations: bool) -> list[str]:
+    """The keys of the `PAPER_TABLES` a run of `settings` fills: those with one of its settings; Table 4 only
+    where the run scored ablations."""
+    return [t.key for t in PAPER_TABLES if set(t.settings) & set(settings) and (ablations or not t.ablations)]
 
 
 def report_markdown(table, scale: str, provenance: str = "", tables=None, figures=()) -> str:

@@ -59,18 +59,23 @@ def clean_notebook(nb, max_image_px: int = MAX_IMAGE_PX):
     return nb
 
 
-def publish(scale: str, run_root: str | Path = "runs", dest: str | Path | None = None) -> Path:
-    """Copy `<run_root>/<scale>/figures/` (figures, tables, manifest) and the run's executed notebooks, cleaned
-    (`clean_notebook`), to `figures/<scale>/` (or dest) for committing; the old folder is replaced at once."""
+def publish(scale: str, run_root: str | Path = "runs", dest: str | Path | None = None,
+            tasks: str | tuple[str, ...] = "all") -> Path:
+    """Copy the figures folder (figures, tables, manifest) of the run of `tasks` at `scale` (`run_folder`) and its
+    executed notebooks, cleaned (`clean_notebook`), to `figures/<scale>/` — `figures/<scale>/<task label>/` for a
+    run of some tasks — (or dest) for committing; the old folder is replaced at once."""
     import nbformat
 
-    from lofa.reproduce import REPO_DIR
+    from lofa.reproduce import REPO_DIR, run_folder, task_label
 
-    run_dir = (Path(run_root) if Path(run_root).is_absolute() else REPO_DIR / run_root) / scale
+    run_dir = run_folder(run_root, scale, tasks)
     src = run_dir / "figures"
+    label = task_label(tasks)
     if not (src / "manifest.json").exists():
-        raise LofaError(f"nothing to publish: {src} has no manifest; run `lofa reproduce --scale {scale}` first")
-    dest = Path(dest) if dest else REPO_DIR / "figures" / scale
+        hint = "" if label == "all" else f" --tasks {label.replace('+', ',')}"
+        raise LofaError(f"nothing to publish: {src} has no manifest; run `lofa reproduce --scale {scale}{hint}` "
+                        f"first")
+    dest = Path(dest) if dest else REPO_DIR / "figures" / scale / ("" if label == "all" else label)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)

@@ -50,6 +50,13 @@ class NotebookSpec:
     def name(self) -> str:
         return self.path.stem
 
+    def outputs_for(self, tasks: tuple[str, ...]) -> list[str]:
+        """The declared outputs a run of `tasks` produces: a file whose name holds a task's name (a gallery, a
+        setting's figure: "01_styles_gallery.png", "07_fig4_actions_text.png") belongs to that task."""
+        from lofa.config import for_tasks
+
+        return [o for o in self.outputs if for_tasks(o, tasks)]
+
 
 def discover(nb_dir: Path) -> list[NotebookSpec]:
     """The pipeline notebooks of `nb_dir`, in name order (they are numbered in pipeline order)."""
@@ -175,26 +182,51 @@ class StepResult:
     reason: str = ""  # why it ran: "--force", or what made its cache invalid
 
 
+def task_label(tasks: str | tuple[str, ...] = "all") -> str:
+    """"all", or the selected tasks joined by "+" ("identities", "actions+styles"): the `tasks` parameter the
+    notebooks receive and the name of a task subset's run and publication folders."""
+    from lofa.config import TASKS
+    from lofa.run import select_tasks
+
+    selection = select_tasks(tasks)
+    return "all" if selection == TASKS else "+".join(selection)
+
+
+def run_folder(run_root: str | Path, scale: str, tasks: str | tuple[str, ...] = "all") -> Path:
+    """RUN_ROOT/<scale>/ for a run of every task, RUN_ROOT/<scale>-<task label>/ for a run of some (a `full` run
+    takes one task per GPU lease); a relative RUN_ROOT is taken from the repository."""
+    root = Path(run_root) if Path(run_root).is_absolute() else REPO_DIR / run_root
+    label = task_label(tasks)
+    return root / (scale if label == "all" else f"{scale}-{label}")
+
+
 def run(scale: str = "mini", only: list[str] | None = None, device: str = "auto", force: bool = False,
         seed: int = 0, run_root: str | Path = "runs", nb_dir: str | Path | None = None, progress: bool = True,
-        log_output: bool = False, extra_params: dict | None = None) -> list[StepResult]:
-    """Run the pipeline at `scale`. Returns one StepResult per selected notebook.
+        log_output: bool = False, extra_params: dict | None = None,
+        tasks: str | tuple[str, ...] = "all") -> list[StepResult]:
+    """Run the pipeline at `scale` for `tasks` (all three, or some: `task_label`), in `run_folder`. Returns one
+    StepResult per selected notebook.
 
     Raises NotebookFailed (a LofaError) naming the failing notebook and cell; the run stops there.
     """
+    import dataclasses
+
     from lofa.config import SCALES
+    from lofa.run import select_tasks
 
     if scale not in SCALES:
         raise LofaError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     nb_dir = Path(nb_dir) if nb_dir else REPO_DIR / "notebooks"
-    specs = discover(nb_dir)
+    selection = select_tasks(tasks)
+    specs = [dataclasses.replace(s, outputs=s.outputs_for(selection)) for s in discover(nb_dir)]
     if not specs:
         raise LofaError(f"no notebooks found in {nb_dir}")
     names = [s.name for s in specs]
     selected = names if not only else [_match(o, names) for o in only]
     device = resolve_device(device)
-    run_dir = (Path(run_root) if Path(run_root).is_absolute() else REPO_DIR / run_root) / scale
-    params = {"scale": scale, "device": device, "seed": seed, "run_dir": str(run_dir), **(extra_params or {})}
+    run_dir = run_folder(run_root, scale, tasks)
+    params = {"scale": scale, "device": device, "seed": seed, "run_dir": str(run_dir), "tasks": task_label(tasks),
+              **(extra_params or {})}
 
     keys: dict[str, str] = {}
     for s in specs:  # every key, selected or not, so a changed upstream step invalidates what reads it

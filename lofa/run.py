@@ -42,8 +42,13 @@ class Run:
     """The artifacts of one pipeline run at one scale. Cheap to build; every artifact is loaded lazily."""
 
     def __init__(self, scale: str = "mini", device: str = "cpu", seed: int = 0, run_dir: str | Path | None = None,
-                 overrides: str | Path | dict | None = None, pretrained: bool = True):
+                 overrides: str | Path | dict | None = None, pretrained: bool = True,
+                 tasks: str | Sequence[str] = "all"):
         self.scale, self.device, self.seed = scale, torch.device(device), seed
+        # The tasks a notebook loops over (`self.tasks`, `self.settings`): all three, or the one a `full` run on one
+        # GPU lease can afford. Any step can still be asked for any task.
+        self.tasks = select_tasks(tasks)
+        self.settings = tuple(s for s in SETTINGS if s[1] in self.tasks)
         self.pretrained = pretrained  # install shipped bases and evaluators whose recipe matches (lofa.models.pretrained)
         self.dir = Path(run_dir) if run_dir else Path("runs") / scale
         self.overrides = load_overrides(overrides)  # a typo fails here, before anything is trained
@@ -126,8 +131,9 @@ class Run:
             return [future.result() for future in futures]  # re-raises a worker's error here
 
     def args(self) -> tuple:
-        """What a worker process needs to open this run: (scale, device, seed, run_dir, overrides, pretrained)."""
-        return self.scale, str(self.device), self.seed, str(self.dir), self.overrides, self.pretrained
+        """What a worker process needs to open this run: (scale, device, seed, run_dir, overrides, pretrained,
+        tasks)."""
+        return self.scale, str(self.device), self.seed, str(self.dir), self.overrides, self.pretrained, self.tasks
 
     # ------------------------------------------------------------------ steps
     @functools.cache
@@ -450,8 +456,7 @@ _BUILD_STEPS = {"base": _build_base, "evaluators": _build_evaluators, "condition
 def _build_job(args: tuple, step: str, key: str) -> None:
     """One `Run.build` job in a worker process (module level, so that spawn can import it)."""
     torch.set_num_threads(1)
-    scale, device, seed, run_dir, overrides, pretrained = args
-    _BUILD_STEPS[step](Run(scale, device, seed, run_dir, overrides, pretrained), key)
+    _BUILD_STEPS[step](Run(*args), key)
 
 
 def _map_job(args: tuple, fn, key: str, fn_args: tuple, fn_kwargs: dict):
@@ -489,6 +494,20 @@ def _zoo_shard(key: str) -> tuple[str, tuple[int, int]]:
     except ValueError:
         raise LofaError(f"zoo_shard key {key!r}: write TASK:I/N, e.g. actions:0/2") from None
     return task, (i, n)
+
+
+def select_tasks(tasks: str | Sequence[str] = "all") -> tuple[str, ...]:
+    """The tasks named by `tasks`, in TASKS order: "all", a comma-separated string ("actions,styles") or a
+    sequence of names; an unknown or empty selection is a LofaError."""
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return TASKS
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise LofaError(f"unknown task selection {tasks!r}; choose all or a comma-separated list of "
+                        f"{', '.join(TASKS)}")
+    return tuple(t for t in TASKS if t in names)
 
 
 def _check_task(task: str) -> None:

@@ -38,3 +38,7 @@ def test_gallery_and_conditions_figures_draw(worlds):
     for fig in (identities_gallery(worlds["identities"], seed=0), conditions_figure(worlds, seed=0, n=2)):
         assert len(fig.axes) >= 2
         plt.close(fig)
+    fig = conditions_figure({"styles": worlds["styles"]}, seed=0, n=2)  # a run of some tasks: their panels only
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["styles: reference image → style (renders: "
+                                                                     "middle frame)"]
+    plt.close(fig)

@@ -249,6 +249,25 @@ def _assert_same_tables(expected_dir: Path, actual_dir: Path) -> None:
     assert not differences, "tables differ from the uninterrupted run's:\n" + "\n".join(differences)
 
 
+@pytest.mark.notebooks
+def test_a_run_of_one_task_makes_that_tasks_files_only(tmp_path):
+    """`lofa reproduce --tasks identities` (how a `full` run fits one GPU lease): every notebook runs on the one
+    task's settings, writes the files declared for it and none of the other tasks'."""
+    start = time.time()
+    results = reproduce.run("smoke", device="cpu", seed=0, run_root=tmp_path, progress=False, tasks="identities")
+    print(f"identities-only smoke pipeline: {time.time() - start:.0f} s")
+    specs = reproduce.discover(reproduce.REPO_DIR / "notebooks")
+    assert [(r.name, r.status) for r in results] == [(s.name, "ran") for s in specs]
+    figures = tmp_path / "smoke-identities" / "figures"
+    for spec in specs:
+        for out in spec.outputs_for(("identities",)):
+            assert (figures.parent / out).exists(), f"{spec.name} did not produce {out}"
+    assert not [p.name for p in figures.iterdir() if "actions" in p.name or "styles" in p.name]
+    for name in ("02_base_competence.csv", "03_lora_target.csv", "07_methods.csv"):
+        assert set(pd.read_csv(figures / name).iloc[:, 0]) == {"identities"}, name
+    assert set(pd.read_csv(figures / "09_paper_tables.csv").table) == {"Table 3"}  # smoke scores no ablation
+
+
 def test_notebooks_are_valid_nbformat_with_a_parameters_cell():
     """Every notebook validates (cell ids included: a missing id is a warning now, an error in future nbformat)
     and its first code cell is the papermill `parameters` cell."""

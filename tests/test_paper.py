@@ -165,3 +165,14 @@ def test_ablations_hold_only_when_lofa_is_better_and_an_empty_table_is_untestabl
                                                                 "styles · prompt input · acc": FAILS}
     pd.DataFrame(columns=list(rows[0])).to_csv(tmp_path / "07_ablation_verdicts.csv", index=False)
     assert _verdicts(assess_claims(tmp_path), "ablations") == {"all": UNTESTABLE}
+
+
+def test_a_run_of_some_tasks_expects_their_tables_and_figures_only():
+    from lofa.paper import expected_figures, expected_tables
+
+    assert expected_tables(["identities"], ablations=False) == ["Table 3"]
+    assert expected_tables(["identities"], ablations=True) == ["Table 3", "Table 4"]
+    assert expected_tables(["actions-text", "actions-pose", "styles", "identities"], ablations=False) == \
+        ["Table 1", "Table 2", "Table 3"]
+    assert [f for f, *_ in expected_figures(("identities",))] == ["Fig. 1", "Fig. 2", "Fig. 7"]
+    assert [f for f, *_ in expected_figures(("actions",))] == ["Fig. 1", "Fig. 2", "Fig. 4", "Fig. 5"]

@@ -58,3 +58,20 @@ def test_publish_copies_the_figures_and_the_cleaned_notebooks(tmp_path):
     assert "papermill" not in published.metadata and published.cells[0].outputs[0]["text"] == "bar 100%\ndone\n"
     with pytest.raises(LofaError, match="nothing to publish"):
         publish("mini", tmp_path / "runs", tmp_path / "elsewhere")
+
+
+def test_a_run_of_some_tasks_has_its_own_run_and_publication_folders(tmp_path, monkeypatch):
+    from lofa import reproduce
+
+    assert reproduce.task_label("all") == reproduce.task_label("actions,styles,identities") == "all"
+    assert reproduce.task_label("identities,styles") == "styles+identities"
+    assert reproduce.run_folder(tmp_path, "full") == tmp_path / "full"
+    assert reproduce.run_folder(tmp_path, "full", "identities") == tmp_path / "full-identities"
+    run = tmp_path / "runs" / "full-identities"
+    (run / "figures").mkdir(parents=True)
+    (run / "figures" / "manifest.json").write_text("{}")
+    monkeypatch.setattr(reproduce, "REPO_DIR", tmp_path)
+    assert publish("full", tmp_path / "runs", tasks="identities") == tmp_path / "figures" / "full" / "identities"
+    assert (tmp_path / "figures" / "full" / "identities" / "manifest.json").is_file()
+    with pytest.raises(LofaError, match="--tasks styles"):
+        publish("full", tmp_path / "runs", tasks="styles")

@@ -56,6 +56,21 @@ def test_cache_skips_unchanged_and_reruns_on_change(tmp_path, make_notebook):
     assert [r.status for r in reproduce.run("smoke", seed=1, force=True, **kw)] == ["ran", "ran"]
 
 
+def test_a_run_of_some_tasks_expects_only_their_files_and_passes_the_selection(tmp_path, make_notebook):
+    show = WRITE.format(name="first") + "\n(out / 'tasks.txt').write_text(tasks)\n(out / '01_styles_gallery.png').write_text('x')"
+    make_notebook("01_first", [show], outputs=["figures/first.json", "figures/01_actions_gallery.png",
+                                               "figures/01_styles_gallery.png"])
+    spec = reproduce.discover(tmp_path / "nbs")[0]
+    assert spec.outputs_for(("styles", "identities")) == ["figures/first.json", "figures/01_styles_gallery.png"]
+    res = reproduce.run("smoke", device="cpu", run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs", progress=False,
+                        tasks="styles")
+    assert [r.status for r in res] == ["ran"]  # the actions gallery is not expected of a styles run
+    assert (tmp_path / "runs" / "smoke-styles" / "figures" / "tasks.txt").read_text() == "styles"
+    with pytest.raises(LofaError, match="unknown task selection"):
+        reproduce.run("smoke", device="cpu", run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs", progress=False,
+                      tasks="faces")
+
+
 def test_only_selects_and_checks_upstream(tmp_path, make_notebook):
     _two_step(make_notebook)
     kw = dict(device="cpu", run_root=tmp_path / "runs", nb_dir=tmp_path / "nbs", progress=False)

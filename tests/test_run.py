@@ -147,3 +147,17 @@ def test_map_runs_jobs_in_workers_in_key_order_and_gives_what_this_process_would
     assert run.map(_world_summary, tasks, 2, workers=2) == here
     with pytest.raises(LofaError, match="a job's error"):
         run.map(_world_summary, ["styles", "fails"], 1, workers=2)
+
+
+def test_a_run_of_some_tasks_loops_over_their_tasks_and_settings_only(tmp_path):
+    from lofa.run import SETTINGS, TASKS, select_tasks
+
+    assert select_tasks("all") == TASKS == Run(run_dir=tmp_path).tasks
+    assert select_tasks("identities,actions") == select_tasks(["actions", "identities"]) == ("actions", "identities")
+    run = Run("smoke", "cpu", 0, tmp_path, tasks="actions")
+    assert run.tasks == ("actions",) and [s for s, *_ in run.settings] == ["actions-text", "actions-pose"]
+    assert Run(*run.args()).settings == run.settings  # a worker process opens the same selection
+    assert Run(run_dir=tmp_path).settings == SETTINGS
+    for bad in ("", "faces", "actions,faces", "all,styles"):
+        with pytest.raises(LofaError, match="unknown task selection"):
+            select_tasks(bad)

@@ -111,8 +111,9 @@ def quality_table(per_case: pd.DataFrame, frechet: list[dict], seed: int = 0) ->
 def per_case_wide(per_case: pd.DataFrame) -> pd.DataFrame:
     """`case_means` by (task, method) as one row per (task, case_id, split) and one column per (metric, method),
     for acc, denoise and the paper metrics."""
+    paper = dict.fromkeys(PAPER_METRIC[task] for task in per_case.task.unique())  # the tasks present (a run of some)
     return per_case.pivot_table(index=["task", "case_id", "split"], columns="method",
-                                values=["acc", "denoise", *PAPER_METRIC.values()]).reset_index()
+                                values=["acc", "denoise", *paper]).reset_index()
 
 
 def target_table(per_case: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
