@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--part", default="models", choices=["models", "zoo"],
                     help="models: the base generator and evaluators; zoo: the per-case LoRA zoo on the shipped base")
     pt.add_argument("--out", metavar="DIR", help="write DIR/<task>/ instead of data/pretrained/<scale>/<task>/")
+    pt.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="train the tasks' bases and evaluators in N processes side by side (with --part models; on "
+                    "one GPU too: the small models leave it idle between launches)")
     pt.set_defaults(func=_Command("lofa.commands:pretrain"))
 
     m = sub.add_parser("response-map", help="response map |ΔW/W| > τ of a LoRA file against its base model",

@@ -55,6 +55,9 @@ def pretrain(args) -> int:
         if task not in TASKS:
             raise LofaError(f"unknown task {task!r}; choose one of {', '.join(TASKS)} or all")
     _check_overrides(args.overrides)
+    workers = getattr(args, "workers", 1)
+    if workers < 1:
+        raise LofaError(f"--workers {workers}: give at least 1")
     part = getattr(args, "part", "models")
     device = resolve_device(args.device)
     run = Run(args.scale, device, args.seed, Path(args.run_root) / args.scale, args.overrides,
@@ -62,6 +65,12 @@ def pretrain(args) -> int:
     command = f"lofa pretrain --scale {args.scale} --task {args.task} --device {args.device}" + \
         (f" --part {part}" if part != "models" else "") + (f" --seed {args.seed}" if args.seed else "") + \
         (f" --overrides {args.overrides}" if args.overrides else "")
+    if part == "models":
+        for task in tasks if args.retrain else ():
+            for name in ("base", "evaluators"):
+                shutil.rmtree(run.path(name, task), ignore_errors=True)
+        if workers > 1:  # the small models leave a GPU idle between launches: several processes share it
+            run.build([(step, task) for task in tasks for step in ("base", "evaluators")], workers=workers)
     for task in tasks:
         dest = Path(args.out) / task if args.out else folder(args.scale, task)
         if part == "zoo":
@@ -71,9 +80,6 @@ def pretrain(args) -> int:
             print(f"{task}: wrote {dest / 'zoo'}  {manifest['zoo']['loras']} LoRAs, float16 factors (largest "
                   f"relative ΔW error {manifest['zoo']['float16_max_relative_delta_error']:.1e})")
             continue
-        if args.retrain:
-            for name in ("base", "evaluators"):
-                shutil.rmtree(run.path(name, task), ignore_errors=True)
         run.base(task)
         run.evaluators(task)
         quality = quality_numbers(run, task)

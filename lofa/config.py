@@ -66,6 +66,30 @@ def as_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def as_record(cfg: Any) -> dict:
+    """`as_dict(cfg)` as a run records it to recognise its artifacts (summary.json, fingerprints): without the
+    fields the class lists in `RECORDED_IF_SET` while they hold their defaults. Those fields came after models were
+    shipped under the old record; left out at their defaults, the shipped models still match."""
+    record = as_dict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name in getattr(type(cfg), "RECORDED_IF_SET", ()):
+        if record[name] == defaults[name]:
+            del record[name]
+    return record
+
+
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def storage_dtype(name: str):
+    """The torch dtype a `save_dtype` field names (one of STORAGE_DTYPES); anything else is a LofaError."""
+    import torch
+
+    if name not in STORAGE_DTYPES:
+        raise LofaError(f"unknown save_dtype {name!r}; use one of {', '.join(STORAGE_DTYPES)}")
+    return getattr(torch, name)
+
+
 def resolve_device(device: str) -> str:
     """A --device choice (auto, cpu, cuda) -> "cpu" or "cuda": auto takes the GPU when torch sees one; asking for
     cuda without one is a one-line error."""

@@ -117,6 +117,8 @@ class ScoringConfig:
         "mini": {"zoo_cases": 48, "zoo_per_case": 2, "stage2_cases": 16, "stage2_per_case": 2, "reference_cases": 12,
                  "reference_per_case": 2, "initialisation_cases": 8, "initialisation_per_case": 2,
                  "initialisation_tasks_on_cpu": ("identities",), "ablation_settings_on_cpu": ()},
+        # full: 128 of a task's 500-600 held-out cases in notebook 06 (notebook 07 scores 64 held-out and 64 training)
+        "full": {"stage2_cases": 128},
     }
 
 

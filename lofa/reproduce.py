@@ -225,8 +225,11 @@ def run(scale: str = "mini", only: list[str] | None = None, device: str = "auto"
     selected = names if not only else [_match(o, names) for o in only]
     device = resolve_device(device)
     run_dir = run_folder(run_root, scale, tasks)
-    params = {"scale": scale, "device": device, "seed": seed, "run_dir": str(run_dir), "tasks": task_label(tasks),
-              **(extra_params or {})}
+    # `tasks` only for a run of some: the notebooks default to all, and a run of all keeps the parameters (and
+    # cache keys) it always had
+    label = task_label(tasks)
+    params = {"scale": scale, "device": device, "seed": seed, "run_dir": str(run_dir),
+              **({"tasks": label} if label != "all" else {}), **(extra_params or {})}
 
     keys: dict[str, str] = {}
     for s in specs:  # every key, selected or not, so a changed upstream step invalidates what reads it

@@ -549,6 +549,8 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("argv, message", [
     (["pretrain", "--task", "nosuch", "--scale", "smoke", "--device", "cpu"], "unknown task 'nosuch'"),
     (["reproduce", "--scale", "smoke", "--only", "99", "--device", "cpu"], "--only '99' matches no notebook"),
+    (["reproduce", "--scale", "smoke", "--tasks", "faces", "--device", "cpu"], "unknown task selection 'faces'"),
+    (["pretrain", "--task", "all", "--scale", "smoke", "--device", "cpu", "--workers", "0"], "--workers 0"),
     (["train", "--setting", "nosuch", "--scale", "smoke", "--device", "cpu"], "unknown setting 'nosuch'"),
     (["pretrain", "--task", "identities", "--scale", "smoke", "--device", "cpu", "--overrides", "/nonexistent.yaml"],
      "overrides file /nonexistent.yaml not found"),

@@ -187,6 +187,27 @@ def test_referee_recognises_fresh_renders(trained):
         assert dynamic.right > 0.5 and dynamic.wrong_score == 0
 
 
+def test_evaluators_saved_in_float16_score_as_saved(tmp_path):
+    from dataclasses import replace
+
+    from safetensors import safe_open
+
+    from lofa.config import preset
+    from lofa.metrics import EvalConfig, Evaluators, train_evaluators
+    from lofa.metrics.evaluators import fingerprint
+    from lofa.worlds import make_world
+
+    world = make_world("identities", "smoke", seed=0)
+    cfg = preset(EvalConfig, "smoke", {"steps_referee": 5, "steps_clip": 5, "steps_embed": 5, "steps_generic": 5})
+    half = train_evaluators(world, replace(cfg, save_dtype="float16"), tmp_path, seed=0)
+    with safe_open(str(tmp_path / "referee.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
+    x = world.render([0, 1, 2, 3], seed=SANITY_SEED + 10)
+    assert torch.equal(Evaluators.load(tmp_path, world).features(x), half.features(x))
+    # at its default the field leaves the fingerprint as it was (the shipped mini evaluators still match)
+    assert fingerprint(world, cfg, 0) != fingerprint(world, replace(cfg, save_dtype="float16"), 0)
+
+
 def test_cached_evaluators_load_and_score_identically(trained):
     from lofa.metrics import Evaluators, train_evaluators
 

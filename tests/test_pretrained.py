@@ -171,7 +171,7 @@ def test_a_run_installs_matching_shipped_models_and_trains_when_the_recipe_diffe
 
     root = tmp_path / "pretrained"
     assert main(["pretrain", "--scale", "smoke", "--task", "styles", "--device", "cpu", "--run-root",
-                 str(tmp_path / "made"), "--out", str(root / "smoke")]) == 0
+                 str(tmp_path / "made"), "--out", str(root / "smoke"), "--workers", "2"]) == 0  # base ‖ evaluators
     manifest = json.loads((root / "smoke" / "styles" / pretrained.MANIFEST).read_text())
     assert manifest["command"].startswith("lofa pretrain --scale smoke --task styles")
     monkeypatch.setenv("LOFA_PRETRAINED", str(root))

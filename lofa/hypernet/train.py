@@ -91,7 +91,8 @@ class TrainConfig:
                   "lr": 2e-3},
         "mini": {"steps": 600, "warmup_steps": 50, "batch_size": 8, "matrices_per_sample": 4,
                  "checkpoint_every": 200, "lr": 1e-3, "decay": "cosine"},
-        "full": {"steps": 6000, "warmup_steps": 300, "batch_size": 32, "checkpoint_every": 500, "decay": "cosine"},
+        # full: a task's Stage I and Stage II share one GPU lease with its zoo and the scoring (≤ 25 min)
+        "full": {"steps": 2000, "warmup_steps": 100, "batch_size": 32, "checkpoint_every": 500, "decay": "cosine"},
         "wan": {},
         "paper": {},
     }
@@ -127,7 +128,7 @@ class Stage2TrainConfig(TrainConfig):
         # afford at 600 steps x 8 LoRAs in the pipeline's budget)
         "mini": {"steps": 600, "batch_size": 8, "warmup_steps": 40, "checkpoint_every": 200, "lr": 3e-3,
                  "decay": "cosine", "lambda_diff": 0.0, "monitor_every": 50},
-        "full": {"steps": 3000, "warmup_steps": 150, "batch_size": 8, "checkpoint_every": 500, "lr": 3e-3,
+        "full": {"steps": 1500, "warmup_steps": 75, "batch_size": 16, "checkpoint_every": 500, "lr": 3e-3,
                  "decay": "cosine", "lambda_diff": 1.0, "monitor_every": 100},
         "wan": {},
         "paper": {},

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lofa import seeds
-from lofa.config import as_dict
+from lofa.config import as_record, storage_dtype
 from lofa.errors import LofaError
 from lofa.io import read_json, save_safetensors, write_json
 from lofa.metrics import scores
@@ -102,13 +102,24 @@ class EvalConfig:
                 "pool of evaluator seed s takes seeds from seed_offset + 1,000,000 · s on; another value moves "
                 "the pools."})
 
+    save_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the saved weights: 'float32', 'bfloat16' or 'float16' (the shipped `full` evaluators, to "
+                "fit the repository's file budget); the trained nets are rounded to it and scored as saved."})
+
+    RECORDED_IF_SET: ClassVar[tuple] = ("save_dtype",)  # the mini evaluators shipped before it (`as_record`)
+
     PRESETS: ClassVar[dict[str, dict]] = {
         "smoke": {"width": 8, "dim": 64, "batch": 32, "lr": 4e-3, "per_case": 8, "steps_referee": 300,
                   "steps_clip": 300, "steps_embed": 150, "steps_generic": 60},
         "mini": {},
-        "full": {"width": 32, "dim": 256, "batch": 128, "per_case": 48, "steps_referee": 3000,
-                 "steps_clip": 3000, "steps_embed": 2000, "steps_generic": 1500},
+        # full: mini's nets (float16 on disk) trained longer on larger batches; 24 renders of each of the 2,500-3,100
+        # cases keep the pools of a video world near 5 GB
+        "full": {"batch": 128, "per_case": 24, "steps_referee": 2000, "steps_clip": 2000, "steps_embed": 1200,
+                 "steps_generic": 800, "save_dtype": "float16"},
     }
+
+    def __post_init__(self):
+        storage_dtype(self.save_dtype)  # a typo fails here, not after the training
 
     def seed_range(self, seed: int) -> tuple[int, int]:
         """[lo, hi) of the render seeds these evaluators train on; anything scored must use others."""
@@ -217,7 +228,7 @@ def prompts_identify_cases(world) -> bool:
 def fingerprint(world, cfg: EvalConfig, seed: int) -> str:
     """Identifies (world config and cases, evaluator config, seed): cached weights are reused only on a match."""
     blob = json.dumps({"task": world.task, "world": repr(getattr(world, "cfg", None)), "world_seed":
-                       getattr(world, "seed", None), "cases": [c.name for c in world.cases], "cfg": as_dict(cfg),
+                       getattr(world, "seed", None), "cases": [c.name for c in world.cases], "cfg": as_record(cfg),
                        "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -408,12 +419,13 @@ def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path |
         loss_fn = _role_loss(role, net, world, pool, cfg, labels, PooledText(world, from_attrs), device)
         with _timed(seconds, role):
             curves[role] = fit(net, loss_fn, steps, cfg, role_seed, f"{world.task} {role}")
+        stored = _rounded(net, storage_dtype(cfg.save_dtype))  # the net goes on with exactly what is stored
         if path is not None:
-            save_safetensors(net.state_dict(), path, metadata={
+            save_safetensors(stored, path, metadata={
                 "fingerprint": fp, "curve": json.dumps(curves[role]), "seconds": json.dumps(seconds[role])})
         nets[role] = net.eval()
 
-    meta = {"fingerprint": fp, "task": world.task, "modality": world.modality, "config": as_dict(cfg),
+    meta = {"fingerprint": fp, "task": world.task, "modality": world.modality, "config": as_record(cfg),
             "seed": seed, "vocab": vocab, "head_sizes": head_sizes, "captions_from_attrs": from_attrs,
             "train_seconds": seconds, "curves": curves}
     if world.modality == "video":
@@ -434,6 +446,20 @@ def _timed(log: dict, key: str):
     wall, cpu = time.perf_counter(), time.process_time()
     yield
     log[key] = {"wall": round(time.perf_counter() - wall, 2), "cpu": round(time.process_time() - cpu, 2)}
+
+
+def _rounded(net: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`net`'s state dict with its floating tensors in `dtype`, after rounding the net's own tensors to it (they
+    keep their dtype)."""
+    state = {}
+    with torch.no_grad():
+        for name, tensor in net.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype))
+                state[name] = tensor.to(dtype)
+            else:
+                state[name] = tensor
+    return state
 
 
 def _load_weights(net: torch.nn.Module, path: Path) -> dict[str, str]:

@@ -156,13 +156,22 @@ class Generator(nn.Module):
         return [name for name, _ in self.net.named_modules()
                 if _ATTN_TARGET.search(name) or (include_ffn and ffn.search(name))]
 
-    def save(self, directory: str | os.PathLike) -> None:
+    def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """A diffusers model folder (config.json + safetensors) plus lofa_generator.json (kind, config,
-        t_distribution), written atomically."""
+        t_distribution), written atomically. The weights are stored as they are, or in `dtype`: a half dtype stores
+        them at half the size and rounds this generator's own weights to it (they keep their dtype), so that it
+        equals what `load` gives back."""
         payload = {"kind": self.kind, "config": dataclasses.asdict(self.config),
                    "t_distribution": self.t_distribution.to_json()}
         with atomic_dir(directory) as tmp:
-            self.net.save_pretrained(tmp, safe_serialization=True)
+            # diffusers saves a model as its tensors are: cast, save, cast back (exact: the values are the
+            # rounded ones now)
+            current = next(self.net.parameters()).dtype
+            self.net.to(dtype or current)
+            try:
+                self.net.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                self.net.to(current)
             (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
     @classmethod

@@ -8,7 +8,9 @@ an uninterrupted one.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lofa import checkpoints, seeds
-from lofa.config import as_dict, for_task
+from lofa.config import as_record, for_task, storage_dtype
 from lofa.diffusion import TimeDistribution, condition_dropout, flow_matching_loss
 from lofa.errors import LofaError
 from lofa.faults import check_finite
@@ -69,9 +71,15 @@ class BaseTrainConfig:
         "help": "Tokens the text encoder pads or cuts every caption to (its max_length)."})
     checkpoint_every: int = field(default=200, metadata={
         "help": "Steps between checkpoints of the whole training state, from which an interrupted run resumes."})
+    save_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the saved generator's weights: 'float32', 'bfloat16' or 'float16' (the shipped `full` "
+                "bases, to fit the repository's file budget). Training keeps float32 weights; the final ones are "
+                "rounded to this dtype and the run goes on with exactly what was saved."})
     task_overrides: dict = field(default_factory=dict, metadata={
         "help": "{task: {field: value}}: fields that differ for one world's base (`lofa.config.for_task`); they "
                 "replace the fields above, not merge into them."})
+
+    RECORDED_IF_SET = ("save_dtype",)  # the shipped mini bases were recorded before it (`lofa.config.as_record`)
 
     # mini / full: actions bases get the position planes (Generator._with_positions); without them a mini base did
     # not learn where the figure is.
@@ -80,10 +88,15 @@ class BaseTrainConfig:
         "mini": {"batch_size": 32, "steps": 4000, "warmup_steps": 200, "ema_decay": 0.999,
                  "task_overrides": {"actions": {"model_overrides": {"position_channels": 3}},
                                     "identities": {"batch_size": 64}}},
-        "full": {"model_scale": "full", "steps": 20000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 500,
-                 "ema_decay": 0.999, "checkpoint_every": 1000,
+        # full: one GPU lease trains the three tasks' bases side by side (`lofa pretrain --scale full`), each ≤ 25
+        # min with its evaluators; 4x mini's renders a step; saved in bfloat16 for the repository's file budget
+        "full": {"model_scale": "full", "steps": 6000, "batch_size": 128, "warmup_steps": 300, "ema_decay": 0.999,
+                 "checkpoint_every": 1000, "save_dtype": "bfloat16",
                  "task_overrides": {"actions": {"model_overrides": {"position_channels": 3}}}},
     }
+
+    def __post_init__(self):
+        storage_dtype(self.save_dtype)  # a typo fails here, not after the training
 
     def for_task(self, task: str) -> "BaseTrainConfig":
         """This config with `task_overrides[task]` applied (`lofa.config.for_task`)."""
@@ -96,8 +109,8 @@ class BaseTrainConfig:
 
 
 def record(cfg: BaseTrainConfig) -> dict:
-    """The config as summary.json stores it (JSON turns tuples into lists), for completeness checks."""
-    return json.loads(json.dumps(as_dict(cfg)))
+    """The config as summary.json stores it (`as_record`; JSON turns tuples into lists), for completeness checks."""
+    return json.loads(json.dumps(as_record(cfg)))
 
 
 def is_complete(out_dir: str | Path, cfg: BaseTrainConfig, seed: int) -> bool:
@@ -144,7 +157,7 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
     ckpt_dir = out_dir / checkpoints.FOLDER
     modules = {"generator": gen} if ema is None else {"generator": gen, "ema": ema}
     process = checkpoints.OneProcess(device)
-    run = {"config": as_dict(cfg), "seed": seed}
+    run = {"config": record(cfg), "seed": seed}
     resumed = checkpoints.load(ckpt_dir, modules, opt, sched, accelerator=process, expect=run)
     if resumed is not None:
         log, start, wall = resumed["history"], resumed["step"], resumed["extra"]["wall"]
@@ -158,15 +171,19 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"base {world.task}",
                disable=not progress)
+    draw = functools.partial(_draw_batch, world, train_ids, cfg.batch_size, seed)
+    # On a GPU the CPU renders of the next step overlap this step's kernels (a thread: torch's ops release the GIL);
+    # on a CPU the renders and the step share the same cores, so they take turns.
+    prefetch = concurrent.futures.ThreadPoolExecutor(1) if device.type == "cuda" else None
+    upcoming = prefetch.submit(draw, start) if prefetch else None
     for step in bar:
         t0 = time.perf_counter()
-        # every draw is a function of (seed, step), so a resumed run replays exactly
-        step_seed = seeds.stream(seed, "base.batch", step=step)
-        g = torch.Generator().manual_seed(step_seed)
-        pick = torch.randint(len(train_ids), (cfg.batch_size,), generator=g)
-        # renders with coarse captions (world.coarse_prompt, plus the per-sample content words where the world
-        # has them), fresh appearance every step
-        x0, prompts = world.sample(train_ids[pick].tolist(), seed=step_seed, level="coarse")
+        if prefetch:
+            g, x0, prompts = upcoming.result()
+            if step + 1 < cfg.steps:
+                upcoming = prefetch.submit(draw, step + 1)
+        else:
+            g, x0, prompts = draw(step)
         x0 = x0.to(device)
         context, mask = text.encode(prompts)
         context, mask = condition_dropout(context, mask, uncond, uncond_mask, cfg.cond_dropout, generator=g)
@@ -196,16 +213,31 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             last_good = (step + 1, checkpoint(step + 1))
 
+    if prefetch:
+        prefetch.shutdown()
     final = (ema if ema is not None else gen).eval()
-    final.save(out_dir / "generator")
+    final.save(out_dir / "generator", dtype=storage_dtype(cfg.save_dtype))  # rounds `final` to what it stores
     write_json(out_dir / "loss.json", log)
     write_json(out_dir / "summary.json", {
-        "config": as_dict(cfg), "seed": seed, "task": world.task, "kind": kind, "device": str(device),
+        "config": record(cfg), "seed": seed, "task": world.task, "kind": kind, "device": str(device),
         "parameters": sum(p.numel() for p in gen.parameters()), "train_cases": len(train_ids),
         "wall_s": wall, "steps_per_s": cfg.steps / wall if wall else None,
         "final_loss": sum(log["loss"][-50:]) / max(1, len(log["loss"][-50:]))})
     checkpoints.discard(ckpt_dir)
     return final
+
+
+def _draw_batch(world, train_ids: torch.Tensor, batch_size: int, seed: int, step: int):
+    """The training batch of `step`: (generator for the step's other draws, renders x0 [B, 3, (T,) H, W] of random
+    training cases, their coarse captions). Every draw is a function of (seed, step), so a resumed run replays
+    exactly."""
+    step_seed = seeds.stream(seed, "base.batch", step=step)
+    g = torch.Generator().manual_seed(step_seed)
+    pick = torch.randint(len(train_ids), (batch_size,), generator=g)
+    # renders with coarse captions (world.coarse_prompt, plus the per-sample content words where the world has
+    # them), fresh appearance every step
+    x0, prompts = world.sample(train_ids[pick].tolist(), seed=step_seed, level="coarse")
+    return g, x0, prompts
 
 
 def training_summary(runs: dict[str, tuple[str | Path, Generator]]):
