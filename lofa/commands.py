@@ -66,9 +66,10 @@ def pretrain(args) -> int:
         (f" --part {part}" if part != "models" else "") + (f" --seed {args.seed}" if args.seed else "") + \
         (f" --overrides {args.overrides}" if args.overrides else "")
     if part == "models":
-        for task in tasks if args.retrain else ():
-            for name in ("base", "evaluators"):
-                shutil.rmtree(run.path(name, task), ignore_errors=True)
+        if args.retrain:
+            for task in tasks:
+                for name in ("base", "evaluators"):
+                    shutil.rmtree(run.path(name, task), ignore_errors=True)
         if workers > 1:  # the small models leave a GPU idle between launches: several processes share it
             run.build([(step, task) for task in tasks for step in ("base", "evaluators")], workers=workers)
     for task in tasks:

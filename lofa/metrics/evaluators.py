@@ -450,7 +450,9 @@ def _timed(log: dict, key: str):
 
 def _rounded(net: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """`net`'s state dict with its floating tensors in `dtype`, after rounding the net's own tensors to it (they
-    keep their dtype)."""
+    keep their dtype); the state dict as it is for float32."""
+    if dtype == torch.float32:
+        return net.state_dict()
     state = {}
     with torch.no_grad():
         for name, tensor in net.state_dict().items():

@@ -175,7 +175,7 @@ def train_base(world, cfg: BaseTrainConfig, out_dir, device: str | torch.device 
     # On a GPU the CPU renders of the next step overlap this step's kernels (a thread: torch's ops release the GIL);
     # on a CPU the renders and the step share the same cores, so they take turns.
     prefetch = concurrent.futures.ThreadPoolExecutor(1) if device.type == "cuda" else None
-    upcoming = prefetch.submit(draw, start) if prefetch else None
+    upcoming = prefetch.submit(draw, start) if prefetch and start < cfg.steps else None
     for step in bar:
         t0 = time.perf_counter()
         if prefetch:
