@@ -4,7 +4,9 @@ a notebook and rerun: no process of the killed run survives it, the interrupted 
 equals the uninterrupted run's bit for bit but for wall-clock timings. Notebooks added later are picked up without
 changes here.
 
-The two pipeline tests share one uninterrupted run (`smoke_run`), so the module runs the pipeline about twice.
+The module runs the pipeline of all tasks once (`smoke_run`) and the identities-only pipeline about twice
+(`one_task_run`, the reference of the killed run, which is an identities-only run too: it exercises the same steps
+at half the cost).
 """
 import json
 import os
@@ -44,6 +46,7 @@ KILL_SEED = int(os.environ.get("LOFA_KILL_SEED", "2026"))
 # runs once differed (unseeded condition encoders). Notebooks 00-04 still run fresh in the killed run and are
 # compared; the rerun repeats only the interrupted notebook and those after it, which keeps `make test` short.
 FIRST_KILLABLE = 5
+ONE_TASK = "identities"
 PIPELINE_TIMEOUT_S = 40 * 60  # a smoke pipeline takes 5-15 minutes on two busy cores
 
 
@@ -55,6 +58,16 @@ def smoke_run(tmp_path_factory):
     results = reproduce.run("smoke", device="cpu", seed=0, run_root=root, progress=False)
     print(f"uninterrupted smoke pipeline: {time.time() - start:.0f} s")
     return root / "smoke", results
+
+
+@pytest.fixture(scope="module")
+def one_task_run(tmp_path_factory):
+    """(run folder, step results) of one uninterrupted identities-only smoke pipeline in a fresh run root."""
+    root = tmp_path_factory.mktemp("fresh-identities")
+    start = time.time()
+    results = reproduce.run("smoke", device="cpu", seed=0, run_root=root, progress=False, tasks=ONE_TASK)
+    print(f"identities-only smoke pipeline: {time.time() - start:.0f} s")
+    return root / f"smoke-{ONE_TASK}", results
 
 
 @pytest.mark.notebooks
@@ -77,20 +90,22 @@ def test_pipeline_runs_at_smoke_scale(smoke_run):
 
 
 @pytest.mark.notebooks
-def test_a_run_killed_inside_a_notebook_resumes_to_the_same_tables(smoke_run, tmp_path):
-    """SIGKILL `lofa reproduce` at a seeded random point inside a notebook after the first ones completed, rerun the
-    same command: nothing of the killed run lives on, the interrupted step is not taken for done, and the tables
-    equal the uninterrupted run's."""
-    fresh_dir, _ = smoke_run
+def test_a_run_killed_inside_a_notebook_resumes_to_the_same_tables(one_task_run, tmp_path):
+    """SIGKILL `lofa reproduce --tasks identities` at a seeded random point inside a notebook after the first ones
+    completed, rerun the same command: nothing of the killed run lives on, the interrupted step is not taken for
+    done, and the tables equal the uninterrupted run's."""
+    fresh_dir, fresh_results = one_task_run
     specs = reproduce.discover(reproduce.REPO_DIR / "notebooks")
     names = [s.name for s in specs]
     rng = random.Random(KILL_SEED)
     target = rng.choice(specs[FIRST_KILLABLE:])
-    delay = rng.uniform(0, 0.8) * target.expected_minutes("smoke") * 60
-    print(f"kill point (LOFA_KILL_SEED={KILL_SEED}): {delay:.1f} s after {target.name} started")
-    run_dir = tmp_path / "runs" / "smoke"
+    # a point inside the notebook as long as it took in the uninterrupted run (its kernel start included)
+    seconds = {r.name: r.seconds for r in fresh_results}[target.name]
+    delay = rng.uniform(0, 0.8) * seconds
+    print(f"kill point (LOFA_KILL_SEED={KILL_SEED}): {delay:.1f} s after {target.name} started ({seconds:.0f} s)")
+    run_dir = tmp_path / "runs" / f"smoke-{ONE_TASK}"
     command = [sys.executable, "-m", "lofa.cli", "reproduce", "--scale", "smoke", "--device", "cpu", "--run-root",
-               str(tmp_path / "runs")]
+               str(tmp_path / "runs"), "--tasks", ONE_TASK]
     env = _env()
 
     with open(tmp_path / "killed.log", "w") as log:
@@ -250,15 +265,13 @@ def _assert_same_tables(expected_dir: Path, actual_dir: Path) -> None:
 
 
 @pytest.mark.notebooks
-def test_a_run_of_one_task_makes_that_tasks_files_only(tmp_path):
+def test_a_run_of_one_task_makes_that_tasks_files_only(one_task_run):
     """`lofa reproduce --tasks identities` (how a `full` run fits one GPU lease): every notebook runs on the one
     task's settings, writes the files declared for it and none of the other tasks'."""
-    start = time.time()
-    results = reproduce.run("smoke", device="cpu", seed=0, run_root=tmp_path, progress=False, tasks="identities")
-    print(f"identities-only smoke pipeline: {time.time() - start:.0f} s")
+    run_dir, results = one_task_run
     specs = reproduce.discover(reproduce.REPO_DIR / "notebooks")
     assert [(r.name, r.status) for r in results] == [(s.name, "ran") for s in specs]
-    figures = tmp_path / "smoke-identities" / "figures"
+    figures = run_dir / "figures"
     for spec in specs:
         for out in spec.outputs_for(("identities",)):
             assert (figures.parent / out).exists(), f"{spec.name} did not produce {out}"
