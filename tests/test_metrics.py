@@ -295,3 +295,33 @@ def test_frechet_sees_what_is_drawn_more_than_pixel_degradation(trained):
     floor, fd_noise = ev.frechet(other, real), ev.frechet(noise, real)
     for degraded in (blurred, noisy):
         assert ev.frechet(degraded, real) - floor < 0.25 * (fd_noise - floor)
+
+
+@pytest.mark.parametrize("task", ["actions", "identities"])
+def test_prepared_captions_are_the_ones_encoded_one_at_a_time(task, monkeypatch):
+    """`PooledText.prepare` encodes a CLIP pool's captions in batches before training (a `full` pool has ~90k):
+    afterwards no step encodes anything, and each pooled state equals the one-prompt-at-a-time encoding."""
+    from lofa.metrics.evaluators import PooledText, prompts_identify_cases
+    from lofa.models.text import TextEncoder
+    from lofa.worlds import make_world
+
+    world = make_world(task, "smoke")
+    from_attrs = not prompts_identify_cases(world)
+    assert from_attrs == (task == "identities")  # both ways of reading a prompt are covered
+    ids = list(range(min(6, len(world.cases))))
+    _, captions = world.sample(ids, seed=3)
+    plain = [world.prompt(c, 0, "train") for c in ids]
+    wanted = PooledText(world, from_attrs)(captions + plain, ids + ids)
+
+    prepared = PooledText(world, from_attrs)
+    prepared.prepare(captions + plain, ids, chunk=4)  # several batches, the last one short
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a prepared caption was encoded again")
+
+    monkeypatch.setattr(TextEncoder, "encode", refuse)
+    got = prepared(captions + plain, ids + ids)
+    assert got.shape == (2 * len(ids), TextEncoder.dim)
+    torch.testing.assert_close(got, wanted, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match="encoded again"):  # anything not prepared is still encoded on demand
+        prepared(["a prompt nobody prepared"], [0])

@@ -342,15 +342,19 @@ def _role_loss(role: str, net, world, pool: GroundTruthPool, cfg: EvalConfig, la
 
 
 class PooledText:
-    """Texts -> mean-pooled MiniLM states [N, 384], cached per string (384 floats, not the token states).
+    """Texts -> mean-pooled MiniLM states [N, 384] on the CPU (encoded on `device`), cached per string (384 floats,
+    not the token states).
 
     For worlds whose prompts do not name the case (DreamBooth "[V]"), the prompt's pooled state is averaged with
     that of the case's attribute caption: "[V]" stands for that identity, so the text side reads it as the
     identity's description. (Encoding the two apart keeps the strings few: prompts are shared by all cases.)
     """
 
-    def __init__(self, world, captions_from_attrs: bool):
+    PROMPT_LENGTH, CAPTION_LENGTH = 32, 64  # MiniLM tokens read of a prompt and of an attribute caption
+
+    def __init__(self, world, captions_from_attrs: bool, device: str | torch.device = "cpu"):
         self.world, self.from_attrs = world, captions_from_attrs
+        self.device = torch.device(device)
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
 
     def _pooled(self, texts: list[str], max_length: int) -> torch.Tensor:
@@ -359,15 +363,34 @@ class PooledText:
         missing = sorted({t for t in texts if (t, max_length) not in self._cache})
         if missing:
             # A throwaway encoder: its own per-token cache would hold [L, 384] per string for the whole run.
-            pooled = mean_pool(*TextEncoder(max_length=max_length).encode(missing))
+            pooled = mean_pool(*TextEncoder(self.device, max_length).encode(missing)).cpu()
             self._cache.update({(t, max_length): v for t, v in zip(missing, pooled)})
         return torch.stack([self._cache[(t, max_length)] for t in texts])
 
+    def prepare(self, prompts: Sequence[str], case_ids: Sequence[int], chunk: int = 512) -> None:
+        """Encode every prompt (and, in "[V]" worlds, every case's attribute caption) that training will ask for
+        before it starts, `chunk` strings a forward pass in sorted order, so that a rerun encodes the same batches
+        and gets the same states. A `full` CLIP pool holds ~90k distinct captions: encoded one at a time on demand
+        they made each training step wait ~2 s."""
+        from lofa.models.text import TextEncoder
+
+        wanted = [(sorted(set(prompts)), self.PROMPT_LENGTH)]
+        if self.from_attrs:
+            captions = {attribute_caption(self.world.cases[int(i)]) for i in set(case_ids)}
+            wanted.append((sorted(captions), self.CAPTION_LENGTH))
+        for texts, max_length in wanted:
+            missing = [t for t in texts if (t, max_length) not in self._cache]
+            encoder = TextEncoder(self.device, max_length)
+            for start in range(0, len(missing), chunk):
+                part = missing[start:start + chunk]
+                pooled = mean_pool(*encoder.encode_batch(part))
+                self._cache.update({(t, max_length): v for t, v in zip(part, pooled)})
+
     def __call__(self, prompts: Sequence[str], case_ids: Sequence[int]) -> torch.Tensor:
-        pooled = self._pooled(list(prompts), 32)
+        pooled = self._pooled(list(prompts), self.PROMPT_LENGTH)
         if self.from_attrs:
             captions = [attribute_caption(self.world.cases[int(i)]) for i in case_ids]
-            pooled = (pooled + self._pooled(captions, 64)) / 2
+            pooled = (pooled + self._pooled(captions, self.CAPTION_LENGTH)) / 2
         return pooled
 
 
@@ -416,7 +439,12 @@ def train_evaluators(world, cfg: EvalConfig | None = None, out_dir: str | Path |
             with _timed(seconds, "pool"):
                 pool = GroundTruthPool(world, cfg.per_case, lo, conditions=bool({"style", "face"} & set(roles)))
         net = net.to(device)
-        loss_fn = _role_loss(role, net, world, pool, cfg, labels, PooledText(world, from_attrs), device)
+        text = PooledText(world, from_attrs, device)
+        if role == "clip":  # every caption its batches can draw: the pool's and each case's plain train prompts
+            plain = [world.prompt(c, v, "train") for c in range(len(world.cases))
+                     for v in range(world.n_prompts("train"))]
+            text.prepare(pool.captions + plain, range(len(world.cases)))
+        loss_fn = _role_loss(role, net, world, pool, cfg, labels, text, device)
         with _timed(seconds, role):
             curves[role] = fit(net, loss_fn, steps, cfg, role_seed, f"{world.task} {role}")
         stored = _rounded(net, storage_dtype(cfg.save_dtype))  # the net goes on with exactly what is stored
