@@ -111,6 +111,25 @@ def test_prompts(world):
         world.prompt(0, world.n_prompts("train"))
 
 
+@pytest.mark.parametrize("scale", ["mini", "full"])
+@pytest.mark.parametrize("task", WORLD_TASKS)
+def test_every_prompt_fits_the_text_encoder(task, scale):
+    """Every fine phrasing of every case (train and eval) and the captions of drawn samples fit the 32 MiniLM tokens
+    the pipeline reads: a longer prompt loses its tail (the full actions world once lost its tempo words) and two
+    cases that differ there get the same condition."""
+    from lofa.models.text import TextEncoder, _load
+
+    tokenizer, _ = _load(torch.device("cpu"))
+    w = _world(task, scale)
+    prompts = {w.prompt(c.id, v, split) for c in w.cases for split in ("train", "eval")
+               for v in range(w.n_prompts(split))}
+    prompts |= set(w.sample(range(0, len(w.cases), max(1, len(w.cases) // 200)), seed=1)[1])
+    prompts = sorted(prompts)
+    lengths = {p: len(ids) for p, ids in zip(prompts, tokenizer(prompts, verbose=False)["input_ids"])}
+    longest = max(lengths, key=lengths.get)
+    assert lengths[longest] <= TextEncoder().max_length, (lengths[longest], longest)  # the default every step uses
+
+
 def test_sample_captions_name_content_and_context():
     from lofa.worlds.styles import GENERIC_CONTENT
 

@@ -165,8 +165,7 @@ AMPLITUDE_WORDS = {"small": ["with small movements", "in a small range", "only a
                    "large": ["with big movements", "through a wide range", "with a large sweep"]}
 DIRECTION_WORDS = {"up": ["starting upward", "beginning with an upward move", "opening upward"],
                    "down": ["starting downward", "beginning with a downward move", "opening downward"]}
-# kept to 1-2 word pieces: before tempo, full prompts already reached 35 tokens, over the text encoder's default
-# max_length of 32 (lofa.models.text), which cuts the tail of a prompt
+# kept to 1-2 word pieces: the full world's prompts must fit the text encoder's 32 tokens (TEMPO_TEMPLATES)
 TEMPO_WORDS = {"steady": ["steadily", "evenly", "uniformly"],
                "speeding_up": ["speeding up", "accelerating", "ever faster"],
                "slowing_down": ["slowing down", "losing speed", "ever slower"]}
@@ -179,15 +178,25 @@ class ActionsWorld(World):
     modality = "video"
     COMPONENTS = ("part", "motion", "speed", "level", "amplitude", "direction", "tempo")   # tempo: when set
     TEMPLATES = {
-        "train": ["a person {ving} {obj} {level}, {speed}, {amp}, {dir}, {tempo}",
-                  "someone {vs} {obj} {speed} {amp}, {level}, {dir}, {tempo}",
-                  "a stick figure {ving} {obj} {amp}, {speed}, {level}, {dir}, {tempo}"],
-        "eval": ["a video of a figure that {vs} {obj} {level} {speed} {amp}, {dir}, {tempo}"],
+        "train": ["a person {ving} {obj} {level}, {speed}, {amp}, {dir} {tempo}",
+                  "someone {vs} {obj} {speed} {amp}, {level}, {dir} {tempo}",
+                  "a stick figure {ving} {obj} {amp}, {speed}, {level}, {dir} {tempo}"],
+        "eval": ["a video of a figure that {vs} {obj} {level} {speed} {amp}, {dir} {tempo}"],
+    }
+    # With tempo (the full world) the commas go and the eval phrasing loses "a video of ... that": with them, prompts
+    # reached 38 MiniLM tokens, and the text encoder reads 32, which cut the tempo off the end of 23 % of eval prompts
+    TEMPO_TEMPLATES = {
+        "train": ["a person {ving} {obj} {level} {speed} {amp} {dir} {tempo}",
+                  "someone {vs} {obj} {speed} {amp} {level} {dir} {tempo}",
+                  "a stick figure {ving} {obj} {amp} {speed} {level} {dir} {tempo}"],
+        "eval": ["a figure {vs} {obj} {level} {speed} {amp} {dir} {tempo}"],
     }
     COARSE_TEMPLATES = ["a person moving {obj}", "someone moving {obj}", "a stick figure using {obj}"]
 
     def __init__(self, cfg: ActionsConfig, seed: int = 0):
         super().__init__(cfg, seed)
+        if cfg.tempos:
+            self.TEMPLATES = self.TEMPO_TEMPLATES
         vocab = {"part": cfg.parts, "motion": cfg.motions, "speed": cfg.speeds, "level": cfg.levels,
                  "amplitude": cfg.amplitudes, "direction": cfg.directions}
         if cfg.tempos:                       # off by default: the case space (and attrs) as before tempo existed
