@@ -92,6 +92,19 @@ def test_help_exits_0(capsys):
         assert exit_info.value.code == 0 and "usage: lofa" in capsys.readouterr().out
 
 
+def test_python_m_lofa_is_the_lofa_command():
+    """`python -m lofa` (what a wrapper script without the console script types) runs lofa.cli."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lofa", "reproduce", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "usage: lofa reproduce" in done.stdout, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-m", "lofa", "reproduce", "--tasks", "nope"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+
+
 def test_python_m_of_a_bench_module_is_its_lofa_bench_command(capsys, monkeypatch):
     """`python -m lofa.bench.lora_sweep ARGS` runs `lofa bench sweep ARGS` (lofa.cli.bench_main)."""
     from lofa.cli import bench_main
