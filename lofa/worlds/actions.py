@@ -178,10 +178,10 @@ class ActionsWorld(World):
     modality = "video"
     COMPONENTS = ("part", "motion", "speed", "level", "amplitude", "direction", "tempo")   # tempo: when set
     TEMPLATES = {
-        "train": ["a person {ving} {obj} {level}, {speed}, {amp}, {dir} {tempo}",
-                  "someone {vs} {obj} {speed} {amp}, {level}, {dir} {tempo}",
-                  "a stick figure {ving} {obj} {amp}, {speed}, {level}, {dir} {tempo}"],
-        "eval": ["a video of a figure that {vs} {obj} {level} {speed} {amp}, {dir} {tempo}"],
+        "train": ["a person {ving} {obj} {level}, {speed}, {amp}, {dir}, {tempo}",
+                  "someone {vs} {obj} {speed} {amp}, {level}, {dir}, {tempo}",
+                  "a stick figure {ving} {obj} {amp}, {speed}, {level}, {dir}, {tempo}"],
+        "eval": ["a video of a figure that {vs} {obj} {level} {speed} {amp}, {dir}, {tempo}"],
     }
     # With tempo (the full world) the commas go and the eval phrasing loses "a video of ... that": with them, prompts
     # reached 38 MiniLM tokens, and the text encoder reads 32, which cut the tempo off the end of 23 % of eval prompts
