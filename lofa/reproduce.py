@@ -16,12 +16,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from lofa import ledger
@@ -29,10 +25,9 @@ from lofa.config import resolve_device
 from lofa.errors import LofaError
 from lofa.io import read_json, write_json
 from lofa.kernel import NotebookFailed, execute
+from lofa.provenance import REPO_DIR, device_description, git_commit, package_versions
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_DIR = PACKAGE_DIR.parent
-REPORTED_PACKAGES = ("torch", "diffusers", "peft", "transformers", "safetensors", "papermill", "numpy")
 
 
 @dataclass
@@ -137,40 +132,6 @@ def cache_key(spec: NotebookSpec, params: dict, upstream: list[str]) -> str:
     for k in upstream:
         h.update(k.encode())
     return h.hexdigest()
-
-
-# ---------------------------------------------------------------- provenance
-def git_commit() -> str:
-    """HEAD of the checkout (with -dirty for uncommitted changes), or $LOFA_COMMIT when set: a copy of the tree
-    on another machine (a device lease) may carry no .git, or a stale one."""
-    if os.environ.get("LOFA_COMMIT"):
-        return os.environ["LOFA_COMMIT"]
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_DIR), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for p in REPORTED_PACKAGES:
-        try:
-            out[p] = importlib_metadata.version(p)
-        except importlib_metadata.PackageNotFoundError:
-            out[p] = "missing"
-    return out
-
-
-def device_description(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return f"cuda ({torch.cuda.get_device_name(0)})"
-    return f"cpu ({platform.processor() or platform.machine()})"
 
 
 @dataclass

@@ -2,6 +2,7 @@
 one-line error; a run installs a matching folder instead of training and trains when the recipe differs."""
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,10 @@ def test_a_run_installs_matching_shipped_models_and_trains_when_the_recipe_diffe
     from lofa.run import Run
 
     root = tmp_path / "pretrained"
+    # a GPU lease has no Jupyter: exporting must not import the notebook runner (it did once, after the training)
+    monkeypatch.setitem(sys.modules, "jupyter_client", None)
+    for module in ("lofa.kernel", "lofa.reproduce"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
     assert main(["pretrain", "--scale", "smoke", "--task", "styles", "--device", "cpu", "--run-root",
                  str(tmp_path / "made"), "--out", str(root / "smoke"), "--workers", "2"]) == 0  # base ‖ evaluators
     manifest = json.loads((root / "smoke" / "styles" / pretrained.MANIFEST).read_text())

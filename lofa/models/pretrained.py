@@ -162,7 +162,7 @@ def export_zoo(run, task: str, dest: Path, command: str) -> dict:
     from lofa.lora.formats import LoraFactor, load_lora, save_lora
     from lofa.lora.zoo import INDEX, LORA_DIR, PIPELINE_PREFIX
     from lofa.io import atomic_dir
-    from lofa.reproduce import device_description
+    from lofa.provenance import device_description
 
     zoo = run.zoo(task, progress=False)
     manifest = read_json(Path(dest) / MANIFEST)
@@ -197,7 +197,7 @@ def export(run, task: str, dest: Path, quality: dict, command: str) -> dict:
     returns its manifest. A zoo shipped in `dest` belonged to the old base and goes with it (`--part zoo` remakes
     it)."""
     from lofa.io import atomic_dir
-    from lofa.reproduce import device_description, git_commit, package_versions
+    from lofa.provenance import device_description, git_commit, package_versions
 
     base_dir, eval_dir = run.path("base", task), run.path("evaluators", task)
     summary = read_json(base_dir / "summary.json")
