@@ -100,6 +100,11 @@ class ScoringConfig:
                 "(None: every setting; empty: none); on a GPU it runs every setting. Each ablation is one more "
                 "Stage II training per setting."})
 
+    recon_ablation_settings_on_cpu: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "The settings whose reconstruction-term ablation (squared error against L1 on ΔW) notebook 06 "
+                "trains and scores when the run computes on a CPU (None: every setting); on a GPU it runs every "
+                "setting. Each is one more Stage II training."})
+
     def on_device(self, names: Sequence[str], only_on_cpu: Sequence[str] | None, on_cpu: bool) -> list[str]:
         """The tasks or settings of `names` (in their order) a notebook runs on this device: all of them on a GPU
         or where `only_on_cpu` (one of the *_on_cpu fields) is None, else those it lists."""
@@ -112,11 +117,13 @@ class ScoringConfig:
         "smoke": {"competence_samples": 16, "zoo_cases": 12, "zoo_per_case": 2, "stage2_per_case": 2,
                   "reference_cases": 3, "reference_per_case": 1, "initialisation_cases": 2,
                   "initialisation_per_case": 1, "ablation_settings_on_cpu": ("actions-text", "identities")},
-        # 2 CPU cores: fewer cases, two paired samples each; notebook 08 fine-tunes the identities task only, and
-        # the ablations (three more Stage II trainings per setting) wait for a GPU
+        # 2 CPU cores: fewer cases, two paired samples each; notebook 08 fine-tunes the identities task only, the
+        # Table 4 ablations (three more Stage II trainings per setting) wait for a GPU, and the reconstruction-term
+        # ablation runs on the cheapest setting (a Stage II training costs ~6 core-minutes at mini)
         "mini": {"zoo_cases": 48, "zoo_per_case": 2, "stage2_cases": 16, "stage2_per_case": 2, "reference_cases": 12,
                  "reference_per_case": 2, "initialisation_cases": 8, "initialisation_per_case": 2,
-                 "initialisation_tasks_on_cpu": ("identities",), "ablation_settings_on_cpu": ()},
+                 "initialisation_tasks_on_cpu": ("identities",), "ablation_settings_on_cpu": (),
+                 "recon_ablation_settings_on_cpu": ("identities",)},
         # full: 128 of a task's 500-600 held-out cases in notebook 06 (notebook 07 scores 64 held-out and 64 training)
         "full": {"stage2_cases": 128},
     }

@@ -2,9 +2,10 @@
 import numpy as np
 import pandas as pd
 
-from lofa.evaluate import METRICS, paired_differences, setting_metrics
+from lofa.config import preset
+from lofa.evaluate import METRICS, ScoringConfig, paired_differences, setting_metrics
 from lofa.hypernet.fidelity import PAPER_FIDELITY
-from lofa.hypernet.report import heldout_quality, reference_verdict_lines, stage2_verdicts
+from lofa.hypernet.report import heldout_quality, recon_ablation, reference_verdict_lines, stage2_verdicts
 
 SETTINGS = (("identities", "identities", "image"),)
 METHODS = ("ground truth", "base", "per-case LoRA", "LoFA")
@@ -30,11 +31,24 @@ def test_heldout_quality_and_the_verdict_lines():
     assert (diffs.verdict == "better").all()  # LoFA's scores are the highest and its denoising loss the lowest
     fidelity = pd.DataFrame([{"setting": "identities", "comparison": c, "cosine": 0.5, "stage2_density": 0.1,
                               "true_density": 0.2} for c in PAPER_FIDELITY])
-    ablation = pd.DataFrame({"metric": ["dW_L1", "acc"], "verdict": ["better", "worse"]})
+    ablation = pd.DataFrame({"setting": "identities", "metric": ["dW_L1", "acc"], "verdict": ["better", "worse"]})
     lines = stage2_verdicts(SETTINGS, fidelity, quality, diffs, speed, ablation, PAPER_FIDELITY)
     assert lines[0].startswith("identities: map fidelity") and "1,000x faster" in " ".join(lines)
-    assert "better on 0, worse on 1" in lines[-2] and "in 1 of 1 settings" in lines[-1]
+    assert "settings: identities): squared error better on 0, worse on 1" in lines[-2]
+    assert "in 1 of 1 settings" in lines[-1]
     verdicts = diffs.rename(columns={"baseline": "reference", "lofa_minus_baseline": "difference"}).assign(
         split="heldout")
     assert reference_verdict_lines(verdicts) == ["   identities  heldout: LoFA vs base better (+0.20), "
                                                  "per-case LoRA better (+0.10)"]
+
+
+def test_the_reconstruction_ablation_runs_where_the_device_allows():
+    """Mini on a CPU: the L1 ablation's extra Stage II training only for identities; on a GPU, and at smoke,
+    every setting; no setting asked gives an empty table with the columns, not an error."""
+    names = ["actions-text", "actions-pose", "styles", "identities"]
+    mini, smoke = preset(ScoringConfig, "mini"), preset(ScoringConfig, "smoke")
+    assert mini.on_device(names, mini.recon_ablation_settings_on_cpu, on_cpu=True) == ["identities"]
+    assert mini.on_device(names, mini.recon_ablation_settings_on_cpu, on_cpu=False) == names
+    assert smoke.on_device(names, smoke.recon_ablation_settings_on_cpu, on_cpu=True) == names
+    empty = recon_ablation(None, [], {}, {}, pd.DataFrame(), 2, None)
+    assert empty.empty and {"setting", "metric", "squared_minus_l1", "verdict"} <= set(empty.columns)

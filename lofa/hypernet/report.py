@@ -148,6 +148,9 @@ def recon_ablation(run, settings: Sequence[tuple[str, str, str]], predicted: Map
     metrics and denoise: setting, metric, squared_error and l1 (means over cases), squared_minus_l1, ci_low,
     ci_high, cases, verdict (for the squared error; lower is better for dW_L1 and denoise).
     """
+    if not settings:  # e.g. a CPU run of tasks whose settings ScoringConfig.recon_ablation_settings_on_cpu leaves out
+        return pd.DataFrame(columns=["setting", "metric", "squared_error", "l1", "squared_minus_l1", "ci_low",
+                                     "ci_high", "cases", "verdict"])
     run.build([("stage2", f"{setting}/recon_l1") for setting, _, _ in settings])
     names = [setting for setting, _, _ in settings]
     lofa = {s: {c: predicted[(s, c)] for c in plans[task][0]} for s, task, _ in settings}
@@ -199,7 +202,8 @@ def stage2_verdicts(settings: Sequence[tuple[str, str, str]], fidelity: pd.DataF
         verdicts.append(f"  time per LoRA: LoFA {s.lofa_predict_s * 1e3:.1f} ms ({s.device}) vs per-case LoRA "
                         f"{s.lora_train_s:.1f} s ({s.speedup:,.0f}x faster)")
     counts = ablation[ablation.metric != "dW_L1"].verdict.value_counts()
-    verdicts.append(f"squared error vs L1 on ΔW (held-out, all settings): squared error better on "
+    ablated = ", ".join(ablation.setting.unique()) or "none"
+    verdicts.append(f"squared error vs L1 on ΔW (held-out; settings: {ablated}): squared error better on "
                     f"{counts.get('better', 0)}, worse on {counts.get('worse', 0)}, no significant difference on "
                     f"{counts.get('no significant difference', 0)} of the sample metrics (06_recon_ablation.csv)")
     lost = diffs[diffs.verdict == "worse"]
