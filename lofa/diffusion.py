@@ -38,6 +38,10 @@ def sample_t(n: int, *, generator: torch.Generator | None = None, device="cpu", 
 
 T_MODES = ("logit_normal", "uniform")
 
+# How a generator's forward passes compute: float32, or under bf16 autocast with float32 weights and latents
+# (sampling here, per-case LoRA training in lofa.lora.train).
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class TimeDistribution:
@@ -134,13 +138,15 @@ def _all_true(context: torch.Tensor) -> torch.Tensor:
 def sample(gen: VelocityFn, context: torch.Tensor, context_mask: torch.Tensor | None, shape, *, steps: int = 20,
            guidance_scale: float = 1.0, uncond_context: torch.Tensor | None = None,
            uncond_mask: torch.Tensor | None = None, seed: int = 0, shift: float = 1.0,
-           noise: torch.Tensor | None = None) -> torch.Tensor:
+           noise: torch.Tensor | None = None, precision: str = "fp32") -> torch.Tensor:
     """x0 [shape] in [-1, 1] by Euler integration of gen's velocity from t = 1 to 0.
 
     The t grid is diffusers' FlowMatchEulerDiscreteScheduler (with its `shift`; Wan uses 3-5, 1 = plain grid), and
     each step is that scheduler's `step`. shape: full sample shape [N, ...] with N = context.shape[0].
     Classifier-free guidance v = v_u + g·(v_c - v_u) with the empty-prompt context uncond_context [1 or N, L, D]
     when guidance_scale != 1. The initial noise comes from `seed` (drawn on the CPU) unless `noise` is given.
+    precision "bf16" runs gen's forward passes under bf16 autocast; the latents, the guidance mix and the Euler
+    update stay float32 ("fp32": everything float32).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -149,6 +155,9 @@ def sample(gen: VelocityFn, context: torch.Tensor, context_mask: torch.Tensor | 
     if context.shape[0] != n:
         raise LofaError(f"sample shape {shape} has batch {n} but context has {context.shape[0]} rows; make them equal")
     device = context.device
+    if precision not in PRECISIONS:
+        raise LofaError(f"unknown sampling precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
     guided = guidance_scale != 1.0
     if guided and uncond_context is None:
         raise LofaError("guidance_scale != 1 needs uncond_context (the empty-prompt states); pass it or use 1.0")
@@ -168,9 +177,13 @@ def sample(gen: VelocityFn, context: torch.Tensor, context_mask: torch.Tensor | 
     for timestep, sigma in zip(scheduler.timesteps, scheduler.sigmas[:-1]):
         if guided:
             t = sigma.expand(2 * n).float()
-            v_cond, v_uncond = gen(torch.cat([x, x]), t, context, context_mask).chunk(2)
+            with autocast:
+                v_both = gen(torch.cat([x, x]), t, context, context_mask)
+            v_cond, v_uncond = v_both.float().chunk(2)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)
         else:
-            v = gen(x, sigma.expand(n).float(), context, context_mask)
+            with autocast:
+                v = gen(x, sigma.expand(n).float(), context, context_mask)
+            v = v.float()
         x = scheduler.step(v, timestep, x, return_dict=False)[0]
     return x.clamp(-1, 1)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lofa import seeds as seed_streams
-from lofa.diffusion import sample
+from lofa.diffusion import PRECISIONS, sample
 from lofa.errors import LofaError
 from lofa.lora.batched import multi_lora
 from lofa.lora.formats import LoraWeights
@@ -60,13 +60,24 @@ class GenerateConfig:
         "help": "Timestep shift of diffusers' FlowMatchEulerDiscreteScheduler grid; 1 is the plain grid (Wan uses "
                 "3-5 at its resolution)."})
     batch: int = field(default=64, metadata={"help": "Samples per sampler call."})
+    precision: str = field(default="fp32", metadata={
+        "help": "'bf16': the generator's forward passes run under bf16 autocast (weights, latents, the guidance mix "
+                "and the Euler update stay float32): faster on a GPU and on a CPU with native bf16 (1.5-2x on an "
+                "AMX CPU; slower on a CPU without); 'fp32': everything float32."})
 
+    # mini and full sample in bf16: on the 2-core CPU that runs the mini job (AMX, one thread) 64 guided samples of
+    # the shipped mini bases take 17-18 s instead of 26 s (actions, styles) and 12.5 s instead of 24-29 s
+    # (identities), and differ from float32's by about 1 % of their mean magnitude
     PRESETS: ClassVar[dict[str, dict]] = {
         "smoke": {"steps": 8},
-        "mini": {},
-        "full": {"steps": 30, "batch": 256},
-        "wan": {"steps": 50, "guidance_scale": 5.0, "shift": 5.0, "batch": 4},
+        "mini": {"precision": "bf16"},
+        "full": {"steps": 30, "batch": 256, "precision": "bf16"},
+        "wan": {"steps": 50, "guidance_scale": 5.0, "shift": 5.0, "batch": 4, "precision": "bf16"},
     }
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise LofaError(f"unknown sampling precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
 
 
 GenerateConfig.PRESETS["paper"] = GenerateConfig.PRESETS["wan"]
@@ -206,7 +217,8 @@ def generate(gen, world, case_ids: Sequence[int], loras: Sequence[LoraWeights] |
         with _routed(gen, loras[rows]) if loras is not None else contextlib.nullcontext():
             out.append(sample(gen, context.to(device), mask.to(device), noise.shape, steps=cfg.steps,
                               guidance_scale=cfg.guidance_scale, uncond_context=uncond.to(device),
-                              uncond_mask=uncond_mask.to(device), shift=cfg.shift, noise=noise).cpu())
+                              uncond_mask=uncond_mask.to(device), shift=cfg.shift, noise=noise,
+                              precision=cfg.precision).cpu())
     return torch.cat(out)
 
 

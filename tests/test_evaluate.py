@@ -1,3 +1,4 @@
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -298,3 +299,19 @@ def test_preference_counts_wins_ties_and_losses_per_case_and_turns_lower_is_bett
     # denoise is lower-is-better: LoFA's higher denoise loses where its acc wins
     assert by.loc["denoise", "share"] == 1 - 0.625
     assert set(table.method) == {"LoFA"} and set(table.against) == {"LoRA"}
+
+
+def test_bf16_sampling_is_close_to_float32_and_float32_outside_the_generator():
+    world, text, gen = World(), StubText(), tiny_generator().eval()
+    ids, prompts, seeds = eval_plan(world, [0, 2], per_case=2, seed=3)
+    loras = {0: _lora(gen, 1), 2: _lora(gen, 2)}
+    routed = [loras[c] for c in ids]  # the batched LoRA routing runs under autocast too
+    x = generate(gen, world, ids, routed, prompts, seeds, cfg=CFG, text=text, progress=False)
+    half = generate(gen, world, ids, routed, prompts, seeds, cfg=dataclasses.replace(CFG, precision="bf16"),
+                    text=text, progress=False)
+    assert half.dtype == torch.float32  # the latents and the Euler update stay float32
+    difference = (half - x).abs().mean() / x.abs().mean()
+    assert 0 < difference < 0.05, difference  # autocast was on, and bf16 keeps the samples
+    assert all(p.dtype == torch.float32 for p in gen.parameters())
+    with pytest.raises(LofaError, match="precision"):
+        GenerateConfig(precision="fp16")
