@@ -10,7 +10,7 @@ from lofa.diffusion import TimeDistribution, flow_matching_loss
 from lofa.errors import LofaError
 from lofa.lora.batched import GroupedLora, GroupedLoraLinear, grouped_lora, multi_lora, train_lora_batch
 from lofa.lora.formats import LoraFactor, load_lora, save_lora
-from lofa.lora.train import LoraTrainConfig, apply_lora, merge_lora, merged_weights, train_lora
+from lofa.lora.train import CaseStream, LoraTrainConfig, apply_lora, merge_lora, merged_weights, train_lora
 from lofa.models import Generator
 
 TINY_DIT = {"patch_size": (1, 2, 2), "num_layers": 2, "num_heads": 2, "head_dim": 16, "ffn_dim": 64,
@@ -117,12 +117,13 @@ def test_grouped_layer_routes_each_sample_to_its_lora():
     assert layer.lora_B.grad[[0, 2]].abs().sum() == 0 and layer.lora_B.grad[1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_batched_training_equals_single_training(schedule):
-    """Same seed and data: each LoRA of a batch ends at the weights peft training reaches alone (float64)."""
+@pytest.mark.parametrize("schedule, train_a", [("constant", True), ("cosine", True), ("constant", False)])
+def test_batched_training_equals_single_training(schedule, train_a):
+    """Same seed and data: each LoRA of a batch ends at the weights peft training reaches alone (float64); with A
+    frozen, every LoRA keeps the zoo's shared initial A and only B moves."""
     world, text = StubWorld(), StubText()
     # max_grad_norm small enough that clipping acts
-    cfg = tiny_config(prior_weight=0.5, max_grad_norm=0.02, lr_schedule=schedule)
+    cfg = tiny_config(prior_weight=0.5, max_grad_norm=0.02, lr_schedule=schedule, train_a=train_a)
     gen = tiny_generator(torch.float64)
     cases = [0, 1, 3]
     batched = train_lora_batch(gen, world, cases, cfg, seed=7, text=text)
@@ -140,6 +141,12 @@ def test_batched_training_equals_single_training(schedule):
     # different cases get different LoRAs
     name = gen.lora_target_modules()[0]
     assert not torch.allclose(singles[0][0][name].B, singles[1][0][name].B)
+    # A: trained apart from the shared init, or the one frozen shared init
+    shapes = {n: tuple(gen.net.get_submodule(n).weight.shape) for n in gen.lora_target_modules()}
+    stream = CaseStream(world, text, cases[0], cfg, 7, "cpu", torch.float64, t_distribution=gen.t_distribution)
+    for n, (a0, _) in stream.init_factors(shapes).items():
+        for weights, _ in batched + singles:
+            assert torch.equal(weights[n].A, a0) is not train_a
 
 
 @pytest.mark.parametrize("shared", [True, False])

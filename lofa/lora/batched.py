@@ -83,8 +83,12 @@ class GroupedLora:
         for layer in self.layers.values():
             layer.index, layer.sorted = index, is_sorted
 
-    def parameters(self) -> list[torch.Tensor]:
-        return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+    def parameters(self, train_a: bool = True) -> list[torch.Tensor]:
+        """The stacked factors to train: every layer's A and B, or its B alone (A frozen) when not train_a."""
+        for layer in self.layers.values():
+            layer.lora_A.requires_grad_(train_a)
+        return [p for layer in self.layers.values() for p in ((layer.lora_A, layer.lora_B) if train_a
+                                                              else (layer.lora_B,))]
 
     def weights(self, g: int, alpha: float) -> LoraWeights:
         """LoRA g as {module_name: LoraFactor(A [r, in], B [out, r], alpha)}."""
@@ -179,7 +183,7 @@ def train_lora_batch(gen, world, case_ids: list[int], cfg: LoraTrainConfig, seed
     factors = {n: (torch.stack([i[n][0] for i in inits]), torch.stack([i[n][1] for i in inits])) for n in targets}
     with frozen(gen), grouped_lora(gen.net, factors, cfg.alpha / cfg.rank) as lora:
         lora.route(torch.arange(len(case_ids)).repeat_interleave(streams[0].samples_per_step))
-        losses, prior_losses = train_steps(gen, streams, lora.parameters(), cfg, _clip_per_lora,
+        losses, prior_losses = train_steps(gen, streams, lora.parameters(cfg.train_a), cfg, _clip_per_lora,
                                            desc=f"{len(case_ids)} LoRAs", progress=progress)
         wall = (time.perf_counter() - start) / len(case_ids)
         results, diverged = [], []

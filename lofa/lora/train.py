@@ -72,6 +72,11 @@ class LoraTrainConfig:
     shared_init: bool = field(default=True, metadata={
         "help": "Start every LoRA of a zoo from one A drawn from the zoo seed (B = 0); False draws each LoRA's own "
                 "A from its case's seed stream."})
+    # With one frozen A for the whole zoo, ΔW = B·A lies in one row space per module and a LoRA is its B alone:
+    # replicates of a case then differ only in what B learned, not in how A drifted.
+    train_a: bool = field(default=True, metadata={
+        "help": "Train A as well as B; False keeps A at its initialisation (with shared_init the zoo's one A) and "
+                "trains B alone."})
     task_overrides: dict = field(default_factory=dict, metadata={
         "help": "{task: {field: value}}: fields of this recipe that differ for one world (`lofa.config.for_task`). "
                 "The trainers and the zoo resolve it for the world they are given, and a zoo's index stores the "
@@ -335,7 +340,9 @@ def train_lora(gen, world, case_id: int, cfg: LoraTrainConfig, seed: int = 0, de
                 for name, layer in layers.items():
                     layer.lora_A["lofa"].weight.copy_(inits[name][0])
                     layer.lora_B["lofa"].weight.copy_(inits[name][1])
-                    params += [layer.lora_A["lofa"].weight, layer.lora_B["lofa"].weight]
+                    layer.lora_A["lofa"].weight.requires_grad_(cfg.train_a)
+                    params += [layer.lora_A["lofa"].weight] if cfg.train_a else []
+                    params += [layer.lora_B["lofa"].weight]
 
             def current() -> LoraWeights:
                 return {name: LoraFactor(layer.lora_A["lofa"].weight.detach().clone(),

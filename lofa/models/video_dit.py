@@ -113,9 +113,10 @@ class WanRopeAttnProcessor(WanAttnProcessor):
         if attn.add_k_proj is not None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        # the norms in float32 (their weights' dtype): under bf16 autocast the projections come out bf16, and
-        # rms_norm of a bf16 input with float32 weights takes torch's unfused path with a warning
-        query, key = attn.norm_q(query.float()).type_as(query), attn.norm_k(key.float()).type_as(key)
+        # the norms in at least float32 (their weights' dtype): under bf16 autocast the projections come out bf16,
+        # and rms_norm of a bf16 input with float32 weights takes torch's unfused path with a warning
+        wide = torch.promote_types(query.dtype, torch.float32)
+        query, key = attn.norm_q(query.to(wide)).type_as(query), attn.norm_k(key.to(wide)).type_as(key)
         query, key, value = (y.unflatten(2, (attn.heads, -1)) for y in (query, key, value))
         if rotary_emb is not None:
             freqs_cos, freqs_sin = rotary_emb  # [1, S, 1, D], each frequency repeated for its channel pair
