@@ -43,6 +43,12 @@ T_MODES = ("logit_normal", "uniform")
 PRECISIONS = ("fp32", "bf16")
 
 
+def check_precision(precision: str, what: str = "precision") -> None:
+    """LofaError unless `precision` is one of PRECISIONS; `what` names the setting in the message."""
+    if precision not in PRECISIONS:
+        raise LofaError(f"unknown {what} {precision!r}; use one of {', '.join(PRECISIONS)}")
+
+
 @dataclass(frozen=True)
 class TimeDistribution:
     """How diffusion training draws its times t in (0, 1): sigmoid(N(mean, std)) ("logit_normal") or U(0, 1).
@@ -155,8 +161,7 @@ def sample(gen: VelocityFn, context: torch.Tensor, context_mask: torch.Tensor | 
     if context.shape[0] != n:
         raise LofaError(f"sample shape {shape} has batch {n} but context has {context.shape[0]} rows; make them equal")
     device = context.device
-    if precision not in PRECISIONS:
-        raise LofaError(f"unknown sampling precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    check_precision(precision, "sampling precision")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
     guided = guidance_scale != 1.0
     if guided and uncond_context is None:

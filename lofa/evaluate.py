@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lofa import seeds as seed_streams
-from lofa.diffusion import PRECISIONS, sample
+from lofa.diffusion import check_precision, sample
 from lofa.errors import LofaError
 from lofa.lora.batched import multi_lora
 from lofa.lora.formats import LoraWeights
@@ -76,8 +76,7 @@ class GenerateConfig:
     }
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise LofaError(f"unknown sampling precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision, "sampling precision")
 
 
 GenerateConfig.PRESETS["paper"] = GenerateConfig.PRESETS["wan"]

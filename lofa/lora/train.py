@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lofa import seeds as seed_streams
 from lofa.config import for_task
-from lofa.diffusion import PRECISIONS, TimeDistribution, flow_matching_loss
+from lofa.diffusion import TimeDistribution, check_precision, flow_matching_loss
 from lofa.errors import LofaError
 from lofa.lora.formats import LoraFactor, LoraWeights, check_compatible
 from lofa.models.text import text_encoder
@@ -108,8 +108,7 @@ class LoraTrainConfig:
         return for_task(self, task)
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise LofaError(f"unknown precision {self.precision!r}; use 'fp32' or 'bf16'")
+        check_precision(self.precision)
         if self.lr_schedule not in ("constant", "cosine"):
             raise LofaError(f"unknown lr_schedule {self.lr_schedule!r}; use 'constant' or 'cosine'")
 
